@@ -1,0 +1,38 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+FMNIST  := /usr/share/datasets/fashion-mnist
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow bench venv clean data-fashion-mnist
+
+.venv/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) --upgrade pip setuptools
+	$(PIP) -e '.[test]'
+	touch $@
+
+venv: .venv/.installed
+
+# Debian's dataset-fashion-mnist ships real Fashion-MNIST for the offline tests and presets.
+data-fashion-mnist:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
+
+test: venv data-fashion-mnist
+	$(PY) -m pytest -q
+
+test-slow: venv data-fashion-mnist
+	$(PY) -m pytest -q -m slow
+
+demo: venv
+	$(PY) -m softshare demo
+
+bench: venv
+	$(PY) benchmarks/bench_sharing.py
+
+clean:
+	rm -rf .venv runs build src/*.egg-info .pytest_cache

@@ -1,0 +1,42 @@
+"""softshare: implicitly recurrent CNNs through soft parameter sharing.
+
+A layer's weight is a learned mix of templates from a bank shared with other layers,
+``W_i = sum_j alpha_ij * T_j`` (Savarese & Maire, ICLR 2019).
+"""
+
+from .errors import SoftshareError
+from .layers import (
+    SharedConv1d,
+    SharedConv2d,
+    SharedLayer,
+    SharedLinear,
+    TemplateBank,
+    init_coefficients,
+    named_banks,
+    to_channels_last,
+)
+from .models import create_model, list_models, register_family
+from .optim import param_groups
+from .share import share
+from .similarity import LayerSimilarity, layer_similarity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SoftshareError",
+    "TemplateBank",
+    "SharedLayer",
+    "SharedConv1d",
+    "SharedConv2d",
+    "SharedLinear",
+    "init_coefficients",
+    "named_banks",
+    "to_channels_last",
+    "create_model",
+    "list_models",
+    "register_family",
+    "param_groups",
+    "share",
+    "layer_similarity",
+    "LayerSimilarity",
+]

@@ -1,0 +1,41 @@
+"""`softshare params MODEL`: where a model's parameters are, and what sharing saves."""
+
+from __future__ import annotations
+
+ORDER = 20
+
+
+def register(subparsers) -> None:
+    from ._common import positive_int
+
+    p = subparsers.add_parser("params", help="parameter table per template bank, and the saving",
+                              description="Show each bank's layers, templates and parameters, and the total "
+                                          "against the same architecture without sharing.")
+    p.add_argument("model", help="model name, e.g. swrn_28_10_2 (see `softshare models`)")
+    p.add_argument("--num-classes", type=positive_int, default=10)
+    p.add_argument("--in-channels", type=positive_int, default=3)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..models import create_model
+    from ..sharing_stats import sharing_stats
+    from ._common import format_table
+
+    with torch.device("meta"):
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    stats = sharing_stats(model)
+    rows = [(b.name, b.num_layers, b.num_templates, list(b.weight_shape).__repr__(), b.params, b.unshared_params)
+            for b in stats.banks]
+    if rows:
+        print(format_table(["bank", "layers", "templates", "template shape", "parameters", "unshared"], rows))
+        print()
+    else:
+        print(f"{args.model} has no template banks (nothing is shared).\n")
+    print(f"total parameters:        {stats.total:,}")
+    print(f"unshared equivalent:     {stats.unshared_total:,}")
+    print(f"saving:                  {stats.unshared_total / stats.total:.2f}x fewer parameters "
+          f"({1 - stats.total / stats.unshared_total:.1%} removed)")
+    return 0
