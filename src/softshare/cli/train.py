@@ -1,0 +1,50 @@
+"""`softshare train`: train a model on an image dataset or an algorithmic task."""
+
+from __future__ import annotations
+
+ORDER = 30
+
+
+def register(subparsers) -> None:
+    from ..train.config import PRESETS, add_config_arguments
+
+    p = subparsers.add_parser(
+        "train", help="train a model (paper recipe presets, CPU/GPU/torchrun DDP)",
+        description="Train with defaults < --preset < --config file < flags. The run directory "
+                    "runs/<name>/ gets the resolved config, metrics.jsonl, curves.png, train.log and "
+                    "checkpoints/{last,best}. Several GPUs: torchrun --nproc-per-node N -m softshare train ...",
+        epilog="presets: " + ", ".join(PRESETS))
+    p.add_argument("--preset", help="named configuration (see the list below)")
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML or JSON file of config fields")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="continue a run: a run directory or checkpoint, or 'auto' for this run's last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import logging
+    import sys
+
+    from ..train.config import overrides_from_args, resolve_config
+    from ..train.loop import train
+
+    config = resolve_config(args.preset, args.config_file, overrides_from_args(args))
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    logger = logging.getLogger("softshare.train")
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    try:
+        result = train(config, resume=args.resume)
+    finally:
+        logger.removeHandler(handler)
+    if result.run_dir is not None and not result.interrupted:
+        best = f", best {result.best_metric:.4f}" if result.best_metric is not None else ""
+        print(f"done: {result.run_dir}{best}")
+    return 130 if result.interrupted else 0

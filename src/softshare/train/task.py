@@ -1,0 +1,60 @@
+"""What the generic training loop needs to know about a problem (image classification, mazes...)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .distributed import DistInfo
+
+
+class Task(ABC):
+    """A problem: how to build its model, feed batches, score a batch and evaluate.
+
+    `train_batches(epoch, start_batch)` must be a pure function of (seed, epoch, batch index)
+    so a run resumed mid-epoch sees exactly the batches it would have seen.
+    """
+
+    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint
+
+    def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
+        self.config, self.device, self.dist = config, device, dist
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def batches_per_epoch(self) -> int: ...
+
+    @abstractmethod
+    def train_batches(self, epoch: int, start_batch: int) -> Iterator[Any]: ...
+
+    @abstractmethod
+    def batch_size_of(self, batch: Any) -> int: ...
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, number of correct instances) for one training batch."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
+
+    def save_artifacts(self, run_path: Path) -> None:
+        """Write task files into the run directory (e.g. the validation split). Rank 0 only."""
+
+
+def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task:
+    if config.task == "classification":
+        from .classification import ClassificationTask
+
+        return ClassificationTask(config, device, dist)
+    from .algorithmic import AlgorithmicTask  # mazes, prefix-sums
+
+    return AlgorithmicTask(config, device, dist)
