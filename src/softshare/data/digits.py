@@ -1,0 +1,29 @@
+"""scikit-learn's bundled 8x8 handwritten digits: real images with no download, for fast tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import SoftshareError
+from .dataset import ImageDataset, channel_stats, split_indices
+
+TEST_SIZE = 360  # of 1797 images: a 1437/360 train/test split
+SPLIT_SEED = 0
+
+
+def load_digits_dataset() -> ImageDataset:
+    """The 1797 digits as uint8 (N, 1, 8, 8) images (0..16 scaled to 0..255), split with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise SoftshareError("the digits dataset needs scikit-learn; install it with "
+                             "pip install 'softshare[digits]' (or pip install scikit-learn)") from e
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, test_idx = split_indices(len(labels), TEST_SIZE, SPLIT_SEED)
+    train_x = images[train_idx]
+    mean, std = channel_stats(train_x)
+    return ImageDataset("digits", train_x, labels[train_idx], images[test_idx], labels[test_idx], 10,
+                        mean, std, tuple(str(d) for d in range(10)), default_val_size=0)
