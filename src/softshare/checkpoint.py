@@ -1,0 +1,284 @@
+"""Checkpoint directories (see docs/DESIGN.md, "Checkpoints") and `load()`.
+
+A checkpoint is a directory written atomically: `model.safetensors` (each tensor once, so a
+template bank shared by many layers costs its size once on disk), `meta.json` (enough to rebuild
+the model with `create_model`) and optionally `state.pt` (optimizer/scheduler/RNG state, kept
+to what `torch.load(weights_only=True)` accepts so resuming never runs pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import SoftshareError
+from .io import atomic_path
+
+FORMAT = "softshare-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "state.pt"
+_ACCEPTS = "a run directory (runs/<name>/), a checkpoint directory or its model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the full state dict (shared tensors under all their keys) and meta."""
+
+    state_dict: dict[str, Tensor]
+    meta: dict[str, Any]
+    train_state: dict[str, Any] | None
+    path: Path
+
+
+# -- saving -------------------------------------------------------------------------------------
+def dedupe_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Split a state dict into unique contiguous CPU tensors and ``{alias_key: stored_key}``.
+
+    Keys viewing the same memory the same way (a bank listed under every layer using it) are
+    stored once, under the first key; safetensors refuses tensors that share memory.
+    """
+    unique: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for key, tensor in state.items():
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if view in seen and tensor.numel() > 0:
+            aliases[key] = seen[view]
+            continue
+        seen[view] = key
+        stored = tensor.detach().to("cpu").contiguous()
+        storage = (stored.untyped_storage().data_ptr(), stored.device)
+        if storage in storages and stored.numel() > 0:  # another view of memory already stored
+            stored = stored.clone()
+        storages.add((stored.untyped_storage().data_ptr(), stored.device))
+        unique[key] = stored
+    return unique, aliases
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile / (Distributed)DataParallel wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _reason(err: Exception) -> str:
+    """A one-line cause from torch.load's multi-paragraph errors."""
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        return f"it pickles {unsupported[1]}, which weights_only loading refuses"
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _save_train_state(train_state: Mapping[str, Any], path: Path) -> None:
+    """torch.save, then prove the file reads back with weights_only=True (mmap: no data copy)."""
+    torch.save(dict(train_state), path)
+    try:
+        torch.load(path, weights_only=True, mmap=True)
+    except Exception as err:  # UnpicklingError naming the offending global
+        raise SoftshareError(f"train_state cannot be read back with torch.load(weights_only=True) ({_reason(err)}); "
+                             f"store tensors, numbers, strings and lists/dicts of them (e.g. RNG states "
+                             f"as tensors)") from err
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    config: Mapping[str, Any] | None = None,
+    epoch: int | None = None,
+    step: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    best_metric: float | None = None,
+    train_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` (and optionally training state) as a checkpoint directory; returns its path.
+
+    Everything is validated before the disk is touched, and the directory is built beside the
+    target and renamed into place, so a failure leaves any previous checkpoint there intact.
+    """
+    directory = Path(directory)
+    model = _unwrap(model)
+    model_config = getattr(model, "softshare_config", None)
+    if not isinstance(model_config, Mapping):
+        raise SoftshareError(
+            f"cannot save {type(model).__name__} to {directory}: it has no softshare_config, so the checkpoint "
+            f"could not rebuild it; build it with softshare.create_model(...) or set "
+            f"model.softshare_config = {{'name': ..., 'num_classes': ..., 'in_channels': ...}}"
+        )
+    replaceable = directory.is_dir() and (not any(directory.iterdir()) or (directory / MODEL_FILE).exists()
+                                          or (directory / META_FILE).exists())
+    if directory.exists() and not replaceable:
+        raise SoftshareError(f"refusing to replace {directory}: it exists and is not a softshare checkpoint; "
+                             f"save into a new directory, e.g. {directory / 'checkpoints' / 'last'}")
+    tensors, aliases = dedupe_state_dict(model.state_dict())
+    from . import __version__
+
+    meta = {"format": FORMAT, "version": VERSION, "model": dict(model_config),
+            "config": None if config is None else dict(config), "epoch": epoch, "step": step,
+            "metrics": dict(metrics or {}), "best_metric": best_metric, "softshare_version": __version__,
+            "torch_version": torch.__version__, "aliases": aliases}
+    try:
+        meta_text = json.dumps(meta, indent=2, allow_nan=True) + "\n"
+    except (TypeError, ValueError) as err:
+        raise SoftshareError(f"cannot save checkpoint {directory}: its meta data is not JSON ({err}); pass "
+                             f"config and metrics as dicts of numbers, strings, lists and dicts") from err
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(tensors, tmp / MODEL_FILE)
+        if train_state is not None:
+            _save_train_state(train_state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(meta_text)
+    return directory
+
+
+# -- finding and reading ------------------------------------------------------------------------
+def find_checkpoint(run_or_path: str | os.PathLike) -> Path:
+    """The checkpoint directory for a run directory (best, else last), checkpoint dir or weights file."""
+    path = Path(run_or_path)
+    if not path.exists():
+        raise SoftshareError(f"{path} does not exist; pass {_ACCEPTS}")
+    if path.is_file():
+        if path.name == MODEL_FILE:
+            return path.parent
+        raise SoftshareError(f"{path} is not a softshare checkpoint; pass {_ACCEPTS} "
+                             f"(for a .pth.tar from the paper's code, run `softshare convert-author` first)")
+    for candidate in (path, path / "checkpoints" / "best", path / "checkpoints" / "last"):
+        if (candidate / MODEL_FILE).is_file() or (candidate / META_FILE).is_file():
+            return candidate
+    raise SoftshareError(f"{path} holds no checkpoint (no {MODEL_FILE}, checkpoints/best/ or checkpoints/last/); "
+                         f"pass {_ACCEPTS}, or train the run first")
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    meta_path = directory / META_FILE
+    fix = "re-save the checkpoint, or restore the directory from a backup"
+    if not meta_path.is_file():
+        raise SoftshareError(f"checkpoint {directory} has no {META_FILE}; {fix}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SoftshareError(f"{meta_path} is not valid JSON ({err}); {fix}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SoftshareError(f"{meta_path} is not a softshare checkpoint description "
+                             f"(format is not {FORMAT!r}); pass {_ACCEPTS}")
+    version = meta.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise SoftshareError(f"{meta_path} has an invalid version {version!r}; {fix}")
+    if version > VERSION:
+        raise SoftshareError(f"checkpoint {directory} has format version {version}, newer than this softshare "
+                             f"reads ({VERSION}); upgrade softshare")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise SoftshareError(f"{meta_path} does not say which model it holds ('model' must be a dict with "
+                             f"a 'name'); {fix}")
+    if not isinstance(meta.get("aliases", {}), dict):
+        raise SoftshareError(f"{meta_path} has invalid 'aliases'; {fix}")
+    return meta
+
+
+def _read_weights(directory: Path, aliases: Mapping[str, str], map_location: str | torch.device) -> dict[str, Tensor]:
+    model_path = directory / MODEL_FILE
+    if not model_path.is_file():
+        raise SoftshareError(f"checkpoint {directory} has no {MODEL_FILE}; re-save it or restore it from a backup")
+    try:
+        tensors = load_file(model_path, device=str(torch.device(map_location)))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SoftshareError(f"{model_path} is truncated or corrupt ({err}); re-save the checkpoint "
+                             f"or restore it from a backup") from err
+    missing = sorted({stored for stored in aliases.values() if stored not in tensors})
+    if missing:
+        raise SoftshareError(f"{model_path} lacks tensors its {META_FILE} refers to ({', '.join(missing[:3])}); "
+                             f"the files do not belong together: re-save the checkpoint")
+    tensors.update({alias: tensors[stored] for alias, stored in aliases.items()})
+    return tensors
+
+
+def _read_train_state(directory: Path, map_location: str | torch.device) -> dict[str, Any] | None:
+    state_path = directory / STATE_FILE
+    if not state_path.exists():
+        return None
+    try:
+        return torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, disallowed global: all mean "unusable file"
+        raise SoftshareError(f"{state_path} is truncated or corrupt ({_reason(err)}); delete it to start "
+                             f"the training state afresh, or restore it from a backup") from err
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    train_state: bool = True) -> Checkpoint:
+    """Read a checkpoint (see `find_checkpoint` for accepted paths) without building a model.
+
+    `train_state=False` skips state.pt, which can be larger than the weights and is only
+    needed to resume training.
+    """
+    directory = find_checkpoint(path)
+    meta = _read_meta(directory)
+    state = _read_weights(directory, meta.get("aliases", {}), map_location)
+    extra = _read_train_state(directory, map_location) if train_state else None
+    return Checkpoint(state, meta, extra, directory)
+
+
+# -- loading into models ------------------------------------------------------------------------
+def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """load_state_dict(strict=True), but a mismatch becomes one readable SoftshareError."""
+    expected = model.state_dict()
+    given = checkpoint.state_dict
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(items)} {what} ({'; '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                 for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", shapes)) if items]
+        theirs = checkpoint.meta["model"].get("name")
+        ours = (getattr(model, "softshare_config", None) or {}).get("name", type(model).__name__)
+        raise SoftshareError(f"checkpoint {checkpoint.path} ({theirs}) does not fit this model ({ours}): "
+                             f"{', '.join(parts)}; load it with softshare.load(path) to rebuild its own "
+                             f"architecture, or build the model with the checkpoint's settings")
+    model.load_state_dict(given, strict=True)
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint's weights strictly into an existing model (resume); returns the checkpoint."""
+    checkpoint = load_checkpoint(path, map_location)
+    _load_strict(_unwrap(model), checkpoint)
+    return checkpoint
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
+    from .models import create_model
+
+    checkpoint = load_checkpoint(path, train_state=False)
+    config = checkpoint.meta["model"]
+    try:
+        model = create_model(**config)
+    except SoftshareError as err:
+        raise SoftshareError(f"cannot rebuild the model of checkpoint {checkpoint.path}: {err}; import the "
+                             f"module that registers it first, or upgrade softshare") from err
+    except TypeError as err:
+        raise SoftshareError(f"cannot rebuild the model of checkpoint {checkpoint.path} from {config}: {err}; "
+                             f"this softshare's create_model does not accept these arguments, upgrade it") from err
+    _load_strict(model, checkpoint)
+    return model.to(device).eval()
