@@ -51,20 +51,19 @@ def dedupe_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], d
     """
     unique: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[tuple] = set()
+    first_key: dict[tuple, str] = {}
+    stored_memory: set[int] = set()
     for key, tensor in state.items():
         view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
                 tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if view in seen and tensor.numel() > 0:
-            aliases[key] = seen[view]
+        if view in first_key:
+            aliases[key] = first_key[view]
             continue
-        seen[view] = key
+        first_key[view] = key
         stored = tensor.detach().to("cpu").contiguous()
-        storage = (stored.untyped_storage().data_ptr(), stored.device)
-        if storage in storages and stored.numel() > 0:  # another view of memory already stored
+        if stored.numel() and stored.untyped_storage().data_ptr() in stored_memory:  # a different view
             stored = stored.clone()
-        storages.add((stored.untyped_storage().data_ptr(), stored.device))
+        stored_memory.add(stored.untyped_storage().data_ptr())
         unique[key] = stored
     return unique, aliases
 
@@ -131,7 +130,7 @@ def save_checkpoint(
         raise SoftshareError(f"refusing to replace {directory}: it exists and is not a softshare checkpoint; "
                              f"save into a new directory, e.g. {directory / 'checkpoints' / 'last'}")
     tensors, aliases = dedupe_state_dict(model.state_dict())
-    from . import __version__
+    from . import __version__  # at call time: the package imports this module while initialising
 
     meta = {"format": FORMAT, "version": VERSION, "model": dict(model_config),
             "config": None if config is None else dict(config), "epoch": epoch, "step": step,

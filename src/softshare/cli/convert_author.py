@@ -1,0 +1,29 @@
+"""`softshare convert-author CHECKPOINT --model swrn_L_w_k --out DIR`: import the paper's checkpoints."""
+
+from __future__ import annotations
+
+ORDER = 80
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-author", help="convert a checkpoint of the paper's reference code to a softshare checkpoint",
+        description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
+                    "softshare checkpoint directory giving the same logits. The file is read without running "
+                    "any pickled code.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth.tar or model_best.pth.tar")
+    p.add_argument("--model", required=True, help="architecture of the file, e.g. swrn_28_10_2 (wrn_L_w if unshared)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (load it with softshare.load)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..convert_author import convert_author
+
+    out = convert_author(args.checkpoint, args.model, args.out)
+    meta = load_checkpoint(out).meta
+    epoch = f" (epoch {meta['epoch']})" if meta["epoch"] is not None else ""
+    print(f"converted {args.checkpoint}{epoch} to {out}: {args.model}, "
+          f"{meta['model']['num_classes']} classes")
+    return 0
