@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
+from ..fold.loop import LoopBlock
 from ..layers import SharedConv2d, TemplateBank, init_coefficients
 from .registry import register_family
 
@@ -38,14 +41,42 @@ class BasicBlock(nn.Module):
         return out + residual
 
 
-class Stage(nn.Module):
-    """`depth` blocks at one width; with `num_templates`, all blocks but the first share a bank."""
+class LoopBasicBlock(LoopBlock):
+    """A run of shared BasicBlocks folded into one loop (see softshare.fold): both 3x3 convs once,
+    BatchNorms and the scales c_t per iteration."""
 
-    def __init__(self, in_channels: int, width: int, num_blocks: int, stride: int, num_templates: int | None):
+    def __init__(self, width: int, length: int):
+        super().__init__(length, ("conv1", "conv2"))
+        self.bn1 = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(length))
+        self.bn2 = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(length))
+        self.conv1 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+
+    def step(self, x: Tensor, t: int) -> Tensor:
+        out = self.conv1(F.relu(self.bn1[t](x))) * self.scales["conv1"][t]
+        out = self.conv2(F.relu(self.bn2[t](out))) * self.scales["conv2"][t]
+        return out + x
+
+
+class Stage(nn.Module):
+    """`depth` blocks at one width; with `num_templates`, all blocks but the first share a bank.
+
+    With `loops` (a folded model), the blocks after the first are loops of those lengths instead.
+    """
+
+    def __init__(self, in_channels: int, width: int, num_blocks: int, stride: int, num_templates: int | None,
+                 loops: Sequence[int] | None = None):
         super().__init__()
-        self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if num_templates else None
         blocks = [BasicBlock(in_channels, width, stride)]
-        blocks += [BasicBlock(width, width, 1, self.bank) for _ in range(num_blocks - 1)]
+        if loops is None:
+            self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if num_templates else None
+            blocks += [BasicBlock(width, width, 1, self.bank) for _ in range(num_blocks - 1)]
+        else:
+            if any(int(n) < 1 for n in loops) or sum(loops) != num_blocks - 1:
+                raise SoftshareError(f"fold loops {list(loops)} must be positive lengths summing to the "
+                                     f"{num_blocks - 1} shared blocks of each stage")
+            self.bank = None
+            blocks += [LoopBasicBlock(width, int(n)) for n in loops]
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,7 +89,7 @@ class WideResNet(nn.Module):
     """WRN for 32x32 inputs: stem, three stages (16w, 32w, 64w; strides 1, 2, 2), BN-ReLU-pool-linear."""
 
     def __init__(self, depth: int, widen: int, num_templates: int | None = None,
-                 num_classes: int = 10, in_channels: int = 3):
+                 num_classes: int = 10, in_channels: int = 3, fold: dict | None = None):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise SoftshareError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
@@ -66,11 +97,12 @@ class WideResNet(nn.Module):
             raise SoftshareError(f"widen factor and templates must be >= 1, got w={widen}, k={num_templates}")
         num_blocks = (depth - 4) // 6
         widths = [16 * widen, 32 * widen, 64 * widen]
+        stage_loops = _stage_loops(fold, num_templates, num_blocks)
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.stages = nn.ModuleList()
         previous = 16
-        for width, stride in zip(widths, (1, 2, 2)):
-            self.stages.append(Stage(previous, width, num_blocks, stride, num_templates))
+        for width, stride, loops in zip(widths, (1, 2, 2), stage_loops):
+            self.stages.append(Stage(previous, width, num_blocks, stride, num_templates, loops))
             previous = width
         self.bn = nn.BatchNorm2d(previous)
         self.fc = nn.Linear(previous, num_classes)
@@ -100,6 +132,19 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def _stage_loops(fold: dict | None, num_templates: int | None, num_blocks: int) -> list:
+    """Per-stage loop lengths from a fold spec ``{"loops": [[...], [...], [...]]}`` (softshare.fold)."""
+    if fold is None:
+        return [None] * 3
+    loops = fold.get("loops") if isinstance(fold, dict) else None
+    if not num_templates or num_blocks < 2:
+        raise SoftshareError("only SWRNs with shared blocks (depth >= 16) can be folded into loops")
+    if not isinstance(loops, list) or len(loops) != 3 or not all(isinstance(s, list) for s in loops):
+        raise SoftshareError(f"fold must be {{'loops': [stage0, stage1, stage2]}} with a list of loop "
+                             f"lengths per stage, got {fold!r}")
+    return loops
+
+
 @register_family("wrn", r"wrn_(\d+)_(\d+)", ["wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_28_14"],
                  "pre-activation Wide ResNet WRN-L-w for 32x32 inputs")
 def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
@@ -109,5 +154,7 @@ def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> 
 @register_family("swrn", r"swrn_(\d+)_(\d+)_(\d+)",
                  ["swrn_16_4_1", "swrn_16_8_1", "swrn_28_10_1", "swrn_28_10_2", "swrn_28_10_6", "swrn_28_14_2"],
                  "soft-shared WRN-L-w with a bank of k templates per stage")
-def swrn(depth: int, widen: int, num_templates: int, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
-    return WideResNet(depth, widen, num_templates, num_classes, in_channels)
+def swrn(depth: int, widen: int, num_templates: int, num_classes: int = 10, in_channels: int = 3,
+         fold: dict | None = None) -> WideResNet:
+    """`fold` (set by softshare.fold) rebuilds a folded SWRN: its shared blocks as loops."""
+    return WideResNet(depth, widen, num_templates, num_classes, in_channels, fold)

@@ -1,0 +1,87 @@
+"""`softshare fold RUN_OR_CHECKPOINT --out DIR`: turn collinear shared blocks into explicit loops."""
+
+from __future__ import annotations
+
+ORDER = 50
+
+
+def register(subparsers) -> None:
+    from ._common import _number, positive_int
+
+    threshold = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+    p = subparsers.add_parser(
+        "fold", help="fold blocks with collinear coefficients into explicit loops",
+        description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
+                    "threshold (for every shared layer of the block), rebuild each group as one block run in "
+                    "a loop, and save the folded model as a checkpoint in DIR with fold_report.json/.md. "
+                    "Blocks that fold with no neighbour become plain blocks (loops of length 1).")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="output: the folded checkpoint and its report (with --sweep: the sweep table and curve)")
+    p.add_argument("--threshold", type=threshold, default=0.99, help="similarity threshold in (0, 1] (default 0.99)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of one fold, tabulate parameters (and accuracy with --data) over --thresholds")
+    p.add_argument("--thresholds", type=threshold, nargs="+", default=None, metavar="T",
+                   help="thresholds for --sweep (default 1 0.999 0.99 0.98 0.95 0.9 0.8)")
+    p.add_argument("--data", metavar="NAME", help="evaluate before/after folding on this dataset")
+    p.add_argument("--device", default="auto", help="device for evaluation: auto, cpu, cuda, cuda:N")
+    p.add_argument("--iterations", type=positive_int, nargs="+", default=[], metavar="N",
+                   help="with --data, also evaluate the folded model with its loops run N times")
+    p.set_defaults(func=run)
+
+
+def build_evaluator(data: str, device: str):
+    """Hook for --data: return ``evaluate(model) -> dict`` of metrics (accuracy under "acc").
+
+    Not wired to the data/evaluation code yet.
+    """
+    from ..errors import SoftshareError
+
+    raise SoftshareError(f"--data {data}: evaluation is not available in `softshare fold` yet; "
+                         "run without --data to fold and report parameters only")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..checkpoint import META_FILE, find_checkpoint, load, save_checkpoint
+    from ..errors import SoftshareError
+    from ..fold import DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
+    from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
+
+    if args.iterations and not args.data:
+        raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
+    source = find_checkpoint(args.path)
+    model = load(source)
+    evaluate = build_evaluator(args.data, args.device) if args.data else None
+    before = dict(evaluate(model)) if evaluate else None
+    out = Path(args.out)
+    if args.sweep:
+        rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
+        written = write_sweep(rows, out, count_parameters(model), before)
+        print(sweep_table(rows, count_parameters(model), pick_metric(before)))
+        print("wrote " + ", ".join(map(str, written)))
+        return 0
+    result = fold_model(model, args.threshold)
+    metrics = {}
+    if evaluate:
+        metrics = {"original": before, "folded": dict(evaluate(result.model))}
+        if args.iterations and not any(loop.length > 1 for _, loop in loop_blocks(result.model)):
+            print("no loop longer than 1 at this threshold: --iterations changes nothing")
+        for count in args.iterations:
+            set_iterations(result.model, count)
+            metrics[f"folded, loops run {count} times"] = dict(evaluate(result.model))
+        set_iterations(result.model, None)
+    meta = json.loads((source / META_FILE).read_text())
+    save_checkpoint(out, result.model, config=meta.get("config"), epoch=meta.get("epoch"),
+                    metrics=metrics.get("folded"))
+    written = write_fold_report(result, out, source=str(source), metrics=metrics)
+    print(f"loops per site at threshold {args.threshold}: {result.loops}")
+    print(f"parameters: {result.params_before:,} -> {result.params_after:,}")
+    for label, values in metrics.items():
+        print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
+    print(f"wrote folded checkpoint {out} and " + ", ".join(map(str, written)))
+    return 0

@@ -1,0 +1,44 @@
+"""`softshare lsm RUN_OR_CHECKPOINT`: layer similarity heatmaps of a trained model."""
+
+from __future__ import annotations
+
+ORDER = 40
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "lsm", help="layer similarity matrix (LSM) heatmaps of a trained model",
+        description="Draw, for every template bank, S_ij = |cos(a_i, a_j)| between its layers' coefficient "
+                    "vectors (1 = the same layer up to scale), and save the matrices as lsm.json. For a run "
+                    "directory trained with --lsm-every, also redraw the history across epochs.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
+    p.add_argument("--out", metavar="DIR", help="output directory (default for a run directory: RUN/lsm)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..checkpoint import find_checkpoint, load
+    from ..errors import SoftshareError
+    from ..lsm import LSM_DIR, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
+    from ..similarity import layer_similarity
+    from ._common import format_table
+
+    path = Path(args.path)
+    is_run = path.is_dir() and find_checkpoint(path) != path
+    if args.out is None and not is_run:
+        raise SoftshareError(f"{path} is a checkpoint, not a run directory; say where the figures go with --out DIR")
+    out = Path(args.out) if args.out else path / LSM_DIR
+    model = load(path)
+    written = save_lsm(model, out)
+    if is_run and read_lsm_history(path):
+        written.append(plot_lsm_history(path))
+    for similarity in layer_similarity(model):
+        names = short_layer_names(similarity.layers)
+        rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]
+        print(f"{similarity.bank}:")
+        print(format_table(["", *names], rows) + "\n")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,223 @@
+"""Folding soft-shared blocks into explicit loops (softshare.fold)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from softshare import SoftshareError, create_model, share
+from softshare.cli import main
+from softshare.fold import (
+    find_groups,
+    fold_model,
+    loop_blocks,
+    loop_direction,
+    set_iterations,
+    sweep,
+    write_fold_report,
+    write_sweep,
+)
+
+# swrn_28_1_2: widths 16/32/64, 4 blocks per stage, blocks 1-3 share the stage's bank of k=2.
+SCALES = {0: [1.0, -2.5, 0.3], 1: [0.7, 1.9]}  # stage -> scales of blocks 1.. (stage 2 stays random)
+
+
+def _collinear_swrn() -> nn.Module:
+    """float64 swrn_28_1_2 in eval mode: stage 0 blocks 1-3 and stage 1 blocks 1-2 exactly collinear
+    (per role, positive and negative scales), every BatchNorm with non-trivial statistics."""
+    torch.manual_seed(0)
+    model = create_model("swrn_28_1_2").double()
+    with torch.no_grad():
+        for stage, scales in SCALES.items():
+            blocks = model.stages[stage].blocks
+            for offset, scale in enumerate(scales):
+                blocks[1 + offset].conv1.coefficients.copy_(blocks[1].conv1.coefficients * scale)
+                blocks[1 + offset].conv2.coefficients.copy_(blocks[1].conv2.coefficients * (-1.3 * scale))
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def collinear() -> nn.Module:
+    return _collinear_swrn()
+
+
+@pytest.fixture(scope="module")
+def inputs() -> torch.Tensor:
+    return torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _loop_params(width: int, length: int) -> int:
+    """Two 3x3 convs once; per iteration two BatchNorms (weight + bias) and two scales."""
+    return 2 * 9 * width * width + length * (2 * 2 * width + 2)
+
+
+def _swrn_28_1_params(stage_blocks) -> int:
+    """swrn_28_1 parameters with each stage's shared blocks costing `stage_blocks(stage, width)`."""
+    total = 3 * 16 * 9 + 2 * 64 + 64 * 10 + 10  # stem, final BN, classifier
+    previous = 16
+    for stage, width in enumerate((16, 32, 64)):
+        shortcut = previous * width if previous != width else 0
+        total += 2 * previous + 2 * width + 9 * previous * width + 9 * width * width + shortcut  # block 0
+        total += stage_blocks(stage, width)
+        previous = width
+    return total
+
+
+def test_exact_fold_at_threshold_one_matches_original(collinear, inputs):
+    result = fold_model(collinear, 1.0)
+    assert result.loops == [[3], [2, 1], [1, 1, 1]]
+    assert [(g.container, g.blocks) for g in result.groups if g.length > 1] == [
+        ("stages.0.blocks", [1, 2, 3]), ("stages.1.blocks", [1, 2])]
+    assert not any(isinstance(m, type(collinear.stages[0].bank)) for m in result.model.modules())
+    with torch.no_grad():
+        expected, got = collinear(inputs), result.model(inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert not result.model.training
+    # the scales recover the construction: c_t / c_0 are the scales used, signs included
+    scales = result.groups[0].scales["conv1"]
+    assert [c / scales[0] for c in scales] == pytest.approx([1.0, -2.5, 0.3])
+
+
+def test_parameter_counts_by_hand(collinear):
+    result = fold_model(collinear, 1.0)
+    bank = lambda stage, width: 2 * 9 * width * width + 3 * 2 * 2 + 3 * 2 * 2 * width  # noqa: E731
+    loops = {0: [3], 1: [2, 1], 2: [1, 1, 1]}
+    folded = lambda stage, width: sum(_loop_params(width, n) for n in loops[stage])  # noqa: E731
+    assert result.params_before == _swrn_28_1_params(bank) == sum(p.numel() for p in collinear.parameters())
+    assert result.params_after == _swrn_28_1_params(folded)
+
+
+def test_only_blocks_similar_in_every_role_fold(collinear):
+    model = _collinear_swrn()
+    with torch.no_grad():  # stage 0, block 3: conv1 still collinear, conv2 now 0.9-similar
+        a = model.stages[0].blocks[1].conv2.coefficients
+        orthogonal = torch.stack([-a[1], a[0]])
+        model.stages[0].blocks[3].conv2.coefficients.copy_(0.9 * a + (1 - 0.81) ** 0.5 * orthogonal)
+    assert fold_model(model, 0.95).loops[0] == [2, 1]
+    assert fold_model(model, 0.85).loops[0] == [3]
+    # stage 2 kept its orthogonally initialised, non-collinear coefficients
+    assert fold_model(collinear, 0.99).loops[2] == [1, 1, 1]
+
+
+def test_find_groups_is_complete_linkage_and_greedy():
+    angles = torch.tensor([0.0, 0.1, 0.2, 1.5])  # 0~1, 1~2 but not 0~2 at cos(0.2) = 0.980
+    vectors = torch.stack([angles.cos(), angles.sin()], dim=1).double()[:, None, :]  # (blocks, 1 role, 2)
+    assert find_groups(vectors, 0.99) == [2, 1, 1]
+    assert find_groups(vectors, 0.97) == [3, 1]
+    assert find_groups(vectors, 1.0) == [1, 1, 1, 1]
+    assert find_groups(vectors, 0.01) == [4]
+
+
+def test_loop_direction_sign_and_fit():
+    a = torch.tensor([1.0, 2.0, -2.0], dtype=torch.float64)
+    vectors = torch.stack([-0.5 * a, 2.0 * a, 3.0 * a])
+    direction, scales = loop_direction(vectors)
+    assert scales[0] > 0
+    torch.testing.assert_close(scales[:, None] * direction, vectors)
+
+
+def test_folded_model_rebuilds_from_its_config(collinear, inputs):
+    folded = fold_model(collinear, 1.0).model
+    assert folded.softshare_config["fold"] == {"loops": [[3], [2, 1], [1, 1, 1]]}
+    rebuilt = create_model(**json.loads(json.dumps(folded.softshare_config))).double().eval()
+    rebuilt.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(inputs), folded(inputs), rtol=0, atol=0)
+
+
+def test_folded_checkpoint_round_trip(collinear, inputs, tmp_path):
+    from softshare.checkpoint import load, save_checkpoint
+
+    folded = fold_model(collinear, 1.0).model
+    save_checkpoint(tmp_path / "folded", folded)
+    loaded = load(tmp_path / "folded").double()  # load() builds float32: compare at float32 precision
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), folded(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_extra_iterations_reuse_the_last_iteration(collinear, inputs):
+    folded = fold_model(collinear, 1.0).model
+    name, loop = loop_blocks(folded)[0]
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = x
+        for t in (0, 1, 2, 2, 2):
+            expected = loop.step(expected, t)
+        set_iterations(folded, 5)
+        assert loop.iterations == 5 and loop_blocks(folded)[3][1].iterations is None  # length-1 loops untouched
+        torch.testing.assert_close(loop(x), expected)
+        longer = folded(inputs)
+        set_iterations(folded, None)
+        assert not torch.allclose(longer, folded(inputs))
+        set_iterations(folded, {name: 2})
+        torch.testing.assert_close(loop(x), loop.step(loop.step(x, 0), 1))
+    with pytest.raises(SoftshareError, match="unknown loop"):
+        set_iterations(folded, {"stages.9.blocks.1": 3})
+    with pytest.raises(SoftshareError, match=">= 1"):
+        set_iterations(folded, 0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.01])
+def test_threshold_outside_unit_interval(collinear, threshold):
+    with pytest.raises(SoftshareError, match=r"\(0, 1\]"):
+        fold_model(collinear, threshold)
+
+
+def test_models_that_cannot_fold():
+    with pytest.raises(SoftshareError, match="no template banks"):
+        fold_model(create_model("wrn_16_1"), 0.9)
+    with pytest.raises(SoftshareError, match="no foldable blocks"):
+        fold_model(create_model("swrn_10_1_2"), 0.9)  # one block per stage: nothing is shared
+    converted = share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 2)
+    blocks = nn.ModuleList([nn.Sequential(converted[1]), nn.Sequential(converted[2])])
+    with pytest.raises(SoftshareError, match="not built by softshare.create_model"):
+        fold_model(blocks, 0.9)
+    with pytest.raises(SoftshareError, match="summing to the 3 shared blocks"):
+        create_model("swrn_28_1_2", fold={"loops": [[3], [2], [3]]})
+
+
+def test_sweep_and_reports(collinear, tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model)
+        return {"acc": 0.5 + 0.01 * len(calls), "loss": 1.0}
+
+    rows = sweep(collinear, [1.0, 0.999, 0.5], evaluate)
+    assert [row.loops for row in rows[:2]] == [[[3], [2, 1], [1, 1, 1]]] * 2
+    assert len(calls) == 2  # 1.0 and 0.999 give the same loops: folded and evaluated once
+    assert rows[2].params <= rows[0].params
+    paths = write_sweep(rows, tmp_path, sum(p.numel() for p in collinear.parameters()), {"acc": 0.6})
+    assert all(p.exists() for p in paths)
+    assert "| 0.999 |" in (tmp_path / "fold_sweep.md").read_text()
+    result = fold_model(collinear, 1.0)
+    write_fold_report(result, tmp_path, source="x", metrics={"original": {"acc": 0.9}, "folded": {"acc": 0.9}})
+    report = json.loads((tmp_path / "fold_report.json").read_text())
+    assert report["loops"] == [[3], [2, 1], [1, 1, 1]] and report["metrics"]["folded"]["acc"] == 0.9
+    assert "1 (not folded)" in (tmp_path / "fold_report.md").read_text()
+
+
+def test_cli_fold_and_sweep(collinear, tmp_path, capsys):
+    from softshare.checkpoint import load, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", copy.deepcopy(collinear).float(), epoch=7)
+    out = tmp_path / "folded"
+    assert main(["fold", str(tmp_path / "ckpt"), "--threshold", "0.9999", "--out", str(out)]) == 0
+    report = json.loads((out / "fold_report.json").read_text())
+    assert report["loops"] == [[3], [2, 1], [1, 1, 1]]
+    assert loop_blocks(load(out))[0][1].length == 3
+    assert main(["fold", str(tmp_path / "ckpt"), "--sweep", "--thresholds", "1", "0.5",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "fold_sweep.png").exists()
+    assert main(["fold", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
