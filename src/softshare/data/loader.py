@@ -14,7 +14,7 @@ from .augment import random_crop, random_cutout, random_flip
 
 def stream_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of `parts` (unlike Python's salted `hash`)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

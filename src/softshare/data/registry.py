@@ -33,7 +33,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
 
     Files are looked up under `root` (default: `default_data_root()`; Fashion-MNIST also in
     Debian's /usr/share/datasets/fashion-mnist) and fetched from the official source when
-    missing and `download` is true. `pad_to_32` zero-pads 28x28 (Fashion-)MNIST to 32x32.
+    missing and `download` is true (digits ships with scikit-learn and needs neither).
+    `pad_to_32` zero-pads 28x28 (Fashion-)MNIST to 32x32.
     """
     name = canonical_name(name)
     root = Path(root).expanduser() if root is not None else default_data_root()
