@@ -177,9 +177,9 @@ def test_reading_runs_no_pickled_code(shared, monkeypatch):
 
 def test_unshared_legacy_format(tmp_path, monkeypatch):
     torch.manual_seed(1)
-    net = RefSWRN(10, 2, None, num_classes=5).eval()
+    net = RefSWRN(16, 2, None, num_classes=5).eval()
     path = _reference_file(tmp_path / "model_best.pth.tar", net, monkeypatch, tmp_path / "pwned", zipfile=False)
-    out = convert_author(path, "wrn_10_2", tmp_path / "converted")
+    out = convert_author(path, "wrn_16_2", tmp_path / "converted")
     assert not (tmp_path / "pwned").exists()
     assert load_checkpoint(out).meta["model"]["num_classes"] == 5
     _same_logits(net, out)

@@ -123,13 +123,19 @@ _RULES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
 _BANK_COPY = re.compile(r"stage_(\d+)\.\d+\.(?:conv[12]\.)?bank\.templates")
 
 
-def _strip_prefix(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
+def _softshare_key(key: str) -> str | None:
+    for pattern, rename in _RULES:
+        match = pattern.fullmatch(key)
+        if match:
+            return rename(match)
+    return None
 
 
 def guess_model_name(state: dict[str, Tensor]) -> str | None:
-    """The softshare name (swrn_L_w_k, or wrn_L_w without banks) a reference state dict matches."""
-    state = {_strip_prefix(k): v for k, v in state.items()}
+    """The softshare name (swrn_L_w_k, or wrn_L_w without banks) a reference state dict matches.
+
+    `state` has the reference model's keys, without nn.DataParallel's ``module.`` prefix.
+    """
     blocks = {int(m[1]) for k in state if (m := re.match(r"stage_1\.(\d+)\.", k))}
     first = state.get("stage_1.0.conv1.weight")
     if not blocks or first is None or first.dim() != 4 or first.shape[0] % 16:
@@ -142,21 +148,20 @@ def guess_model_name(state: dict[str, Tensor]) -> str | None:
 def convert_state_dict(author_state: dict[str, Any], target: dict[str, Tensor]) -> dict[str, Tensor]:
     """Map a reference state dict onto the keys of `target` (a softshare model's state dict).
 
+    `author_state` has the reference model's keys, without nn.DataParallel's ``module.`` prefix.
     Returns the full target state dict (shared banks under all their keys). Raises one error
     listing every tensor that does not fit: unknown, missing or of the wrong shape.
     """
     unique, aliases = dedupe_state_dict(target)
-    state = {_strip_prefix(k): v for k, v in author_state.items()}
     converted: dict[str, Tensor] = {}
     unknown, shapes = [], []
-    for key, value in state.items():
+    for key, value in author_state.items():
         copy = _BANK_COPY.fullmatch(key)
         if copy:
-            main = state.get(f"bank_{copy[1]}.templates")
+            main = author_state.get(f"bank_{copy[1]}.templates")
             if isinstance(main, Tensor) and isinstance(value, Tensor) and torch.equal(main, value):
                 continue
-        rule = next(((pattern, name) for pattern, name in _RULES if pattern.fullmatch(key)), None)
-        new_key = rule[1](rule[0].fullmatch(key)) if rule else None
+        new_key = _softshare_key(key)
         if new_key not in unique or not isinstance(value, Tensor):
             unknown.append(key)
             continue
@@ -185,7 +190,7 @@ def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathL
     from .models import create_model
 
     raw = read_author_checkpoint(path)
-    state = {_strip_prefix(k): v for k, v in raw["state_dict"].items()}
+    state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
     classifier, stem = state.get("classifier.weight"), state.get("conv_3x3.weight")
     if not isinstance(classifier, Tensor) or not isinstance(stem, Tensor) or classifier.dim() != 2 or stem.dim() != 4:
         raise SoftshareError(f"{path} has no classifier.weight / conv_3x3.weight of the reference SWRN; "
