@@ -4,6 +4,7 @@ A layer's weight is a learned mix of templates from a bank shared with other lay
 ``W_i = sum_j alpha_ij * T_j`` (Savarese & Maire, ICLR 2019).
 """
 
+from .checkpoint import Checkpoint, find_checkpoint, load, load_checkpoint, load_into, save_checkpoint
 from .errors import SoftshareError
 from .layers import (
     SharedConv1d,
@@ -39,4 +40,10 @@ __all__ = [
     "share",
     "layer_similarity",
     "LayerSimilarity",
+    "load",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_into",
+    "find_checkpoint",
+    "Checkpoint",
 ]

@@ -231,7 +231,8 @@ def _checkpoint_to_resume(resume: str | None, run_path: Path):
     if resume == "auto":
         last = run_path / "checkpoints" / "last"
         return load_checkpoint(last) if last.exists() else None
-    return load_checkpoint(find_checkpoint(resume, prefer="last"))
+    last = Path(resume) / "checkpoints" / "last"  # a run directory resumes from its latest state
+    return load_checkpoint(last if last.exists() else find_checkpoint(resume))
 
 
 def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
