@@ -19,9 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from softshare.data import (DATASETS, BatchLoader, ImageDataset, channel_stats, default_data_root,
-                            load_dataset, split_indices)
-from softshare.data import augment, cifar, download, idx
+from softshare.data import (
+    DATASETS,
+    BatchLoader,
+    ImageDataset,
+    augment,
+    channel_stats,
+    cifar,
+    default_data_root,
+    download,
+    idx,
+    load_dataset,
+    split_indices,
+)
 from softshare.errors import SoftshareError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -326,7 +336,8 @@ def test_fashion_mnist_from_root_padded_with_own_stats(tmp_path, small_fashion):
     assert ds.train_images[:, :, border].eq(0).all()
     assert ds.test_labels.tolist() == arrays["test_labels"].tolist()
     pixels = ds.train_images.double() / 255
-    assert ds.mean == pytest.approx([pixels.mean().item()]) and ds.std == pytest.approx([pixels.std(unbiased=False).item()])
+    assert ds.mean == pytest.approx([pixels.mean().item()])
+    assert ds.std == pytest.approx([pixels.std(unbiased=False).item()])
     unpadded = load_dataset("fashion_mnist", root=tmp_path, pad_to_32=False)
     assert unpadded.train_images.shape == (20, 1, 28, 28) and unpadded.in_channels == 1
 
@@ -546,7 +557,7 @@ def test_loader_without_augmentation_normalises_in_order():
 def test_loader_augmented_samples_are_valid_augmentations():
     loader = make_loader(shuffle=True, crop_padding=1, flip=True, cutout=2, seed=3)
     for x, y in loader.iterate(1):
-        for xi, src in zip(x.numpy(), loader.images[y].numpy()):
+        for xi, src in zip(x.numpy(), loader.images[y].numpy(), strict=True):
             candidates = (ref_cutout(normalise_ref(f(ref_crop(src, dy, dx, 1))), cy, cx, 2)
                           for dy in range(3) for dx in range(3) for f in (lambda a: a, lambda a: a[:, :, ::-1])
                           for cy in range(4) for cx in range(4))
