@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from softshare import SoftshareError, create_model, share
+from softshare import SharedConv1d, SoftshareError, TemplateBank, create_model, share
 from softshare.cli import main
 from softshare.fold import (
+    LoopBlock,
     find_groups,
     fold_model,
     loop_blocks,
@@ -221,3 +223,74 @@ def test_cli_fold_and_sweep(collinear, tmp_path, capsys):
     assert (tmp_path / "sweep" / "fold_sweep.png").exists()
     assert main(["fold", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- a second, differently shaped family: the fold core is not SWRN-specific -----------------------
+class _ToyBlock(nn.Module):
+    """Like the algorithmic nets' block: relu(x + norm2(conv2(relu(norm1(conv1(x)))))), 1-D."""
+
+    def __init__(self, width: int, bank: TemplateBank) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = SharedConv1d(bank, padding=1), SharedConv1d(bank, padding=1)
+        self.norm1, self.norm2 = nn.GroupNorm(2, width), nn.GroupNorm(2, width)
+
+    def forward(self, x):
+        return torch.relu(x + self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x))))))
+
+
+class _ToyLoop(LoopBlock):
+    def __init__(self, width: int, length: int) -> None:
+        super().__init__(length, ("conv1", "conv2"))
+        self.conv1 = nn.Conv1d(width, width, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1, bias=False)
+        self.norm1 = nn.ModuleList(nn.GroupNorm(2, width) for _ in range(length))
+        self.norm2 = nn.ModuleList(nn.GroupNorm(2, width) for _ in range(length))
+
+    def step(self, x, t):
+        out = torch.relu(self.norm1[t](self.conv1(x) * self.scales["conv1"][t]))
+        return torch.relu(x + self.norm2[t](self.conv2(out) * self.scales["conv2"][t]))
+
+
+class _ToyNet(nn.Module):
+    def __init__(self, width: int = 6, depth: int = 4, fold: dict | None = None) -> None:
+        super().__init__()
+        self.projection = nn.Conv1d(1, width, 3, padding=1)
+        if fold is None:
+            self.bank = TemplateBank(3, (width, width, 3))
+            self.blocks = nn.ModuleList(_ToyBlock(width, self.bank) for _ in range(depth))
+        else:
+            self.blocks = nn.ModuleList(_ToyLoop(width, n) for n in fold["loops"][0])
+        self.head = nn.Conv1d(width, 2, 1)
+
+    def forward(self, x):
+        x = self.projection(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _toy_builder(num_classes: int = 2, in_channels: int = 1, fold: dict | None = None) -> nn.Module:
+    return _ToyNet(fold=fold)
+
+
+def test_fold_core_handles_other_block_shapes(monkeypatch):
+    from softshare.models import registry
+
+    monkeypatch.setitem(registry._FAMILIES, "fold_toy",
+                        registry.ModelFamily("fold_toy", re.compile("fold_toy"), _toy_builder))
+    torch.manual_seed(0)
+    model = create_model("fold_toy").double().eval()
+    with torch.no_grad():
+        for first, second, scale in ((0, 1, -0.4), (2, 3, 2.0)):  # blocks 0~1 and 2~3, not 1~2
+            for role in ("conv1", "conv2"):
+                getattr(model.blocks[second], role).coefficients.copy_(
+                    getattr(model.blocks[first], role).coefficients * scale)
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    result = fold_model(model, 1.0)
+    assert result.loops == [[2, 2]]
+    x = torch.randn(2, 1, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)

@@ -106,11 +106,14 @@ def plot_lsm(similarities: Sequence[LayerSimilarity], out_dir: str | os.PathLike
 
 
 def _similarities(model: nn.Module) -> list[LayerSimilarity]:
-    # DDP (.module) and torch.compile (._orig_mod) wrappers would prefix every bank name.
-    for attribute in ("module", "_orig_mod"):
-        inner = getattr(model, attribute, None)
-        if isinstance(inner, nn.Module):
-            return _similarities(inner)
+    # torch.compile and (Distributed)DataParallel wrappers would prefix every bank name.
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
     similarities = layer_similarity(model)
     if not similarities:
         raise SoftshareError(

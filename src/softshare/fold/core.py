@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
+from ..sharing_stats import sharing_stats
 from .loop import LoopBlock, loop_blocks
 from .plan import FoldSite, find_groups, foldable_sites, loop_direction, pairwise_similarity
 
@@ -51,6 +52,8 @@ class FoldResult:
     groups: list[FoldGroup]
     params_before: int
     params_after: int
+    params_unshared: int  # the original architecture without sharing, for scale
+
 
     @property
     def loops(self) -> list[list[int]]:
@@ -59,7 +62,8 @@ class FoldResult:
 
     def to_dict(self) -> dict:
         return {"threshold": self.threshold, "loops": self.loops, "params_before": self.params_before,
-                "params_after": self.params_after, "groups": [g.to_dict() for g in self.groups]}
+                "params_after": self.params_after, "params_unshared": self.params_unshared,
+                "groups": [g.to_dict() for g in self.groups]}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -94,7 +98,8 @@ def fold_model(model: nn.Module, threshold: float = 0.99) -> FoldResult:
         raise SoftshareError(f"the folded weights do not fit the folded architecture ({err}); its model "
                              "family builds loops against the LoopBlock convention") from None
     folded.train(model.training)
-    return FoldResult(folded, threshold, groups, count_parameters(model), count_parameters(folded))
+    return FoldResult(folded, threshold, groups, count_parameters(model), count_parameters(folded),
+                      sharing_stats(model).unshared_total)
 
 
 def _build_folded(model: nn.Module, loops: list[list[int]]) -> nn.Module:

@@ -49,7 +49,8 @@ def write_fold_report(result: FoldResult, out_dir: str | os.PathLike, source: st
         "# Fold report", "",
         *([f"- source: `{source}`"] if source else []),
         f"- threshold: {result.threshold} ({GROUPING_RULE})",
-        f"- parameters: {result.params_before:,} before, {result.params_after:,} after ({ratio:.3f}x)",
+        f"- parameters: {result.params_before:,} before, {result.params_after:,} after ({ratio:.3f}x); "
+        f"{result.params_unshared:,} without sharing (blocks that do not fold are materialised)",
         f"- loops per site: {result.loops}", "",
         "| site | blocks | loop length | min pair \\|cos\\| | fit error | scales c_t |",
         "|---|---|---|---|---|---|",
