@@ -163,7 +163,8 @@ def test_cifar_missing_batch_names_its_path(tmp_path):
         load_dataset("cifar10", root=tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict", "wrong_shape"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict", "wrong_shape", "bad_labels",
+                                    "label_range"])
 def test_cifar_corrupt_batch_is_a_clear_error(tmp_path, damage):
     files, _ = cifar_files("cifar10", np.random.default_rng(0))
     files["data_batch_2"] = {
@@ -171,6 +172,8 @@ def test_cifar_corrupt_batch_is_a_clear_error(tmp_path, damage):
         "garbage": b"\x00not a pickle at all",
         "not_a_dict": py2_pickle([1, 2, 3]),
         "wrong_shape": py2_pickle({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}),
+        "bad_labels": py2_pickle({b"data": np.zeros((4, 3072), np.uint8), b"labels": 4}),
+        "label_range": py2_pickle({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}),
     }[damage]
     write_folder(tmp_path / "cifar-10-batches-py", files)
     with pytest.raises(SoftshareError, match="data_batch_2"):

@@ -139,12 +139,15 @@ def _parse_split(spec: CifarSpec, batches: list[tuple[str, dict]]) -> tuple[torc
     images, labels = [], []
     for where, batch in batches:
         data, y = batch.get(b"data"), batch.get(spec.label_key)
+        if isinstance(y, list) and all(isinstance(v, int) for v in y):
+            y = np.array(y, dtype=np.int64)
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-                and data.shape[1] == 3072 and y is not None and len(y) == len(data)):
+                and data.shape[1] == 3072 and isinstance(y, np.ndarray) and y.dtype.kind in "iu"
+                and y.shape == (len(data),)):
             raise SoftshareError(f"{where} is not a {spec.title} batch: it needs uint8 b'data' of shape "
-                                 f"(N, 3072) and N labels under {spec.label_key!r}; replace it with the "
-                                 f"original file")
-        y = np.asarray(y, dtype=np.int64)
+                                 f"(N, 3072) and N integer labels under {spec.label_key!r}; replace it "
+                                 f"with the original file")
+        y = y.astype(np.int64)
         if y.size and not (0 <= y.min() and y.max() < spec.num_classes):
             raise SoftshareError(f"{where} has labels outside 0..{spec.num_classes - 1}; replace it "
                                  f"with the original file")
