@@ -67,15 +67,14 @@ class Stage(nn.Module):
     def __init__(self, in_channels: int, width: int, num_blocks: int, stride: int, num_templates: int | None,
                  loops: Sequence[int] | None = None):
         super().__init__()
+        self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if num_templates and loops is None else None
         blocks = [BasicBlock(in_channels, width, stride)]
         if loops is None:
-            self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if num_templates else None
             blocks += [BasicBlock(width, width, 1, self.bank) for _ in range(num_blocks - 1)]
         else:
             if any(int(n) < 1 for n in loops) or sum(loops) != num_blocks - 1:
                 raise SoftshareError(f"fold loops {list(loops)} must be positive lengths summing to the "
                                      f"{num_blocks - 1} shared blocks of each stage")
-            self.bank = None
             blocks += [LoopBasicBlock(width, int(n)) for n in loops]
         self.blocks = nn.ModuleList(blocks)
 
