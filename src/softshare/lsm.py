@@ -192,7 +192,8 @@ def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8) -> Path:
             if bank is None:
                 ax.set_axis_off()
                 continue
-            similarity = LayerSimilarity(bank["bank"], bank["layers"], torch.tensor(bank["matrix"], dtype=torch.float64))
+            matrix = torch.tensor(bank["matrix"], dtype=torch.float64)
+            similarity = LayerSimilarity(bank["bank"], bank["layers"], matrix)
             n = len(bank["layers"])
             image = _draw(ax, similarity, labels=col == 0, annotate=6.0 if n <= 8 else None)
             if col == 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
