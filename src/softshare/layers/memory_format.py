@@ -26,5 +26,5 @@ def to_channels_last(model: nn.Module) -> nn.Module:
                 if buf is not None and buf.dim() == 4:
                     setattr(module, name, buf.contiguous(memory_format=torch.channels_last))
             if isinstance(module, TemplateBank):
-                module._cache = None
+                module.invalidate()
     return model

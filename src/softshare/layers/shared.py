@@ -59,6 +59,14 @@ class _SharedConvNd(SharedLayer):
 
     def __init__(self, bank, stride=1, padding=0, dilation=1, groups=1, bias=False, padding_mode="zeros"):
         super().__init__(bank, bias)
+        try:
+            self._configure(stride, padding, dilation, groups, padding_mode)
+        except SoftshareError:
+            bank.detach(self)  # a layer that failed to build must not stay in the bank
+            raise
+
+    def _configure(self, stride, padding, dilation, groups, padding_mode) -> None:
+        bank = self.bank
         out_channels, in_per_group, *kernel = bank.weight_shape
         if groups < 1 or out_channels % groups:
             raise SoftshareError(
@@ -78,15 +86,23 @@ class _SharedConvNd(SharedLayer):
         if isinstance(self.padding, str):
             if self.padding not in ("same", "valid"):
                 raise SoftshareError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
-            self._pad_twice = None
+            if self.padding == "same" and any(s != 1 for s in self.stride):
+                raise SoftshareError(f"padding='same' needs stride 1 (as in torch.nn), got stride={stride}")
+            # What F.pad needs for a non-zeros padding_mode (as nn.ConvNd computes it).
+            self._pad_twice = [0, 0] * len(self.kernel_size)
+            if self.padding == "same":
+                for i, (d, k) in enumerate(zip(self.dilation, self.kernel_size)):
+                    total = d * (k - 1)
+                    j = 2 * (len(self.kernel_size) - 1 - i)
+                    self._pad_twice[j], self._pad_twice[j + 1] = total // 2, total - total // 2
         else:
             self._pad_twice = _reverse_repeat_tuple(self.padding, 2)
 
-    def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _conv(self, x: Tensor, weight: Tensor, padding) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.padding_mode != "zeros" and self._pad_twice is not None:
+        if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)
             return self._conv(x, self.weight, padding=0)
         return self._conv(x, self.weight, padding=self.padding)
