@@ -14,23 +14,36 @@ from ..errors import SoftshareError, unknown_name
 
 @dataclass
 class ModelFamily:
-    """Names matching `pattern` (a regex whose groups are integer arguments) build via `builder`."""
+    """Names matching `pattern` (a regex whose groups are integer arguments) build via `builder`.
+
+    `small_example` names a small member (any name matching `pattern`) that tests build and
+    train on CPU; by default the example with the fewest parameters. `input_size` is the
+    spatial size of one input sample, e.g. ``(32, 32)`` or ``(64,)``; by default tests derive
+    1-D or 2-D from the model's first convolution.
+    """
 
     name: str
     pattern: re.Pattern
     builder: Callable[..., nn.Module]
     examples: list[str] = field(default_factory=list)
     description: str = ""
+    small_example: str | None = None
+    input_size: tuple[int, ...] | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
-def register_family(name: str, pattern: str, examples: list[str], description: str = ""):
+def register_family(name: str, pattern: str, examples: list[str], description: str = "",
+                    small_example: str | None = None, input_size: tuple[int, ...] | None = None):
     """Decorator: register `builder(*int_groups, num_classes=, in_channels=, **kwargs)`."""
+    compiled = re.compile(pattern)
+    if small_example is not None and not compiled.fullmatch(small_example):
+        raise SoftshareError(f"small_example {small_example!r} of model family {name!r} does not match {pattern!r}")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _FAMILIES[name] = ModelFamily(name, re.compile(pattern), builder, list(examples), description)
+        _FAMILIES[name] = ModelFamily(name, compiled, builder, list(examples), description, small_example,
+                                      None if input_size is None else tuple(input_size))
         return builder
 
     return decorator
