@@ -6,6 +6,7 @@ A layer's weight is a learned mix of templates from a bank shared with other lay
 
 from .checkpoint import Checkpoint, find_checkpoint, load, load_checkpoint, load_into, save_checkpoint
 from .errors import SoftshareError
+from .fold import fold_model, set_iterations
 from .layers import (
     SharedConv1d,
     SharedConv2d,
@@ -19,7 +20,8 @@ from .layers import (
 from .models import create_model, list_models, register_family
 from .optim import param_groups
 from .share import share
-from .similarity import LayerSimilarity, layer_similarity
+from .lsm import plot_lsm, save_lsm
+from .similarity import LayerSimilarity, layer_similarity, recurrence_penalty
 
 __version__ = "0.1.0"
 
@@ -46,4 +48,9 @@ __all__ = [
     "load_into",
     "find_checkpoint",
     "Checkpoint",
+    "fold_model",
+    "set_iterations",
+    "save_lsm",
+    "plot_lsm",
+    "recurrence_penalty",
 ]

@@ -50,30 +50,45 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
             "top5_error": 1 - top5 / count, "count": int(count)}
 
 
+def test_set_evaluator(dataset: str, data_root: str | None = None, download: bool = False,
+                       device: str = "auto", batch_size: int = 500):
+    """``evaluate(model) -> metrics`` on the test split of an image dataset, data loaded once."""
+    from .data import BatchLoader, load_dataset
+    from .train.run_dir import resolve_device
+
+    dev = resolve_device(device)
+    data = load_dataset(dataset, root=data_root, download=download)
+    loader = BatchLoader(data.test_images, data.test_labels, batch_size=batch_size, mean=data.mean, std=data.std,
+                         device=dev, shuffle=False, drop_last=False)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        _check_fits(model, data)
+        return evaluate_classifier(model.to(dev), loader.iterate(0))
+
+    return evaluate
+
+
+def _check_fits(model: nn.Module, data) -> None:
+    from .errors import SoftshareError
+
+    config = getattr(model, "softshare_config", {})
+    built = (config.get("num_classes"), config.get("in_channels"))
+    if built != (data.num_classes, data.in_channels):
+        raise SoftshareError(f"the model was built for {built[0]} classes and {built[1]} input channels; "
+                             f"{data.name} has {data.num_classes} and {data.in_channels}: pass the dataset it "
+                             f"was trained on")
+
+
 def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | None = None,
                         download: bool = False, device: str = "auto", batch_size: int = 500) -> dict:
     """Load a checkpoint and score it on the test split of its (or the given) dataset."""
-    from .checkpoint import find_checkpoint, load_checkpoint
-    from .data import BatchLoader, load_dataset
+    from .checkpoint import find_checkpoint, load, load_checkpoint
     from .errors import SoftshareError
-    from .train.run_dir import resolve_device
 
     ckpt_path = find_checkpoint(path)
-    meta = load_checkpoint(ckpt_path).meta
-    config = meta.get("config") or {}
+    config = load_checkpoint(ckpt_path, train_state=False).meta.get("config") or {}
     dataset = dataset or config.get("dataset")
     if not dataset:
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")
-    from .checkpoint import load
-
-    dev = resolve_device(device)
-    model = load(ckpt_path, device=str(dev))
-    data = load_dataset(dataset, root=data_root, download=download)
-    expected = (meta["model"].get("num_classes"), meta["model"].get("in_channels"))
-    if expected != (data.num_classes, data.train_images.shape[1]):
-        raise SoftshareError(f"{ckpt_path} was built for {expected[0]} classes and {expected[1]} input channels; "
-                             f"{dataset} has {data.num_classes} and {data.train_images.shape[1]}")
-    loader = BatchLoader(data.test_images, data.test_labels, batch_size=batch_size, mean=data.mean, std=data.std,
-                         device=dev, shuffle=False, drop_last=False, crop_padding=0, flip=False, cutout=0)
-    result = evaluate_classifier(model, loader.iterate(0))
-    return {"checkpoint": str(ckpt_path), "dataset": dataset, **result}
+    evaluate = test_set_evaluator(dataset, data_root, download, device, batch_size)
+    return {"checkpoint": str(ckpt_path), "dataset": dataset, **evaluate(load(ckpt_path))}

@@ -33,14 +33,10 @@ def register(subparsers) -> None:
 
 
 def build_evaluator(data: str, device: str):
-    """Hook for --data: return ``evaluate(model) -> dict`` of metrics (accuracy under "acc").
+    """``evaluate(model) -> dict`` on the test set of `data` (accuracy under "acc")."""
+    from ..evaluate import test_set_evaluator
 
-    Not wired to the data/evaluation code yet.
-    """
-    from ..errors import SoftshareError
-
-    raise SoftshareError(f"--data {data}: evaluation is not available in `softshare fold` yet; "
-                         "run without --data to fold and report parameters only")
+    return test_set_evaluator(data, device=device)
 
 
 def run(args) -> int:

@@ -67,7 +67,8 @@ class Stage(nn.Module):
     def __init__(self, in_channels: int, width: int, num_blocks: int, stride: int, num_templates: int | None,
                  loops: Sequence[int] | None = None):
         super().__init__()
-        self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if num_templates and loops is None else None
+        shares = num_templates and loops is None and num_blocks > 1  # a bank with no user would be dead weight
+        self.bank = TemplateBank(num_templates, (width, width, 3, 3)) if shares else None
         blocks = [BasicBlock(in_channels, width, stride)]
         if loops is None:
             blocks += [BasicBlock(width, width, 1, self.bank) for _ in range(num_blocks - 1)]
@@ -158,4 +159,7 @@ def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> 
 def swrn(depth: int, widen: int, num_templates: int, num_classes: int = 10, in_channels: int = 3,
          fold: dict | None = None) -> WideResNet:
     """`fold` (set by softshare.fold) rebuilds a folded SWRN: its shared blocks as loops."""
+    if depth < 16:
+        raise SoftshareError(f"swrn_{depth}_{widen}_{num_templates} has one block per stage, so nothing is "
+                             f"shared; use depth 16 or more (e.g. swrn_16_{widen}_{num_templates}) or wrn_{depth}_{widen}")
     return WideResNet(depth, widen, num_templates, num_classes, in_channels, fold)

@@ -144,6 +144,10 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         task.save_artifacts(run.path)
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
                  sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
+        if config.lsm_every and start_epoch == 0 and start_batch == 0:
+            from ..lsm import record_lsm
+
+            record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
     barrier(dist)
 
     train_model: nn.Module = model
