@@ -50,15 +50,21 @@ def share(
     """
     if int(num_templates) < 1:
         raise SoftshareError(f"num_templates must be >= 1, got {num_templates}")
-    candidates = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) in _CONVERSIONS and _selected(select, name, module)
-    ]
+    names: dict[int, list[str]] = {}  # a module used at several places is converted once
+    candidates: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in _CONVERSIONS and _selected(select, name, module):
+            if id(module) not in names:
+                candidates.append((name, module))
+            names.setdefault(id(module), []).append(name)
     if not candidates:
         raise SoftshareError(
             "share() selected no Conv1d/Conv2d/Linear layer; check the `select` pattern against "
             "the names in model.named_modules()"
         )
+    if "" in names.get(id(model), ()):
+        raise SoftshareError("share() replaces layers inside a model, not the model itself; "
+                             "wrap a single layer in nn.Sequential")
     groups: dict[Hashable, list[tuple[str, nn.Module]]] = {}
     for name, module in candidates:
         key = (type(module), tuple(module.weight.shape), group(name, module) if group else None)
@@ -72,8 +78,9 @@ def share(
             _fit_bank(bank, shared, [module.weight.detach() for _, module in members])
         else:
             init_coefficients(shared)
-        for (name, _), layer in zip(members, shared):
-            _set_submodule(model, name, layer)
+        for (_, module), layer in zip(members, shared):
+            for name in names[id(module)]:
+                _set_submodule(model, name, layer)
     return model
 
 
@@ -99,10 +106,12 @@ def _fit_bank(bank: TemplateBank, layers: list[nn.Module], weights: list[torch.T
         if k >= n:
             coefficients = torch.eye(n, k, dtype=torch.float64)
             bank.templates[:n].copy_(flat.view(n, *bank.weight_shape))
-        else:
+        else:  # truncated SVD: the best rank-k approximation of the stacked weights
             u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-            coefficients = u[:, :k] * s[:k]
-            bank.templates.copy_(vh[:k].reshape(k, *bank.weight_shape))
+            r = min(k, s.numel())
+            coefficients = torch.zeros(n, k, dtype=torch.float64)
+            coefficients[:, :r] = u[:, :r] * s[:r]
+            bank.templates[:r].copy_(vh[:r].reshape(r, *bank.weight_shape))
         for layer, row in zip(layers, coefficients):
             layer.coefficients.copy_(row)
 
