@@ -26,6 +26,16 @@ nonnegative_float = _number(float, lambda v: v >= 0, "a non-negative number")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `parser` report a bad argument in one line (no usage dump) and exit with code 2."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+    parser.error = error
+    return parser
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Plain-text table; numbers right-aligned with thousands separators."""
     cells = [[f"{c:,}" if isinstance(c, int) else str(c) for c in row] for row in rows]

@@ -6,10 +6,13 @@ ORDER = 10
 
 
 def register(subparsers) -> None:
+    from ._common import one_line_errors, positive_int
+
     p = subparsers.add_parser("models", help="list registered models and their parameter counts",
                               description="List the named models of every registered family.")
+    one_line_errors(p)
     p.add_argument("pattern", nargs="?", default="*", help="glob filter on model names (default: all)")
-    p.add_argument("--num-classes", type=int, default=10, help="classifier size used for the counts")
+    p.add_argument("--num-classes", type=positive_int, default=10, help="classifier size used for the counts")
     p.set_defaults(func=run)
 
 

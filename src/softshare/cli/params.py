@@ -6,11 +6,12 @@ ORDER = 20
 
 
 def register(subparsers) -> None:
-    from ._common import positive_int
+    from ._common import one_line_errors, positive_int
 
     p = subparsers.add_parser("params", help="parameter table per template bank, and the saving",
                               description="Show each bank's layers, templates and parameters, and the total "
                                           "against the same architecture without sharing.")
+    one_line_errors(p)
     p.add_argument("model", help="model name, e.g. swrn_28_10_2 (see `softshare models`)")
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--in-channels", type=positive_int, default=3)
