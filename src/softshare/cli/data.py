@@ -1,0 +1,66 @@
+"""`softshare data mazes|prefix-sums`: write the algorithmic task sets to disk, deterministically."""
+
+from __future__ import annotations
+
+ORDER = 60
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "data", help="generate maze / prefix-sum task data (easy-to-hard benchmark format)",
+        description="Generate algorithmic task data offline in the public easy-to-hard layout. "
+                    "The same arguments always give byte-identical files.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    m = tasks.add_parser("mazes", help="perfect mazes and their solution paths",
+                         description="Write OUT/maze_data_{split}_{size}/{inputs,solutions}.npy (uint8).")
+    m.add_argument("--size", type=int, default=9,
+                   help="odd maze size from 9 to 401 (public sets: 9..59; default: 9)")
+    m.add_argument("--count", type=int, default=1000, help="number of mazes (default: 1000)")
+    m.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which split; each has its own random stream (default: train)")
+    m.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    m.add_argument("--out", default="data", help="data root directory (default: ./data)")
+    m.set_defaults(func=run)
+
+    s = tasks.add_parser("prefix-sums", help="bit strings and their running parity",
+                         description="Write OUT/prefix_sums_data/len_{L}/{L}_{data,targets}.npy (uint8).")
+    s.add_argument("--length", type=int, default=32, help="bits per string (default: 32)")
+    s.add_argument("--count", type=int, default=10000,
+                   help="number of strings; at most 2^length below length 24 (default: 10000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--out", default="data", help="data root directory (default: ./data)")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return _mazes(args) if args.task == "mazes" else _prefix_sums(args)
+
+
+def _mazes(args) -> int:
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from ..tasks import check_maze_args, image_side, write_mazes
+
+    check_maze_args(args.count, args.size, args.seed, args.split)  # fail before any output exists
+    began = time.perf_counter()
+    with tqdm(total=args.count, unit="maze", desc=f"mazes {args.size}", leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        path = write_mazes(args.out, args.split, args.size, args.count, args.seed, progress=bar.update)
+    took = time.perf_counter() - began
+    side = image_side(args.size)
+    print(f"wrote {args.count:,} {args.split} mazes of size {args.size} ({side}x{side} images) "
+          f"to {path} in {took:.1f} s ({args.count / took:,.0f} mazes/s)")
+    return 0
+
+
+def _prefix_sums(args) -> int:
+    from ..tasks import generate_prefix_sums, save_prefix_sums
+
+    bits, targets = generate_prefix_sums(args.count, args.length, args.seed)
+    path = save_prefix_sums(args.out, args.length, bits, targets)
+    print(f"wrote {args.count:,} bit strings of length {args.length} to {path}")
+    return 0

@@ -1,0 +1,45 @@
+"""One call for the training code: a task set as tensors, read from disk or generated in memory."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import SoftshareError
+from .files import load_mazes, load_prefix_sums, maze_tensors, prefix_sum_tensors
+from .mazes import generate_mazes
+from .prefix_sums import generate_prefix_sums
+
+
+def maze_dataset(size: int, count: int, *, split: str = "train", seed: int = 0,
+                 root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` size-`size` mazes: inputs float32 (N, 3, H, W) in [0, 1], targets int64 (N, H, W).
+
+    With `root`, the first `count` of ROOT/maze_data_{split}_{size}; without, generated from
+    `seed` exactly as `softshare data mazes` would write them.
+    """
+    if root is None:
+        return maze_tensors(*generate_mazes(count, size, seed, split))
+    return _first(load_mazes(root, split, size), count, f"maze_data_{split}_{size} under {root}")
+
+
+def prefix_sum_dataset(length: int, count: int, *, seed: int = 0,
+                       root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` length-`length` bit strings: inputs float32 (N, 1, L) in {-0.5, 0.5}, targets int64 (N, L).
+
+    With `root`, the first `count` of ROOT/prefix_sums_data/len_{length}; without, generated from
+    `seed` exactly as `softshare data prefix-sums` would write them.
+    """
+    if root is None:
+        return prefix_sum_tensors(*generate_prefix_sums(count, length, seed))
+    return _first(load_prefix_sums(root, length), count, f"prefix_sums_data/len_{length} under {root}")
+
+
+def _first(tensors: tuple[torch.Tensor, torch.Tensor], count: int,
+           where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    available = len(tensors[0])
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= available:
+        raise SoftshareError(f"asked for {count!r} examples but {where} holds {available:,}; "
+                             f"ask for 1..{available:,} or generate a larger set")
+    return tensors[0][:count], tensors[1][:count]
