@@ -11,6 +11,7 @@ import gc
 import io
 import math
 import pickle
+import sys
 import weakref
 
 import pytest
@@ -587,3 +588,32 @@ def test_to_channels_last_model_matches_and_trains():
         assert q.grad.stride() == q.stride(), name
         assert opts[1].state[q]["momentum_buffer"].stride() == q.stride(), name
     torch.testing.assert_close(converted(x), model(x), rtol=1e-8, atol=1e-8)
+
+
+# -- the sharing benchmark cannot rot ---------------------------------------------------------
+def test_benchmark_smoke():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sharing.py"
+    spec = importlib.util.spec_from_file_location("bench_sharing", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_sharing"] = bench  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_sharing"]
+    lines = []
+    result = bench.run(step_plan=[("wrn_10_1", ["swrn_16_1_2"], 2, 2)],
+                       materialise_plan=[("tiny", 3, 2, (4, 4, 3, 3), 2)], log=lines.append)
+    (comparison,) = result["steps"]
+    assert set(comparison.times) == {"wrn_10_1", "swrn_16_1_2"}
+    assert all(len(v) == 2 and min(v) > 0 for v in comparison.times.values())
+    assert comparison.median_ratio("swrn_16_1_2") > 0
+    (label, times), = result["materialise"]
+    assert set(times) == {"library", "broadcast", "per-layer"}
+    text = "\n".join(lines)
+    assert "| wrn_10_1 | swrn_16_1_2 | 2 |" in text and "| tiny |" in text and "torch=" in text
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
