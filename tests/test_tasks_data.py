@@ -88,7 +88,7 @@ def check_mazes(inputs: np.ndarray, solutions: np.ndarray, size: int) -> None:
     assert (on.sum((1, 2)) == length + 1).all()
 
 
-@pytest.mark.parametrize("size, count", [(9, 400), (11, 300), (13, 300), (33, 150), (59, 40)])
+@pytest.mark.parametrize("size, count", [(9, 400), (11, 300), (13, 300), (33, 200), (59, 100)])
 def test_every_maze_is_perfect_with_its_unique_path(size, count):
     inputs, solutions = generate_mazes(count, size, seed=size)
     check_mazes(inputs, solutions, size)

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     m = tasks.add_parser("mazes", help="perfect mazes and their solution paths",
                          description="Write OUT/maze_data_{split}_{size}/{inputs,solutions}.npy (uint8).")
     m.add_argument("--size", type=int, default=9,
-                   help="odd maze size from 9 to 401 (public sets: 9..59; default: 9)")
+                   help="odd maze size from 9 to 401; images are 2*size+6 pixels a side (default: 9)")
     m.add_argument("--count", type=int, default=1000, help="number of mazes (default: 1000)")
     m.add_argument("--split", choices=("train", "test"), default="train",
                    help="which split; each has its own random stream (default: train)")
@@ -53,7 +53,7 @@ def _mazes(args) -> int:
     took = time.perf_counter() - began
     side = image_side(args.size)
     print(f"wrote {args.count:,} {args.split} mazes of size {args.size} ({side}x{side} images) "
-          f"to {path} in {took:.1f} s ({args.count / took:,.0f} mazes/s)")
+          f"to {path} in {took:.2f} s ({args.count / took:,.0f} mazes/s)")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ..errors import SoftshareError
@@ -39,7 +40,7 @@ def prefix_sum_dataset(length: int, count: int, *, seed: int = 0,
 def _first(tensors: tuple[torch.Tensor, torch.Tensor], count: int,
            where: str) -> tuple[torch.Tensor, torch.Tensor]:
     available = len(tensors[0])
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= available:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count <= available:
         raise SoftshareError(f"asked for {count!r} examples but {where} holds {available:,}; "
                              f"ask for 1..{available:,} or generate a larger set")
     return tensors[0][:count], tensors[1][:count]

@@ -76,7 +76,7 @@ def save_mazes(root: str | os.PathLike, split: str, size: int, inputs: np.ndarra
 def load_mazes(root: str | os.PathLike, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a maze set: inputs float32 (N, 3, H, W) in [0, 1], targets int64 (N, H, W) in {0, 1}."""
     folder = maze_dir(root, split, size)
-    fix = f"regenerate it with `softshare data mazes --size {size} --split {split} --out {root}`"
+    fix = f"write it with `softshare data mazes --size {size} --split {split} --out {root}`"
     inputs_path, solutions_path = folder / "inputs.npy", folder / "solutions.npy"
     inputs = _read_npy(inputs_path, fix)
     solutions = _read_npy(solutions_path, fix)
@@ -101,17 +101,15 @@ def load_prefix_sums(root: str | os.PathLike, length: int) -> tuple[torch.Tensor
     """Read a prefix-sum set (.npy, else the public .pth): inputs float32 (N, 1, L) in {-0.5, 0.5},
     targets int64 (N, L)."""
     folder = prefix_sum_dir(root, length)
-    fix = f"regenerate it with `softshare data prefix-sums --length {length} --out {root}`"
+    fix = f"write it with `softshare data prefix-sums --length {length} --out {root}`"
     arrays, paths = [], []
     for name in ("data", "targets"):
         npy, pth = folder / f"{length}_{name}.npy", folder / f"{length}_{name}.pth"
-        if npy.is_file():
-            arrays.append(_read_npy(npy, fix))
-        elif pth.is_file():
-            arrays.append(_read_pth(pth, fix))
-        else:
+        path = npy if npy.is_file() else pth
+        if not path.is_file():
             raise SoftshareError(f"{npy} not found (nor the public {pth.name}); {fix}")
-        paths.append(str(npy if npy.is_file() else pth))
+        arrays.append(_read_npy(path, fix) if path == npy else _read_pth(path, fix))
+        paths.append(str(path))
     _check_prefix_sums(*arrays, length, *paths, fix)
     return prefix_sum_tensors(*arrays)
 

@@ -41,8 +41,8 @@ def check_maze_args(count: int, size: int, seed: int = 0, split: str = "train") 
     """Raise SoftshareError unless the arguments describe a maze set we can generate."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size % 2 == 0 \
             or not MIN_SIZE <= size <= MAX_SIZE:
-        raise SoftshareError(f"maze size must be an odd integer from {MIN_SIZE} to {MAX_SIZE} "
-                             f"(the public sizes are 9, 11, ..., 59), got {size!r}")
+        raise SoftshareError(f"maze size must be an odd integer from {MIN_SIZE} to {MAX_SIZE}, "
+                             f"got {size!r}")
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
         raise SoftshareError(f"maze count must be a positive integer, got {count!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
