@@ -389,3 +389,22 @@ def test_cli_failure_midway_leaves_previous_set_intact(tmp_path, monkeypatch, in
             main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maze_data_train_9"]  # no temp leftovers
     assert (maze_dir(tmp_path, "train", 9) / "inputs.npy").read_bytes() == before
+
+
+def test_benchmark_runs(monkeypatch, capsys):
+    """Smoke test with tiny counts, so the benchmark script cannot rot unnoticed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data_algorithmic.py"
+    spec = importlib.util.spec_from_file_location("bench_data_algorithmic", path)
+    bench = importlib.util.module_from_spec(spec)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")  # the script sets these; restore them afterwards
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "MAZES", {9: 20, 59: 2})
+    monkeypatch.setattr(bench, "PREFIX_SUMS", {16: 10})
+    monkeypatch.setattr("sys.argv", ["bench", "--repeats", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "vs public" in out and "strings/s" in out
