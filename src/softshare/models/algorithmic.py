@@ -1,0 +1,177 @@
+"""Per-pixel (mazes, 2-D) and per-bit (prefix sums, 1-D) nets for the algorithmic tasks.
+
+One family, three bodies between the same projection and head, so a comparison isolates the
+body: ``ff`` (D distinct residual blocks), ``shared`` (the same D blocks mixing all their
+convs from ONE bank of k templates: the paper's scheme, and the shape ``fold`` can loop) and
+``recurrent`` (one block applied T times with tied weights, optionally with recall: the
+easy-to-hard baseline of Bansal et al., 2022). Every body exposes its intermediate states, so
+an accuracy-vs-iterations curve costs one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SoftshareError
+from ..layers import SharedConv1d, SharedConv2d, TemplateBank, init_coefficients
+from .registry import register_family
+
+BODIES = ("ff", "shared", "recurrent")
+TASK_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
+_DIMS = {"maze": 2, "prefix": 1}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_SHARED_CONV = {1: SharedConv1d, 2: SharedConv2d}
+
+
+def _conv(dim: int, in_channels: int, out_channels: int) -> nn.Module:
+    return _CONV[dim](in_channels, out_channels, 3, padding=1, bias=False)
+
+
+class ResidualBlock(nn.Module):
+    """relu(x + conv2(relu(conv1(x)))): the block of Bansal et al., without BatchNorm by default.
+
+    BatchNorm statistics are per-depth, which breaks running a block more times than trained,
+    so the optional normalisation is GroupNorm (per instance, independent of image size).
+    With `bank`, both convs mix their weights from it.
+    """
+
+    def __init__(self, dim: int, width: int, bank: TemplateBank | None = None, norm: bool = False) -> None:
+        super().__init__()
+        if bank is None:
+            self.conv1, self.conv2 = _conv(dim, width, width), _conv(dim, width, width)
+        else:
+            self.conv1 = _SHARED_CONV[dim](bank, padding=1)
+            self.conv2 = _SHARED_CONV[dim](bank, padding=1)
+        groups = math.gcd(4, width)
+        self.norm1 = nn.GroupNorm(groups, width) if norm else nn.Identity()
+        self.norm2 = nn.GroupNorm(groups, width) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(x + self.norm2(self.conv2(out)))
+
+
+class AlgorithmicNet(nn.Module):
+    """projection (in -> w) -> body -> head (w -> w/2 -> classes), 3-wide convs, ReLU, no bias.
+
+    ``forward(x, iterations)`` runs `iterations` blocks (ff/shared: at most `depth`, the first
+    ones) or loop steps (recurrent: any number; default `depth`, the trained count).
+    """
+
+    def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 64,
+                 depth: int = 8, num_templates: int | None = None, recall: bool = False,
+                 norm: bool = False) -> None:
+        super().__init__()
+        _check_args(body, width, depth, num_templates, recall)
+        self.dim, self.body, self.depth = dim, body, depth
+        self.projection = _conv(dim, in_channels, width)
+        self.recall = _conv(dim, width + in_channels, width) if recall else None
+        self.bank = TemplateBank(num_templates, (width, width) + (3,) * dim) if body == "shared" else None
+        count = 1 if body == "recurrent" else depth
+        self.blocks = nn.ModuleList([ResidualBlock(dim, width, self.bank, norm) for _ in range(count)])
+        self.head = nn.Sequential(_conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
+        if self.bank is not None:
+            # PyTorch's default conv init (as the unshared convs here, and Bansal et al.): the ReLU
+            # gain the bank uses would double the activations' variance per un-normalised block.
+            for template in self.bank.templates.data:
+                nn.init.kaiming_uniform_(template, a=math.sqrt(5))
+            init_coefficients(self.bank.layers)  # orthogonal rows: layers start far apart
+
+    @property
+    def max_iterations(self) -> int | None:
+        """The most iterations this net can run (None: unbounded, the recurrent body)."""
+        return None if self.body == "recurrent" else self.depth
+
+    def check_iterations(self, start: int, count: int) -> None:
+        if count < 1 or start < 0:
+            raise SoftshareError(f"iterations must be >= 1 (and start >= 0), got {count} from {start}")
+        if self.max_iterations is not None and start + count > self.max_iterations:
+            raise SoftshareError(f"a {self.body} net of depth {self.depth} runs at most {self.depth} "
+                                 f"iterations (blocks), got {start + count}; only the recurrent net runs more")
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The state before the first iteration."""
+        return F.relu(self.projection(x))
+
+    def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None) -> Iterator[Tensor]:
+        """Yield the state after each of `count` iterations, continuing `state` after `start` ones."""
+        self.check_iterations(start, count)
+        if state is None:
+            state = self.embed(x)
+        for index in range(start, start + count):
+            if self.body == "recurrent":
+                if self.recall is not None:
+                    state = self.recall(torch.cat([state, x], dim=1))
+                state = self.blocks[0](state)
+            else:
+                state = self.blocks[index](state)
+            yield state
+
+    def forward(self, x: Tensor, iterations: int | None = None, *, start: int = 0, state: Tensor | None = None,
+                return_all: bool = False, return_state: bool = False):
+        """Logits (N, classes, *spatial), or with `return_all` (N, iterations, classes, *spatial).
+
+        `start`/`state` continue a run (the progressive loss); `return_state` also returns the
+        final state, as ``(logits, state)``.
+        """
+        count = self.depth if iterations is None else int(iterations)
+        outputs = []
+        for state in self.iterate(x, count, start, state):
+            if return_all:
+                outputs.append(self.head(state))
+        logits = torch.stack(outputs, dim=1) if return_all else self.head(state)
+        return (logits, state) if return_state else logits
+
+
+def _check_args(body: str, width: int, depth: int, num_templates: int | None, recall: bool) -> None:
+    if body not in BODIES:
+        raise SoftshareError(f"unknown body {body!r}; use one of {', '.join(BODIES)}")
+    if width < 2 or depth < 1:
+        raise SoftshareError(f"width must be >= 2 and depth >= 1, got width={width}, depth={depth}")
+    if body == "shared":
+        if num_templates is None or not 1 <= num_templates <= 2 * depth:
+            raise SoftshareError(f"a shared net of depth {depth} has {2 * depth} convs, so num_templates must "
+                                 f"be from 1 to {2 * depth}, got {num_templates}")
+    elif num_templates is not None:
+        raise SoftshareError(f"num_templates applies only to the shared body, not {body!r}")
+    if recall and body != "recurrent":
+        raise SoftshareError(f"recall applies only to the recurrent body, not {body!r}")
+
+
+def resolve_model_name(task: str, model: str) -> str:
+    """The registered name for `model` on `task`: short names ff/shared/recurrent map to the task's family."""
+    prefix = TASK_PREFIX.get(task)
+    if prefix is None:
+        raise SoftshareError(f"{task!r} is not an algorithmic task; use one of {', '.join(TASK_PREFIX)}")
+    if model in BODIES:
+        return f"{prefix}_{model}"
+    if model in {f"{prefix}_{body}" for body in BODIES}:
+        return model
+    names = ", ".join([*BODIES, *(f"{prefix}_{body}" for body in BODIES)])
+    raise SoftshareError(f"model {model!r} cannot be trained on {task} (it needs a {prefix} model that "
+                         f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
+
+
+def _register(prefix: str, body: str) -> None:
+    dim = _DIMS[prefix]
+    what = "2-D mazes" if dim == 2 else "1-D prefix sums"
+    describe = {"ff": "D distinct residual blocks (feed-forward control)",
+                "shared": "D residual blocks mixing all convs from one bank of k templates",
+                "recurrent": "one residual block looped T times (optional recall)"}[body]
+
+    def build(num_classes: int = 2, in_channels: int = 3, width: int = 64, depth: int = 8,
+              num_templates: int | None = 2 if body == "shared" else None, recall: bool = False,
+              norm: bool = False) -> AlgorithmicNet:
+        return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, num_templates, recall, norm)
+
+    register_family(f"{prefix}_{body}", f"{prefix}_{body}", [f"{prefix}_{body}"], f"{what}: {describe}")(build)
+
+
+for _prefix in _DIMS:
+    for _body in BODIES:
+        _register(_prefix, _body)
