@@ -57,3 +57,17 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating buffers (BatchNorm running statistics) over ranks.
+
+    Each rank updates them from its own batches, so without this the ranks would evaluate and
+    checkpoint different models.
+    """
+    if not info.enabled:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(info.world_size)

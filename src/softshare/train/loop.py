@@ -24,7 +24,7 @@ from ..layers import to_channels_last
 from ..optim import param_groups
 from ..similarity import recurrence_penalty
 from .config import TrainConfig, apply_overrides
-from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, barrier, cleanup, init_distributed
 from .run_dir import RunDir, local_device, resolve_device
 from .task import Task, make_task
 
@@ -37,6 +37,7 @@ class TrainingDiverged(SoftshareError):
 
 @dataclass
 class TrainResult:
+    model: nn.Module
     run_dir: Path | None
     epochs_done: int
     final_metrics: dict
@@ -196,11 +197,12 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
                 if run is not None:
                     _save(run, model, config, optimizer, epoch, index + 1, best, metrics, sums, "last")
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, index + 1)
-                return TrainResult(run_path if run else None, epoch, metrics, best, interrupted=True)
+                return TrainResult(model, run_path if run else None, epoch, metrics, best, interrupted=True)
         bar.close()
         start_batch = 0
         seconds = time.perf_counter() - started
 
+        average_buffers(model, dist)
         loss_sum, correct_sum, count = all_reduce_sum(sums.to(device), dist).tolist()
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct_sum / count,
                    "lr": learning_rate(config, epoch), "seconds": round(seconds, 2),
@@ -226,7 +228,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         barrier(dist)
     if run is not None:
         run.close()
-    return TrainResult(run_path if run else None, config.epochs, metrics, best)
+    return TrainResult(model, run_path if run else None, config.epochs, metrics, best)
 
 
 def _checkpoint_to_resume(resume: str | None, run_path: Path):

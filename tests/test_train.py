@@ -1,0 +1,160 @@
+"""The training path on real data: learning, exact resume, signals, DDP, config, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from softshare.checkpoint import load_checkpoint
+from softshare.errors import SoftshareError
+from softshare.train.config import PRESETS, resolve_config
+from softshare.train.loop import StopFlag, TrainingDiverged, train
+
+TINY = dict(dataset="digits", model="swrn_16_1_2", val_size=0, batch_size=64, lr=0.05, schedule="cosine",
+            crop_padding=1, flip=False, device="cpu")
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    return resolve_config("digits_tiny", overrides={**TINY, "out_dir": str(tmp_path), "name": "run", **overrides})
+
+
+def test_digits_learns_well_above_chance(tmp_path):
+    result = train(tiny_config(tmp_path, epochs=4))
+    assert result.final_metrics["val_acc"] >= 0.80  # 10 classes: chance is 0.10
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["torch_version"] == torch.__version__ and info["softshare_version"] and "CPU" in info["device"]
+    assert json.loads((run / "config.json").read_text())["model"] == "swrn_16_1_2"
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "checkpoints" / "best" / "model.safetensors").exists()
+    split = json.loads((run / "split.json").read_text())
+    assert split["evaluated_on"] == "test" and len(split["train_indices"]) == 1437
+
+
+class StopAfter(StopFlag):
+    """Behaves like a SIGINT arriving after `steps` optimizer steps."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.remaining = steps
+
+    @property
+    def requested(self) -> bool:
+        self.remaining -= 1
+        return self.remaining < 0
+
+    @requested.setter
+    def requested(self, value) -> None:
+        pass
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", epochs=2, deterministic=True))
+    stopped = train(tiny_config(tmp_path / "b", epochs=2, deterministic=True), stop=StopAfter(30))
+    assert stopped.interrupted  # 22 batches per epoch: stopped in epoch 2, step 8
+    state = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last").train_state
+    assert (state["epoch"], state["batch"]) == (1, 9)
+    resumed = train(tiny_config(tmp_path / "b", epochs=2, deterministic=True), resume="auto")
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
+    cmd = [sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--epochs", "50",
+           "--out-dir", str(tmp_path), "--name", "sig", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "resume" in out and "Traceback" not in out
+    state = load_checkpoint(tmp_path / "sig" / "checkpoints" / "last").train_state
+    assert state["epoch"] >= 1
+    done = subprocess.run(cmd[:6] + ["--epochs", str(state["epoch"] + 1)] + cmd[8:] + ["--resume", "auto"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout
+
+
+def test_two_process_ddp_with_gloo(tmp_path):
+    script = tmp_path / "ddp_job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from softshare.train.config import resolve_config
+        from softshare.train.loop import train
+        config = resolve_config("digits_tiny", overrides={TINY!r} | {{"out_dir": {str(tmp_path)!r}, "name": "ddp",
+                                                                      "epochs": 3}})
+        result = train(config)
+        rank = int(os.environ["RANK"])
+        torch.save({{k: v.clone() for k, v in result.model.state_dict().items()}}, {str(tmp_path)!r} + f"/w{{rank}}.pt")
+        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(str(result.run_dir))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
+    assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+    assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # one writer: no duplicated rows
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert json.loads((tmp_path / "ddp" / "run_info.json").read_text())["world_size"] == 2
+
+
+def test_config_precedence_and_errors(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("lr: 0.3\nepochs: 7\n")
+    config = resolve_config("cifar10_swrn_28_10_2_cutout", str(file), {"epochs": 9})
+    assert (config.cutout, config.lr, config.epochs, config.weight_decay) == (16, 0.3, 9, 5e-4)
+    paper = resolve_config("cifar100_swrn_28_10_2")
+    assert (paper.optimizer, paper.nesterov, paper.lr_milestones, paper.lr_gamma, paper.epochs, paper.dataset) == \
+        ("sgd", True, [60, 120, 160], 0.2, 200, "cifar100")
+    with pytest.raises(SoftshareError, match="did you mean: lr"):
+        resolve_config(overrides={"lrr": 1})
+    with pytest.raises(SoftshareError, match="unknown preset"):
+        resolve_config("cifar10_swrn")
+    (tmp_path / "bad.json").write_text('{"epochs": "many"}')
+    with pytest.raises(SoftshareError, match="epochs"):
+        resolve_config(config_file=str(tmp_path / "bad.json"))
+    assert "fashion_mnist_cpu" in PRESETS
+
+
+def test_divergence_stops_with_epoch_and_step(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+"):
+        train(tiny_config(tmp_path, epochs=1, lr=1e12, schedule="constant"))
+    assert not (tmp_path / "run" / "checkpoints" / "last").exists()
+
+
+def test_existing_or_unwritable_run_directory(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    with pytest.raises(SoftshareError, match="--resume auto"):
+        train(tiny_config(tmp_path, epochs=1))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SoftshareError, match="cannot write run directory"):
+        train(tiny_config(blocker, epochs=1))
+
+
+def test_cli_bad_flag_value_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--lr", "-1",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "lr must be > 0" in out.stderr
