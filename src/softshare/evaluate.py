@@ -80,13 +80,25 @@ def _check_fits(model: nn.Module, data) -> None:
 
 
 def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | None = None,
-                        download: bool = False, device: str = "auto", batch_size: int = 500) -> dict:
-    """Load a checkpoint and score it on the test split of its (or the given) dataset."""
+                        download: bool = False, device: str = "auto", batch_size: int | None = None,
+                        **task_options) -> dict:
+    """Load a checkpoint and score it on the test split of its (or the given) dataset.
+
+    A checkpoint trained on an algorithmic task is scored by exact match per test size and
+    iteration instead (`task_options`: sizes, iterations, count, out; see
+    `softshare.train.algorithmic.evaluate_task_checkpoint`).
+    """
     from .checkpoint import find_checkpoint, load, load_checkpoint
     from .errors import SoftshareError
 
     ckpt_path = find_checkpoint(path)
     config = load_checkpoint(ckpt_path, train_state=False).meta.get("config") or {}
+    if config.get("task", "classification") != "classification":
+        from .train.algorithmic import evaluate_task_checkpoint
+
+        return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
+                                        data_root=data_root, **task_options)
+    batch_size = batch_size or 500
     dataset = dataset or config.get("dataset")
     if not dataset:
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")

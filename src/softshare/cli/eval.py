@@ -6,6 +6,8 @@ ORDER = 35
 
 
 def register(subparsers) -> None:
+    from ._common import positive_int
+
     p = subparsers.add_parser("eval", help="loss and top-1/top-5 error (or task exact-match) on the test set",
                               description="Evaluate a run directory or checkpoint on the test set.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
@@ -13,8 +15,14 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", help="where the dataset files are")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=positive_int, help="default: 500 images, 100 task instances")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    task = p.add_argument_group("algorithmic tasks (exact match per size and iteration; JSON + plot written)")
+    task.add_argument("--sizes", type=positive_int, nargs="+", help="test sizes (default: the run's test_sizes)")
+    task.add_argument("--iterations", type=positive_int,
+                      help="score after 1..N iterations (default: ff/shared depth, recurrent 4x trained)")
+    task.add_argument("--count", type=positive_int, help="instances per size (default: the run's test_count)")
+    task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
     p.set_defaults(func=run)
 
 
@@ -23,12 +31,29 @@ def run(args) -> int:
 
     from ..evaluate import evaluate_checkpoint
 
+    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out") if getattr(args, k)}
     result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
-                                 download=args.download, device=args.device, batch_size=args.batch_size)
+                                 download=args.download, device=args.device, batch_size=args.batch_size,
+                                 **task_options)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif "accuracy" in result:
+        print(_task_table(result))
     else:
         print(f"{result['checkpoint']} on {result['dataset']} test set ({result['count']} images): "
               f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
               f"top-5 error {100 * result['top5_error']:.2f}%")
     return 0
+
+
+def _task_table(result: dict) -> str:
+    """Exact match (%) per size at a few iteration counts, including the trained one."""
+    from ._common import format_table
+
+    last, trained = result["iterations"][-1], result["trained_iterations"]
+    shown = sorted({1, min(trained, last), last} | {t for t in (2 * trained, 4 * trained) if t <= last})
+    rows = [[int(size), *(round(100 * acc[t - 1], 1) for t in shown)] for size, acc in result["accuracy"].items()]
+    table = format_table(["size", *(f"{t} it" for t in shown)], rows)
+    return (f"{result['checkpoint']} ({result['model']}, trained at size {result['train_size']} with {trained} "
+            f"iterations): exact match % on {result['count']} test instances per size\n{table}\n"
+            f"written: {result['json']}, {result['plot']}")
