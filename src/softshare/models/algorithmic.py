@@ -169,7 +169,9 @@ def _register(prefix: str, body: str) -> None:
               norm: bool = False) -> AlgorithmicNet:
         return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, num_templates, recall, norm)
 
-    register_family(f"{prefix}_{body}", f"{prefix}_{body}", [f"{prefix}_{body}"], f"{what}: {describe}")(build)
+    name = f"{prefix}_{body}"
+    register_family(name, name, [name], f"{what}: {describe}", small_example=name,
+                    input_size=(24, 24) if dim == 2 else (32,))(build)
 
 
 for _prefix in _DIMS:
