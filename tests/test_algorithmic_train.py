@@ -125,3 +125,22 @@ def test_bad_size_and_count(tmp_path):
         train(tiny(tmp_path, name="even", train_size=10))
     with pytest.raises(SoftshareError, match="smaller than one step"):
         train(tiny(tmp_path, name="few", train_count=5))
+
+
+def test_experiment_writes_results_and_continues(tmp_path):
+    from softshare.experiment import run_experiment
+
+    overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32, 40], "width": 4, "depth": 2}
+    results = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("ff", "recurrent"), (0,), overrides, "cpu")
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("ff", 0), ("recurrent", 0)]
+    ff, rec = results["summary"]
+    assert ff["reached_target"] == 0 and ff["steps_to_target"] is None
+    assert set(ff["test_at_trained"]) == {"32", "40"} and rec["eval_iterations"] == 512
+    for name in ("results.json", "results.md", "training_prefix-sums.png", "extrapolation_prefix-sums.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| recurrent | scaled |" in (tmp_path / "results.md").read_text()
+    weights_file = tmp_path / "runs" / "prefix-sums-ff-s0" / "checkpoints" / "last" / "model.safetensors"
+    before = weights_file.stat().st_mtime_ns
+    again = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("ff", "recurrent"), (0,), overrides, "cpu")
+    assert weights_file.stat().st_mtime_ns == before  # finished runs are reused, not retrained
+    assert again["summary"] == results["summary"]
