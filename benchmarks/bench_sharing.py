@@ -9,8 +9,9 @@
    (``TemplateBank.weight_for``) against a broadcast multiply-and-sum ``(a[:, None, ...] * T).sum(0)``
    and a per-layer contraction (each layer its own ``torch.tensordot``).
 
-    python benchmarks/bench_sharing.py            # full run (~5-10 min on 2 CPU cores)
-    python benchmarks/bench_sharing.py --quick    # smoke run, seconds
+    python benchmarks/bench_sharing.py              # full run, 1 thread (~5-10 min)
+    python benchmarks/bench_sharing.py --quick      # smoke run, seconds
+    python benchmarks/bench_sharing.py --threads 0  # torch's default thread count
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                 "THP_MEM_ALLOC_ENABLE")
+
+
 def environment() -> dict:
-    return {
+    env = {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -54,6 +59,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "mkldnn": torch.backends.mkldnn.is_available(),
     }
+    env.update({name: os.environ[name] for name in ALLOCATOR_ENV if name in os.environ})
+    return env
 
 
 # -- training steps ---------------------------------------------------------------------------
@@ -69,29 +76,32 @@ class Trainer:
         self.x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 10, (batch,))
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> tuple[float, float]:
+        """One training step; (wall-clock seconds, CPU seconds of this process)."""
+        wall, cpu = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
 
 @dataclass
 class StepComparison:
     plain: str
     batch: int
-    times: dict[str, list[float]] = field(default_factory=dict)  # model -> seconds per round
+    times: dict[str, list[float]] = field(default_factory=dict)  # model -> wall seconds per round
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # model -> CPU seconds per round
 
-    def median_time(self, name: str) -> float:
-        return statistics.median(self.times[name])
+    def median_time(self, name: str, cpu: bool = False) -> float:
+        return statistics.median((self.cpu if cpu else self.times)[name])
 
-    def ratios(self, name: str) -> list[float]:
-        return [s / p for s, p in zip(self.times[name], self.times[self.plain])]
+    def ratios(self, name: str, cpu: bool = False) -> list[float]:
+        times = self.cpu if cpu else self.times
+        return [s / p for s, p in zip(times[name], times[self.plain])]
 
-    def median_ratio(self, name: str) -> float:
-        return statistics.median(self.ratios(name))
+    def median_ratio(self, name: str, cpu: bool = False) -> float:
+        return statistics.median(self.ratios(name, cpu))
 
 
 def compare_steps(plain: str, shared: Sequence[str], batch: int, rounds: int, warmup: int = 2,
@@ -101,12 +111,15 @@ def compare_steps(plain: str, shared: Sequence[str], batch: int, rounds: int, wa
     for trainer in trainers:
         for _ in range(warmup):
             trainer.step()
-    result = StepComparison(plain, batch, {t.name: [] for t in trainers})
+    result = StepComparison(plain, batch, {t.name: [] for t in trainers}, {t.name: [] for t in trainers})
     for r in range(rounds):
         order = trainers if r % 2 == 0 else trainers[::-1]
         for trainer in order:
-            result.times[trainer.name].append(trainer.step())
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{t.name} {result.times[t.name][-1]:.3f}s" for t in trainers))
+            wall, cpu = trainer.step()
+            result.times[trainer.name].append(wall)
+            result.cpu[trainer.name].append(cpu)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{t.name} {result.times[t.name][-1]:.3f}s (cpu {result.cpu[t.name][-1]:.3f}s)" for t in trainers))
     return result
 
 
@@ -140,17 +153,17 @@ MATERIALISERS: dict[str, Callable] = {"library": _library, "broadcast": _broadca
 
 def bench_materialise(num_layers: int, k: int, shape: Sequence[int], rounds: int,
                       warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per forward+backward of all layers' weights of one bank, per method and round."""
+    """CPU seconds per forward+backward of all layers' weights of one bank, per method and round."""
     bank, layers, grads = _bank_setup(num_layers, k, shape)
     params = [bank.templates] + [layer.coefficients for layer in layers]
 
     def run(method):
         for p in params:
             p.grad = None
-        start = time.perf_counter()
+        start = time.process_time()
         weights = method(bank, layers)
         torch.autograd.backward(weights, grads)
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     times: dict[str, list[float]] = {name: [] for name in MATERIALISERS}
     for method in MATERIALISERS.values():
@@ -181,10 +194,11 @@ def check_materialisers_agree(num_layers: int = 3, k: int = 2, shape=(8, 8, 3, 3
 
 # -- report -----------------------------------------------------------------------------------
 STEP_PLAN = [  # (plain, shared models, batch, rounds)
-    ("wrn_16_4", ["swrn_16_4_1"], 32, 12),
-    ("wrn_28_10", ["swrn_28_10_2", "swrn_28_10_6"], 8, 12),
+    ("wrn_16_4", ["swrn_16_4_1"], 32, 14),
+    ("wrn_28_10", ["swrn_28_10_2", "swrn_28_10_6"], 8, 14),
+    ("wrn_28_10", ["swrn_28_10_6"], 32, 6),
 ]
-QUICK_STEP_PLAN = [("wrn_10_1", ["swrn_10_1_2"], 4, 3)]
+QUICK_STEP_PLAN = [("wrn_16_1", ["swrn_16_1_2"], 4, 3)]
 MATERIALISE_PLAN = [  # (label, layers, k, template shape, rounds): the SWRN-28-10 stage-3 banks
     ("SWRN-28-10-6 stage 3 (6 layers, k=6, 640x640x3x3)", 6, 6, (640, 640, 3, 3), 7),
     ("SWRN-28-10-2 stage 3 (6 layers, k=2, 640x640x3x3)", 6, 2, (640, 640, 3, 3), 7),
@@ -210,15 +224,18 @@ def run(quick: bool = False, step_plan=None, materialise_plan=None, log=print) -
         log(f"\nmaterialise + backward, {label}, {rounds} rounds")
         materialise.append((label, bench_materialise(layers, k, shape, rounds)))
 
-    log("\n## Training step (forward + backward + SGD), channels-last fp32, median of rounds")
-    log("| plain | shared | batch | plain s/step | shared s/step | shared/plain (median of paired ratios) |")
-    log("|---|---|---|---|---|---|")
+    log("\n## Training step (forward + backward + SGD), channels-last fp32, median over rounds")
+    log("shared/plain = median of the per-round ratios; CPU = this process's CPU time (with 1 thread it")
+    log("excludes time the OS gave to other processes, so it is the steadier measure on a shared machine)")
+    log("| plain | shared | batch | plain s/step | shared s/step | shared/plain wall | shared/plain CPU |")
+    log("|---|---|---|---|---|---|---|")
     for comp in steps:
         for name in comp.times:
             if name != comp.plain:
                 log(f"| {comp.plain} | {name} | {comp.batch} | {comp.median_time(comp.plain):.3f} | "
-                    f"{comp.median_time(name):.3f} | {comp.median_ratio(name):.3f} |")
-    log("\n## Materialising one bank's weights, forward + backward, median ms")
+                    f"{comp.median_time(name):.3f} | {comp.median_ratio(name):.3f} | "
+                    f"{comp.median_ratio(name, cpu=True):.3f} |")
+    log("\n## Materialising one bank's weights, forward + backward, median CPU ms")
     log("| bank | library (bank GEMM) | broadcast mul+sum | per-layer tensordot | broadcast/library | per-layer/library |")
     log("|---|---|---|---|---|---|")
     for label, times in materialise:
@@ -231,10 +248,11 @@ def run(quick: bool = False, step_plan=None, materialise_plan=None, log=print) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and banks: a smoke run in seconds")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's default, all cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: steady CPU-time ratios on a shared machine; "
+                             "0 = torch's default, all cores)")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     run(quick=args.quick)
     return 0

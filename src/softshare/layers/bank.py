@@ -154,6 +154,10 @@ class TemplateBank(nn.Module):
         state["_scratch"] = {}
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state = {"_cache": None, "_scratch": {}, **state}  # pickles of older versions lack these
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         return f"k={self.num_templates}, weight_shape={self.weight_shape}"
 
@@ -217,9 +221,8 @@ def _functional_transform_active() -> bool:
 class _MixAll(torch.autograd.Function):
     """All weights of a bank, ``W = A @ T``, returned as one view per layer.
 
-    Backward stacks the layers' weight gradients G (copied straight into the templates' memory
-    order, so channels-last gradients are copied contiguously) and computes
-    ``dT = A^T G`` and ``dA = G T^T``: two GEMMs per bank. Nothing is freed by backward, so
+    Backward computes ``dT = A^T G`` and ``dA = G T^T`` (G: the layers' weight gradients in the
+    templates' memory order) chunk by chunk, reading each gradient once. Nothing is freed by backward, so
     two losses sharing one materialisation can be backpropagated one after the other, like
     with ordinary weights; in-place changes of the parameters in between are detected.
     """
@@ -261,33 +264,49 @@ class _MixAll(torch.autograd.Function):
             grad_templates, grad_rows = _mix_backward(ctx, bank, grads, rows)
         for i, grad in zip(rows, grad_rows if grad_rows is not None else ()):
             if ctx.needs_input_grad[3 + i]:
-                results[i] = grad.to(coefficients[i].dtype)
+                results[i] = grad.to(coefficients[i].dtype, copy=True)  # not views of one tensor
         return (None, None, grad_templates if ctx.needs_input_grad[2] else None, *results)
 
 
+_CHUNK = 1 << 16  # elements per template row handled at once by the backward pass
+
+
 def _mix_backward(ctx, bank, grads, rows):
+    """dT = A^T G and dA = G T^T without stacking the layers' gradients G in memory.
+
+    The GEMMs run over column chunks of the flat templates: each chunk of every layer's
+    gradient is copied into a small (cache-resident) buffer that both products then read, so
+    each gradient is read from memory once instead of three times (copy, dT, dA).
+    """
     templates = ctx.templates
     flat, ordered_shape, inverse = _flat_layout(templates)
     k, size = flat.shape
-    permute = [1 + i for i in inverse]
-    if len(rows) == 1 and grads[rows[0]].permute(*_forward_perm(inverse)).is_contiguous():
-        stacked_grads = grads[rows[0]].permute(*_forward_perm(inverse)).reshape(1, size)
-    else:
-        stacked_grads = (bank._buffer("grads", (len(rows), size), flat) if bank is not None
-                         else flat.new_empty(len(rows), size))
-        layer_view = stacked_grads.view(len(rows), *ordered_shape).permute(0, *permute)
-        for r, i in enumerate(rows):
-            layer_view[r].copy_(grads[i])
+    forward_perm = _forward_perm(inverse)
+    layer_grads = []
+    for i in rows:  # each layer's gradient as a flat row in the templates' memory order
+        grad = grads[i].permute(*forward_perm)
+        layer_grads.append((grad if grad.is_contiguous() else grad.contiguous()).view(-1))
     a = ctx.stacked if len(rows) == len(ctx.stacked) else ctx.stacked[rows]
+    a_t = a.t()
+    need_templates, need_rows = ctx.needs_input_grad[2], any(ctx.needs_input_grad[3:])
+    grad_flat = grad_rows = None
+    if need_templates:
+        grad_flat = bank._buffer("template_grad", (k, size), flat) if bank is not None else flat.new_empty(k, size)
+    if need_rows:
+        grad_rows = flat.new_zeros(len(rows), k)
+    chunk = min(size, _CHUNK)
+    staging = bank._buffer("grads", (len(rows), chunk), flat) if bank is not None else flat.new_empty(len(rows), chunk)
+    for start in range(0, size, chunk):
+        stop = min(size, start + chunk)
+        block = torch.stack([grad[start:stop] for grad in layer_grads], out=staging[:, : stop - start])
+        if need_templates:
+            torch.mm(a_t, block, out=grad_flat[:, start:stop])
+        if need_rows:
+            grad_rows.addmm_(block, flat[:, start:stop].t())
     grad_templates = None
-    if ctx.needs_input_grad[2]:
-        out = bank._buffer("template_grad", (k, size), flat) if bank is not None else None
-        grad_flat = torch.mm(a.t(), stacked_grads, out=out) if out is not None else torch.mm(a.t(), stacked_grads)
-        grad_templates = grad_flat.view(k, *ordered_shape).permute(0, *permute)
-    grad_rows = None
-    if any(ctx.needs_input_grad[3:]):
-        grad_rows = torch.mm(stacked_grads, flat.t()).unbind(0)
-    return grad_templates, grad_rows
+    if need_templates:
+        grad_templates = grad_flat.view(k, *ordered_shape).permute(0, *(1 + i for i in inverse))
+    return grad_templates, (grad_rows.unbind(0) if need_rows else None)
 
 
 def _mix_backward_differentiable(templates, coefficients, grads, rows):
