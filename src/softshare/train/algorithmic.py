@@ -53,7 +53,7 @@ def validation_count(config: dict) -> int:
     return config["test_count"] if config["val_size"] is None else config["val_size"]
 
 
-def test_examples(config: dict, size: int, count: int, root: str | None = None) -> tuple[Tensor, Tensor]:
+def evaluation_examples(config: dict, size: int, count: int, root: str | None = None) -> tuple[Tensor, Tensor]:
     """The test set at `size` of a run with resolved `config`: never seen in training or validation."""
     task, seed = config["task"], config["seed"]
     if task == "mazes":
@@ -87,14 +87,14 @@ def exact_match_by_iteration(model: nn.Module, task: str, x: Tensor, y: Tensor, 
     """
     was_training = model.training
     model.eval()
-    solved = torch.zeros(iterations, dtype=torch.float64)
+    solved = torch.zeros(iterations, dtype=torch.float64, device=device)  # no host sync per iteration
     for begin in range(0, len(x), batch_size):
         xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             for index, state in enumerate(model.iterate(xb, iterations)):
-                solved[index] += score(task, model.head(state), yb, xb)[1].sum().item()
+                solved[index] += score(task, model.head(state), yb, xb)[1].sum()
     model.train(was_training)
-    return (solved / max(len(x), 1)).tolist()
+    return (solved / max(len(x), 1)).cpu().tolist()
 
 
 class AlgorithmicTask(Task):
@@ -117,8 +117,8 @@ class AlgorithmicTask(Task):
         if val_count:
             self.val_x, self.val_y = x[config.train_count:], y[config.train_count:]
         else:  # val_size 0: train on all, evaluate on the test set at the training size
-            self.val_x, self.val_y = test_examples(config.to_dict(), config.train_size, config.test_count,
-                                                   config.data_root)
+            self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
+                                                         config.test_count, config.data_root)
         self.per_step = config.batch_size * dist.world_size
         if config.train_count < self.per_step:
             raise SoftshareError(f"train_count {config.train_count} is smaller than one step's batch "
@@ -230,7 +230,7 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     count = count or config["test_count"]
     accuracy = {}
     for size in sizes:
-        x, y = test_examples(config, size, count, data_root or config["data_root"])
+        x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
         accuracy[str(size)] = exact_match_by_iteration(model, config["task"], x, y, iterations, batch_size, dev)
     result = {"checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
