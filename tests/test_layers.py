@@ -634,3 +634,18 @@ def test_backward_in_many_chunks(monkeypatch, channels_last):
     assert_grads_match(net, reference_grads(net, [x1, x2]))
     if channels_last:
         assert net.bank.templates.grad.stride() == net.bank.templates.stride()
+
+
+def test_layer_added_to_a_cast_bank_matches_its_dtype():
+    bank = TemplateBank(2, (3, 4)).double()
+    layer = SharedLinear(bank)
+    assert layer.coefficients.dtype == layer.bias.dtype == torch.float64
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, mixed(layer), layer.bias), **TIGHT)
+
+
+def test_to_channels_last_leaves_conv1d_and_linear_banks_alone():
+    model = nn.Sequential(SharedConv1d(TemplateBank(2, (4, 4, 3)), padding=1), SharedLinear(TemplateBank(2, (5, 4))))
+    to_channels_last(model)
+    assert model[0].bank.templates.is_contiguous() and model[0].weight.is_contiguous()
+    assert model[1].bank.templates.is_contiguous()

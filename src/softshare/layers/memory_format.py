@@ -18,8 +18,9 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             for name, param in module.named_parameters(recurse=False):
-                if isinstance(module, TemplateBank) and name == "templates" and param.dim() == 5:
-                    param.data = param.data.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+                if isinstance(module, TemplateBank):  # only conv2d banks: 4-D ones hold Conv1d weights
+                    if name == "templates" and param.dim() == 5:
+                        param.data = param.data.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
                 elif param.dim() == 4:
                     param.data = param.data.contiguous(memory_format=torch.channels_last)
             for name, buf in module.named_buffers(recurse=False):

@@ -35,9 +35,11 @@ class SharedLayer(nn.Module):
         self.bank = bank
         # A random unit vector keeps the Kaiming scale of the templates; models re-initialise
         # all layers of a bank jointly with init_coefficients().
-        self.coefficients = nn.Parameter(F.normalize(torch.randn(bank.num_templates), dim=0))
+        # Created like the templates, so a layer added to a moved/cast bank matches it.
+        factory = {"dtype": bank.templates.dtype, "device": bank.templates.device}
+        self.coefficients = nn.Parameter(F.normalize(torch.randn(bank.num_templates, **factory), dim=0))
         out_features = bank.weight_shape[0]
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         if self.bias is not None:
             bound = 1.0 / math.sqrt(math.prod(bank.weight_shape[1:]))
             nn.init.uniform_(self.bias, -bound, bound)
