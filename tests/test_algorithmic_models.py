@@ -116,3 +116,21 @@ def test_model_names_per_task():
         resolve_model_name("prefix-sums", "maze_ff")
     with pytest.raises(SoftshareError, match="cannot be trained on mazes"):
         resolve_model_name("mazes", "wrn_16_4")
+
+
+def test_shared_net_folds_into_a_loop_that_runs_longer():
+    """k = 1: every conv is a multiple of one template, so the blocks fold into one exact loop."""
+    from softshare.fold import fold_model, set_iterations
+
+    torch.manual_seed(0)
+    model = build("prefix_shared", num_templates=1).eval()
+    folded = fold_model(model, 0.99).model
+    assert [name for name, _ in folded.named_children()] == ["projection", "blocks", "head"]
+    assert len(folded.blocks) == 1 and folded.blocks[0].length == 3
+    torch.testing.assert_close(folded(BITS, return_all=True), model(BITS, return_all=True), atol=1e-6, rtol=1e-5)
+    set_iterations(folded, 7)
+    assert folded.max_iterations == 7 and folded(BITS, 7, return_all=True).shape == (2, 7, 2, 32)
+    with pytest.raises(SoftshareError, match="only the shared body"):
+        build("prefix_ff", fold={"loops": [[3]]})
+    with pytest.raises(SoftshareError, match="summing to the depth 3"):
+        build("prefix_shared", fold={"loops": [[1, 1]]})

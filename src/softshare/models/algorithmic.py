@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
+from ..fold.loop import LoopBlock
 from ..layers import SharedConv1d, SharedConv2d, TemplateBank, init_coefficients
 from .registry import register_family
 
@@ -30,6 +31,10 @@ _SHARED_CONV = {1: SharedConv1d, 2: SharedConv2d}
 
 def _conv(dim: int, in_channels: int, out_channels: int) -> nn.Module:
     return _CONV[dim](in_channels, out_channels, 3, padding=1, bias=False)
+
+
+def _norm(width: int, norm: bool) -> nn.Module:
+    return nn.GroupNorm(math.gcd(4, width), width) if norm else nn.Identity()
 
 
 class ResidualBlock(nn.Module):
@@ -47,33 +52,53 @@ class ResidualBlock(nn.Module):
         else:
             self.conv1 = _SHARED_CONV[dim](bank, padding=1)
             self.conv2 = _SHARED_CONV[dim](bank, padding=1)
-        groups = math.gcd(4, width)
-        self.norm1 = nn.GroupNorm(groups, width) if norm else nn.Identity()
-        self.norm2 = nn.GroupNorm(groups, width) if norm else nn.Identity()
+        self.norm1, self.norm2 = _norm(width, norm), _norm(width, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.norm1(self.conv1(x)))
         return F.relu(x + self.norm2(self.conv2(out)))
 
 
+class LoopResidualBlock(LoopBlock):
+    """Shared residual blocks folded into one loop (softshare.fold): both convs once, the
+    normalisation layers and the scales c_t per iteration."""
+
+    def __init__(self, dim: int, width: int, length: int, norm: bool) -> None:
+        super().__init__(length, ("conv1", "conv2"))
+        self.conv1, self.conv2 = _conv(dim, width, width), _conv(dim, width, width)
+        self.norm1 = nn.ModuleList(_norm(width, norm) for _ in range(length))
+        self.norm2 = nn.ModuleList(_norm(width, norm) for _ in range(length))
+
+    def step(self, x: Tensor, t: int) -> Tensor:
+        out = F.relu(self.norm1[t](self.conv1(x) * self.scales["conv1"][t]))
+        return F.relu(x + self.norm2[t](self.conv2(out) * self.scales["conv2"][t]))
+
+
 class AlgorithmicNet(nn.Module):
     """projection (in -> w) -> body -> head (w -> w/2 -> classes), 3-wide convs, ReLU, no bias.
 
     ``forward(x, iterations)`` runs `iterations` blocks (ff/shared: at most `depth`, the first
-    ones) or loop steps (recurrent: any number; default `depth`, the trained count).
+    ones) or loop steps (recurrent: any number; default `depth`, the trained count). A folded
+    shared net (`fold`, built by softshare.fold) counts every loop step as an iteration; its
+    loops run longer after ``softshare.fold.set_iterations``.
     """
 
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 64,
                  depth: int = 8, num_templates: int | None = None, recall: bool = False,
-                 norm: bool = False) -> None:
+                 norm: bool = False, fold: dict | None = None) -> None:
         super().__init__()
         _check_args(body, width, depth, num_templates, recall)
+        loops = _fold_loops(fold, body, depth)
         self.dim, self.body, self.depth = dim, body, depth
         self.projection = _conv(dim, in_channels, width)
         self.recall = _conv(dim, width + in_channels, width) if recall else None
-        self.bank = TemplateBank(num_templates, (width, width) + (3,) * dim) if body == "shared" else None
-        count = 1 if body == "recurrent" else depth
-        self.blocks = nn.ModuleList([ResidualBlock(dim, width, self.bank, norm) for _ in range(count)])
+        shared = body == "shared" and loops is None
+        self.bank = TemplateBank(num_templates, (width, width) + (3,) * dim) if shared else None
+        if loops is not None:
+            blocks = [LoopResidualBlock(dim, width, n, norm) for n in loops]
+        else:
+            blocks = [ResidualBlock(dim, width, self.bank, norm) for _ in range(1 if body == "recurrent" else depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(_conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
         if self.bank is not None:
             # PyTorch's default conv init (as the unshared convs here, and Bansal et al.): the ReLU
@@ -82,17 +107,29 @@ class AlgorithmicNet(nn.Module):
                 nn.init.kaiming_uniform_(template, a=math.sqrt(5))
             init_coefficients(self.bank.layers)  # orthogonal rows: layers start far apart
 
+    def _schedule(self) -> list[tuple[nn.Module, int | None]]:
+        """(block, loop step or None) per iteration of the ff/shared body, folded loops unrolled."""
+        steps: list[tuple[nn.Module, int | None]] = []
+        for block in self.blocks:
+            if isinstance(block, LoopBlock):
+                steps += [(block, min(t, block.length - 1)) for t in range(block.iterations or block.length)]
+            else:
+                steps.append((block, None))
+        return steps
+
     @property
     def max_iterations(self) -> int | None:
         """The most iterations this net can run (None: unbounded, the recurrent body)."""
-        return None if self.body == "recurrent" else self.depth
+        return None if self.body == "recurrent" else len(self._schedule())
 
     def check_iterations(self, start: int, count: int) -> None:
         if count < 1 or start < 0:
             raise SoftshareError(f"iterations must be >= 1 (and start >= 0), got {count} from {start}")
-        if self.max_iterations is not None and start + count > self.max_iterations:
-            raise SoftshareError(f"a {self.body} net of depth {self.depth} runs at most {self.depth} "
-                                 f"iterations (blocks), got {start + count}; only the recurrent net runs more")
+        most = self.max_iterations
+        if most is not None and start + count > most:
+            raise SoftshareError(f"this {self.body} net runs at most {most} iterations (blocks), got "
+                                 f"{start + count}; only the recurrent net (or a folded shared net after "
+                                 f"set_iterations) runs more")
 
     def embed(self, x: Tensor) -> Tensor:
         """The state before the first iteration."""
@@ -103,13 +140,15 @@ class AlgorithmicNet(nn.Module):
         self.check_iterations(start, count)
         if state is None:
             state = self.embed(x)
-        for index in range(start, start + count):
-            if self.body == "recurrent":
+        if self.body == "recurrent":
+            for _ in range(count):
                 if self.recall is not None:
                     state = self.recall(torch.cat([state, x], dim=1))
                 state = self.blocks[0](state)
-            else:
-                state = self.blocks[index](state)
+                yield state
+            return
+        for block, t in self._schedule()[start:start + count]:
+            state = block(state) if t is None else block.step(state, t)
             yield state
 
     def forward(self, x: Tensor, iterations: int | None = None, *, start: int = 0, state: Tensor | None = None,
@@ -143,6 +182,20 @@ def _check_args(body: str, width: int, depth: int, num_templates: int | None, re
         raise SoftshareError(f"recall applies only to the recurrent body, not {body!r}")
 
 
+def _fold_loops(fold: dict | None, body: str, depth: int) -> list[int] | None:
+    """Loop lengths of a folded shared net from ``{"loops": [[n1, n2, ...]]}`` (one site: the blocks)."""
+    if fold is None:
+        return None
+    sites = fold.get("loops") if isinstance(fold, dict) else None
+    if body != "shared":
+        raise SoftshareError(f"only the shared body can be folded into loops, not {body!r}")
+    if not (isinstance(sites, list) and len(sites) == 1 and isinstance(sites[0], list)
+            and all(isinstance(n, int) and n >= 1 for n in sites[0]) and sum(sites[0]) == depth):
+        raise SoftshareError(f"fold must be {{'loops': [[lengths]]}} with positive lengths summing to the "
+                             f"depth {depth}, got {fold!r}")
+    return sites[0]
+
+
 def resolve_model_name(task: str, model: str) -> str:
     """The registered name for `model` on `task`: short names ff/shared/recurrent map to the task's family."""
     prefix = TASK_PREFIX.get(task)
@@ -166,8 +219,8 @@ def _register(prefix: str, body: str) -> None:
 
     def build(num_classes: int = 2, in_channels: int = 3, width: int = 64, depth: int = 8,
               num_templates: int | None = 2 if body == "shared" else None, recall: bool = False,
-              norm: bool = False) -> AlgorithmicNet:
-        return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, num_templates, recall, norm)
+              norm: bool = False, fold: dict | None = None) -> AlgorithmicNet:
+        return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, num_templates, recall, norm, fold)
 
     name = f"{prefix}_{body}"
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,
