@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import softshare
-from softshare.optim import param_groups
+from softshare.train.config import TrainConfig
+from softshare.train.loop import build_optimizer
 
 
 # -- environment ------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ class Trainer:
         self.name = name
         self.model = softshare.to_channels_last(softshare.create_model(name, num_classes=10))
         self.model.train()
-        self.optimizer = torch.optim.SGD(param_groups(self.model, 5e-4), lr=0.1, momentum=0.9, nesterov=True)
+        self.optimizer = build_optimizer(TrainConfig(), self.model)  # exactly what `softshare train` uses
         self.x = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 10, (batch,))
 

@@ -51,3 +51,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def rebuild_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build directory `path` in place (so files inside may record their final paths).
+
+    A previous `path` is set aside and restored if the build fails, and a failed build is
+    removed: afterwards `path` is either the old directory or the complete new one.
+    """
+    path = Path(path)
+    previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
+    if path.exists():
+        os.replace(path, previous)
+    try:
+        path.mkdir(parents=True)
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if previous.exists():
+            os.replace(previous, path)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)

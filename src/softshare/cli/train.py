@@ -25,25 +25,16 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import json
-    import logging
-    import sys
 
     from ..train.config import overrides_from_args, resolve_config
-    from ..train.loop import train
+    from ..train.loop import log_to_stdout, train
 
     config = resolve_config(args.preset, args.config_file, overrides_from_args(args))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    logger = logging.getLogger("softshare.train")
-    logger.setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    try:
+    with log_to_stdout():
         result = train(config, resume=args.resume)
-    finally:
-        logger.removeHandler(handler)
     if result.run_dir is not None and not result.interrupted:
         best = f", best {result.best_metric:.4f}" if result.best_metric is not None else ""
         print(f"done: {result.run_dir}{best}")

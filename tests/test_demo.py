@@ -1,0 +1,44 @@
+"""The end-to-end demo at toy size: every artefact of the report, and no half-written output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import softshare.demo as demo
+from softshare.demo import DemoConfig, run_demo
+
+TOY = dict(train_count=100, test_count=10, test_sizes=[9, 13], width=8, depth=3, epochs=1, extra_iterations=2,
+           threshold=0.5, recurrence_reg=1.0)
+
+
+def test_toy_demo_writes_the_report(tmp_path):
+    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
+    text = report.read_text()
+    out = report.parent
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["exact_match"]) == {"9", "13"}
+    assert results["params"]["shared"] < results["params"]["ff"]
+    for row in results["exact_match"].values():
+        assert all(0.0 <= row[k] <= 1.0 for k in ("ff", "shared", "folded"))
+    assert "| parameters |" in text and "![LSM](lsm/" in text and "softshare train --preset" in text
+    for name in ("accuracy.png", "curves_shared.png", "curves_ff.png"):
+        assert (out / name).stat().st_size > 1000
+    assert (out / "folded" / "model.safetensors").exists()
+    assert json.loads((out / "runs" / "shared" / "config.json").read_text())["data_root"] == str(out / "data")
+
+
+def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("previous")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoConfig(out=str(out), **TOY))
+    assert (out / "report.md").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
