@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .errors import SoftshareError
 from .io import atomic_path
+from .wrappers import unwrap_model
 
 FORMAT = "softshare-checkpoint"
 VERSION = 1
@@ -68,17 +69,6 @@ def dedupe_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], d
     return unique, aliases
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile / (Distributed)DataParallel wrappers."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def _reason(err: Exception) -> str:
     """A one-line cause from torch.load's multi-paragraph errors."""
     text = str(err)
@@ -116,7 +106,7 @@ def save_checkpoint(
     target and renamed into place, so a failure leaves any previous checkpoint there intact.
     """
     directory = Path(directory)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     model_config = getattr(model, "softshare_config", None)
     if not isinstance(model_config, Mapping):
         raise SoftshareError(
@@ -261,7 +251,7 @@ def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
 def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint's weights strictly into an existing model (resume); returns the checkpoint."""
     checkpoint = load_checkpoint(path, map_location)
-    _load_strict(_unwrap(model), checkpoint)
+    _load_strict(unwrap_model(model), checkpoint)
     return checkpoint
 
 

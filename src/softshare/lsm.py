@@ -20,6 +20,7 @@ from torch import nn
 from .errors import SoftshareError
 from .io import atomic_path, write_json, write_text
 from .similarity import LayerSimilarity, layer_similarity
+from .wrappers import unwrap_model
 
 LSM_DIR = "lsm"  # inside a run directory
 HISTORY_FILE = "history.jsonl"
@@ -106,15 +107,7 @@ def plot_lsm(similarities: Sequence[LayerSimilarity], out_dir: str | os.PathLike
 
 
 def _similarities(model: nn.Module) -> list[LayerSimilarity]:
-    # torch.compile and (Distributed)DataParallel wrappers would prefix every bank name.
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            break
-    similarities = layer_similarity(model)
+    similarities = layer_similarity(unwrap_model(model))
     if not similarities:
         raise SoftshareError(
             f"{type(model).__name__} has no template banks, so it has no layer similarity matrix; "
