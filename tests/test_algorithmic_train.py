@@ -131,16 +131,20 @@ def test_experiment_writes_results_and_continues(tmp_path):
     from softshare.experiment import run_experiment
 
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32, 40], "width": 4, "depth": 2}
-    results = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("ff", "recurrent"), (0,), overrides, "cpu")
-    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("ff", 0), ("recurrent", 0)]
-    ff, rec = results["summary"]
+    variants = ("ff", "shared_k1", "recurrent")
+    results = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
+    assert [(r["variant"], r["seed"]) for r in results["runs"]] == [(v, 0) for v in variants]
+    ff, shared, rec = results["summary"]
     assert ff["reached_target"] == 0 and ff["steps_to_target"] is None
-    assert set(ff["test_at_trained"]) == {"32", "40"} and rec["eval_iterations"] == 512
+    assert set(ff["test_at_trained"]) == {"32", "40"} and "test_at_scaled" not in ff
+    assert results["runs"][1]["folded_loops"] == [2]  # k = 1: the two blocks fold into one loop
+    assert set(shared["test_at_scaled"]) == {"32", "40"} and rec["eval_iterations"] == 512
     for name in ("results.json", "results.md", "training_prefix-sums.png", "extrapolation_prefix-sums.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| recurrent | scaled |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| recurrent | scaled |" in report and "| shared_k1 | scaled |" in report
     weights_file = tmp_path / "runs" / "prefix-sums-ff-s0" / "checkpoints" / "last" / "model.safetensors"
     before = weights_file.stat().st_mtime_ns
-    again = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("ff", "recurrent"), (0,), overrides, "cpu")
+    again = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
     assert weights_file.stat().st_mtime_ns == before  # finished runs are reused, not retrained
     assert again["summary"] == results["summary"]

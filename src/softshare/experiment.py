@@ -27,6 +27,7 @@ log = logging.getLogger("softshare.experiment")
 
 TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
+FOLD_THRESHOLD = 0.99  # |cos| of coefficient vectors above which shared blocks fold into one loop
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _run_one(config, variant: str, recurrent_iterations: int) -> dict:
     reached = next((row for row in history if row["train_acc"] >= TARGET), None)
     seconds = [row["seconds"] for row in history]
     accuracy = evaluation["accuracy"]
-    return {
+    record = {
         "task": config.task, "variant": variant, "seed": config.seed, "run": str(run_path),
         "model": evaluation["model"], "parameters": _parameters(run_path),
         "steps_per_epoch": steps_per_epoch, "epochs": len(history),
@@ -136,10 +137,50 @@ def _run_one(config, variant: str, recurrent_iterations: int) -> dict:
         "curve": [(row["epoch"] * steps_per_epoch, row["train_acc"]) for row in history],
         "trained_iterations": config.depth, "eval_iterations": iterations,
         "test_at_trained": {size: acc[config.depth - 1] for size, acc in accuracy.items()},
-        "test_at_scaled": {size: acc[scaled_iterations(config, int(size), iterations) - 1]
-                           for size, acc in accuracy.items()},
-        "test_at_max": {size: acc[-1] for size, acc in accuracy.items()},
     }
+    if config.model == "recurrent":
+        record["test_at_scaled"] = {size: acc[scaled_iterations(config, int(size), iterations) - 1]
+                                    for size, acc in accuracy.items()}
+        record["test_at_max"] = {size: acc[-1] for size, acc in accuracy.items()}
+    elif config.model == "shared":
+        folded = _folded_eval(run_path, config, recurrent_iterations, record["test_at_trained"])
+        record["folded_loops"], record["test_at_scaled"] = folded["loops"], folded["accuracy"]
+    return record
+
+
+def _folded_eval(run_path: Path, config, most: int, unfolded: dict[str, float]) -> dict:
+    """Fold the shared net's collinear blocks into loops (`softshare.fold`) and let its longest
+    loop run longer, so the iterations scale with the size as the recurrent net's do.
+
+    A net with no loop of 2 or more blocks cannot run longer: it keeps its unfolded accuracy.
+    Cached in ``eval-folded.json``.
+    """
+    from .checkpoint import load
+    from .fold import fold_model, set_iterations
+    from .train.algorithmic import evaluation_examples, exact_match_by_iteration
+    from .train.run_dir import resolve_device
+
+    path = run_path / "eval-folded.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if list(cached["accuracy"]) == list(unfolded) and cached["count"] == config.test_count:
+            return cached
+    device = resolve_device(config.device)
+    folded = fold_model(load(run_path / "checkpoints" / "last", device=device), FOLD_THRESHOLD).model
+    loops = [block.length for block in folded.blocks]
+    longest = max(range(len(loops)), key=lambda i: (loops[i], i))
+    accuracy = dict(unfolded)
+    if loops[longest] >= 2:
+        log.info("%s: folded into loops %s; evaluating with scaled iterations", run_path.name, loops)
+        for size in unfolded:
+            extra = max(0, scaled_iterations(config, int(size), most) - config.depth)
+            set_iterations(folded, {f"blocks.{longest}": loops[longest] + extra})
+            x, y = evaluation_examples(config.to_dict(), int(size), config.test_count)
+            accuracy[size] = exact_match_by_iteration(folded, config.task, x, y, folded.max_iterations, 100,
+                                                      device)[-1]
+    result = {"threshold": FOLD_THRESHOLD, "loops": loops, "count": config.test_count, "accuracy": accuracy}
+    write_json(path, result)
+    return result
 
 
 def scaled_iterations(config, size: int, most: int) -> int:
@@ -197,8 +238,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             "final_train_loss": _mean_std([r["final_train_loss"] for r in group]),
             "trained_iterations": group[0]["trained_iterations"], "eval_iterations": group[0]["eval_iterations"],
             "test_at_trained": {s: _mean_std([r["test_at_trained"][s] for r in group]) for s in sizes},
-            "test_at_scaled": {s: _mean_std([r["test_at_scaled"][s] for r in group]) for s in sizes},
-            "test_at_max": {s: _mean_std([r["test_at_max"][s] for r in group]) for s in sizes},
+            **{key: {s: _mean_std([r[key][s] for r in group]) for s in sizes}
+               for key in ("test_at_scaled", "test_at_max") if key in group[0]},
         })
     return rows
 
@@ -226,17 +267,19 @@ def markdown_report(results: dict) -> str:
                          f"{_fmt(r['final_train_acc'], 100)} | {_fmt(r['final_train_loss'], digits=4)} |")
         sizes = list(rows[0]["test_at_trained"])
         trained = rows[0]["trained_iterations"]
-        lines += ["", f"(b) test exact match (%) per size after the trained {trained} iterations; the "
-                  f"recurrent net also after T * size / train size iterations (scaled) and after the most "
-                  f"evaluated", "",
+        lines += ["", f"(b) test exact match (%) per size after the trained {trained} iterations; "
+                  f"\"scaled\": after ceil({trained} * size / train size) iterations (recurrent: looped longer; "
+                  f"shared: folded into loops at |cos| >= {FOLD_THRESHOLD}, longest loop run longer); "
+                  f"recurrent also after the most evaluated", "",
                   "| model | iterations | " + " | ".join(f"size {s}" for s in sizes) + " |",
                   "| --- | --- |" + " ---: |" * len(sizes)]
         for r in rows:
-            shown = [(str(trained), "test_at_trained")]
-            if r["eval_iterations"] != trained:
-                shown += [("scaled", "test_at_scaled"), (str(r["eval_iterations"]), "test_at_max")]
+            shown = [(str(trained), "test_at_trained"), ("scaled", "test_at_scaled"),
+                     (str(r["eval_iterations"]), "test_at_max")]
             for label, key in shown:
-                lines.append(f"| {r['variant']} | {label} | " + " | ".join(_fmt(r[key][s], 100) for s in sizes) + " |")
+                if key in r:
+                    cells = " | ".join(_fmt(r[key][s], 100) for s in sizes)
+                    lines.append(f"| {r['variant']} | {label} | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -275,13 +318,13 @@ def plot_training(results: dict, task: str, path: Path) -> None:
 
 
 def plot_extrapolation(results: dict, task: str, path: Path) -> None:
-    """Test exact match against size (mean ± std); dashed: recurrent with iterations scaled to the size."""
+    """Test exact match against size (mean ± std); dashed: iterations scaled to the size."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
     for index, row in enumerate(r for r in results["summary"] if r["task"] == task):
         sizes = [int(s) for s in row["test_at_trained"]]
         for key, style, suffix in (("test_at_trained", "-o", ""), ("test_at_scaled", "--x", " (scaled iterations)")):
-            if key == "test_at_scaled" and row["eval_iterations"] == row["trained_iterations"]:
+            if key not in row:
                 continue
             mean = [100 * row[key][str(s)][0] for s in sizes]
             std = [100 * row[key][str(s)][1] for s in sizes]
