@@ -8,8 +8,8 @@ export PYTHONUNBUFFERED := 1
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) --upgrade pip setuptools
-	$(PIP) -e '.[test]'
+	$(PIP) setuptools
+	$(PIP) --no-build-isolation -e '.[test]'
 	touch $@
 
 venv: .venv/.installed
@@ -33,6 +33,8 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_sharing.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_data_algorithmic.py
 
 clean:
 	rm -rf .venv runs build src/*.egg-info .pytest_cache

@@ -37,7 +37,7 @@ def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "train", interrupted)
+    monkeypatch.setattr(demo, "_train_side_by_side", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_demo(DemoConfig(out=str(out), **TOY))
     assert (out / "report.md").read_text() == "previous"

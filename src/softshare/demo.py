@@ -8,23 +8,27 @@ all three on larger mazes than trained, the folded net also with extra loop iter
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load, save_checkpoint
+from .errors import SoftshareError
 from .fold import fold_model, loop_blocks, set_iterations
 from .io import atomic_path, rebuild_dir, write_json, write_text
 from .lsm import save_lsm
 from .sharing_stats import sharing_stats
 from .tasks import write_mazes
 from .train.algorithmic import evaluation_examples, exact_match_by_iteration
-from .train.config import resolve_config
-from .train.loop import log_to_stdout, train
+from .train.config import TrainConfig, resolve_config
 
 
 @dataclass
@@ -38,10 +42,11 @@ class DemoConfig:
     test_count: int = 100
     width: int = 16
     depth: int = 16
-    num_templates: int = 2
-    epochs: int = 10
-    recurrence_reg: float = 0.1
-    threshold: float = 0.99
+    num_templates: int = 8
+    epochs: int = 40
+    lr: float = 0.002
+    recurrence_reg: float = 0.05
+    threshold: float = 0.95
     extra_iterations: int = 16
     seed: int = 0
     device: str = "cpu"
@@ -63,32 +68,22 @@ def run_demo(config: DemoConfig) -> Path:
         for size in config.test_sizes:
             write_mazes(data, "test", size, config.test_count, seed=config.seed)
 
-        runs = {}
-        for kind in ("shared", "ff"):
-            _say(f"[2/6] training the {kind} net (width {config.width}, {config.depth} blocks)")
-            overrides = dict(model=kind, width=config.width, depth=config.depth, num_templates=config.num_templates,
-                             epochs=config.epochs, train_size=config.train_size, test_sizes=config.test_sizes,
-                             train_count=config.train_count, test_count=config.test_count, seed=config.seed,
-                             data_root=str(data), out_dir=str(work / "runs"), name=kind, device=config.device,
-                             recurrence_reg=config.recurrence_reg if kind == "shared" else 0.0)
-            train_config = resolve_config("mazes_cpu", overrides=overrides)
-            with log_to_stdout():
-                result = train(train_config)
-            if result.interrupted:  # SIGINT/SIGTERM: stop the demo too, leaving the previous output
-                raise KeyboardInterrupt
-            runs[kind] = (train_config, result)
-        shared_config, shared = runs["shared"]
-        ff = runs["ff"][1]
+        _say(f"[2/6] training the shared and the feed-forward net side by side (width {config.width}, "
+             f"{config.depth} blocks, {config.epochs} epochs)")
+        configs = {kind: _train_config(config, kind, data, work / "runs") for kind in ("shared", "ff")}
+        _train_side_by_side(configs, config.device)
+        shared_config = configs["shared"]
+        shared_model, ff_model = (load(work / "runs" / kind, device=config.device) for kind in ("shared", "ff"))
 
         _say("[3/6] parameters")
-        folded = fold_model(shared.model, config.threshold)
-        params = {"ff": sharing_stats(ff.model).total, "shared": sharing_stats(shared.model).total,
+        folded = fold_model(shared_model, config.threshold)
+        params = {"ff": sharing_stats(ff_model).total, "shared": sharing_stats(shared_model).total,
                   "folded": folded.params_after}
         for name, count in params.items():
             _say(f"      {name:8s} {count:>9,}")
 
         _say("[4/6] layer similarity matrix of the shared net")
-        lsm_files = save_lsm(shared.model, work / "lsm")
+        lsm_files = save_lsm(shared_model, work / "lsm")
 
         _say(f"[5/6] folding at threshold {config.threshold}: loops {folded.loops}")
         save_checkpoint(work / "folded", folded.model, config=shared_config.to_dict(),
@@ -105,7 +100,7 @@ def run_demo(config: DemoConfig) -> Path:
         for size in config.test_sizes:
             x, y = evaluation_examples(shared_config.to_dict(), size, config.test_count, str(data))
             row = {}
-            for name, model in (("ff", ff.model), ("shared", shared.model)):
+            for name, model in (("ff", ff_model), ("shared", shared_model)):
                 row[name] = exact_match_by_iteration(model, "mazes", x, y, config.depth, 100, device)[-1]
             curve = exact_match_by_iteration(folded.model, "mazes", x, y, extra or config.depth, 100, device)
             row["folded"] = curve[config.depth - 1]
@@ -125,6 +120,49 @@ def run_demo(config: DemoConfig) -> Path:
         write_text(work / "report.md", _report(results, [p.name for p in lsm_files if p.suffix == ".png"]))
     _say(f"done in {time.perf_counter() - started:.0f} s: {out / 'report.md'}")
     return out / "report.md"
+
+
+def _train_config(config: DemoConfig, kind: str, data: Path, runs: Path) -> TrainConfig:
+    overrides = dict(model=kind, width=config.width, depth=config.depth, num_templates=config.num_templates,
+                     epochs=config.epochs, lr=config.lr, train_size=config.train_size, test_sizes=config.test_sizes,
+                     train_count=config.train_count, test_count=config.test_count, seed=config.seed,
+                     data_root=str(data), out_dir=str(runs), name=kind, device=config.device,
+                     recurrence_reg=config.recurrence_reg if kind == "shared" else 0.0)
+    return resolve_config("mazes_cpu", overrides=overrides)
+
+
+def _train_side_by_side(configs: dict[str, TrainConfig], device: str) -> None:
+    """One `softshare train` process per net, in parallel: small nets barely use a second core
+    each, so two single-threaded runs take half the time of two two-threaded ones."""
+    threads = max(1, (os.cpu_count() or 2) // len(configs)) if device == "cpu" else None
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    procs = {}
+    for kind, train_config in configs.items():
+        config_file = Path(train_config.out_dir) / f"{kind}.json"
+        write_json(config_file, train_config.to_dict())
+        procs[kind] = subprocess.Popen([sys.executable, "-m", "softshare", "train", "--config", str(config_file)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    readers = [threading.Thread(target=_relay, args=(kind, proc.stdout), daemon=True) for kind, proc in procs.items()]
+    for reader in readers:
+        reader.start()
+    try:
+        codes = {kind: proc.wait() for kind, proc in procs.items()}
+    except BaseException:
+        for proc in procs.values():
+            proc.terminate()
+        raise
+    for reader in readers:
+        reader.join()
+    failed = [kind for kind, code in codes.items() if code != 0]
+    if failed:
+        if all(code == 130 for code in codes.values()):
+            raise KeyboardInterrupt
+        raise SoftshareError(f"training the {' and '.join(failed)} net failed (see the lines above)")
+
+
+def _relay(kind: str, stream) -> None:
+    for line in stream:
+        print(f"      [{kind}] {line.rstrip()}", flush=True)
 
 
 def _hardware() -> str:

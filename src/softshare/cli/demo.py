@@ -7,7 +7,7 @@ ORDER = 90
 
 def register(subparsers) -> None:
     from ..demo import DemoConfig
-    from ._common import nonnegative_float, nonnegative_int, positive_int, unit_float
+    from ._common import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
 
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="end-to-end demo on generated mazes (make demo)",
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--depth", type=positive_int, default=d.depth, help="residual blocks")
     p.add_argument("--num-templates", type=positive_int, default=d.num_templates)
     p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
     p.add_argument("--recurrence-reg", type=nonnegative_float, default=d.recurrence_reg)
     p.add_argument("--threshold", type=unit_float, default=d.threshold, help="LSM threshold for folding")
     p.add_argument("--extra-iterations", type=nonnegative_int, default=d.extra_iterations)
