@@ -46,7 +46,8 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (Variant("ff", "ff"), Variant("shared_k1", "shared", 1),
                                  Variant("shared_k2", "shared", 2), Variant("shared_k4", "shared", 4),
-                                 Variant("recurrent", "recurrent"), Variant("recurrent_recall", "recurrent", recall=True))}
+                                 Variant("recurrent", "recurrent"),
+                                 Variant("recurrent_recall", "recurrent", recall=True))}
 # recurrent_recall (Bansal et al.'s input injection) is optional: it adds a conv the others lack.
 DEFAULT_VARIANTS = ("ff", "shared_k1", "shared_k2", "shared_k4", "recurrent")
 # Test-time iterations of the recurrent body (ff/shared stop at their depth), per scale and task:
