@@ -148,3 +148,12 @@ def test_experiment_writes_results_and_continues(tmp_path):
     again = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
     assert weights_file.stat().st_mtime_ns == before  # finished runs are reused, not retrained
     assert again["summary"] == results["summary"]
+
+
+def test_task_options_on_an_image_classifier_are_an_error(tmp_path, capsys):
+    from softshare import create_model
+    from softshare.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", create_model("wrn_10_1"), config={"task": "classification", "dataset": "digits"})
+    assert main(["eval", str(tmp_path / "ck"), "--sizes", "9"]) == 2
+    assert "apply only to runs on an algorithmic task" in capsys.readouterr().err

@@ -98,6 +98,9 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
 
         return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
+    if task_options:
+        raise SoftshareError(f"{ckpt_path} is an image classifier; {', '.join(sorted(task_options))} apply only "
+                             f"to runs on an algorithmic task")
     batch_size = batch_size or 500
     dataset = dataset or config.get("dataset")
     if not dataset:
