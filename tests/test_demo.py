@@ -9,7 +9,7 @@ import pytest
 import softshare.demo as demo
 from softshare.demo import DemoConfig, run_demo
 
-TOY = dict(train_count=100, test_count=10, test_sizes=[9, 13], width=8, depth=3, epochs=1, extra_iterations=2,
+TOY = dict(train_count=100, test_count=10, test_sizes=[9, 13], width=8, depth=3, num_templates=2, epochs=1, extra_iterations=2,
            threshold=0.5, recurrence_reg=1.0)
 
 

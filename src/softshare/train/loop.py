@@ -176,7 +176,9 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         train_model = torch.compile(train_model)
     if dist.enabled:
         ddp_ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ddp_ids)
+        # the progressive loss runs only some blocks in a step: DDP must expect unused parameters
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=ddp_ids,
+                                                          find_unused_parameters=config.alpha > 0)
 
     per_epoch = task.batches_per_epoch()
     metrics: dict = {}
