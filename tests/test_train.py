@@ -158,3 +158,17 @@ def test_cli_bad_flag_value_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--lr", "-1",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "lr must be > 0" in out.stderr
+
+
+def test_lsm_every_records_the_emergence_of_recurrence(tmp_path):
+    train(tiny_config(tmp_path, epochs=2, lsm_every=1))
+    lsm = tmp_path / "run" / "lsm"
+    epochs = [json.loads(line)["epoch"] for line in (lsm / "history.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]  # the starting point, then every epoch
+    assert (lsm / "history.png").stat().st_size > 1000
+
+
+def test_lsm_every_on_a_model_without_banks_fails_before_training(tmp_path):
+    with pytest.raises(SoftshareError, match="no template banks"):
+        train(tiny_config(tmp_path, epochs=1, lsm_every=1, model="wrn_16_1"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
