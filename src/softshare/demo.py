@@ -45,8 +45,8 @@ class DemoConfig:
     num_templates: int = 8
     epochs: int = 40
     lr: float = 0.002
-    recurrence_reg: float = 0.05
-    threshold: float = 0.95
+    recurrence_reg: float = 1.0
+    threshold: float = 0.99
     extra_iterations: int = 16
     seed: int = 0
     device: str = "cpu"
