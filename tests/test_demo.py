@@ -42,3 +42,12 @@ def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
         run_demo(DemoConfig(out=str(out), **TOY))
     assert (out / "report.md").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_folded_column_is_the_trained_schedule(tmp_path):
+    """At threshold 1.0 nothing folds: the folded net is the shared net with plain convs, so their
+    exact-match columns agree (extra iterations are reported apart, never mixed into them)."""
+    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), **{**TOY, "threshold": 1.0}))
+    results = json.loads((report.parent / "results.json").read_text())
+    assert all(n == 1 for loops in results["loops"] for n in loops)
+    assert all(row["folded"] == row["shared"] for row in results["exact_match"].values())

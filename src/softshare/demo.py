@@ -91,22 +91,20 @@ def run_demo(config: DemoConfig) -> Path:
 
         _say("[6/6] exact match on larger mazes than trained")
         device = torch.device(config.device)
-        longest = max((loop.length for _, loop in loop_blocks(folded.model)), default=1)
-        extra = None
-        if longest > 1:
-            set_iterations(folded.model, longest + config.extra_iterations)
-            extra = folded.model.max_iterations
+        # think longer: the longest loop runs `extra_iterations` more times (the rest as trained)
+        longest_name, longest = max(((n, loop.length) for n, loop in loop_blocks(folded.model)),
+                                    key=lambda item: item[1], default=(None, 1))
+        extra = config.depth + config.extra_iterations if longest > 1 and config.extra_iterations else None
         table = {}
         for size in config.test_sizes:
             x, y = evaluation_examples(shared_config.to_dict(), size, config.test_count, str(data))
-            row = {}
-            for name, model in (("ff", ff_model), ("shared", shared_model)):
-                row[name] = exact_match_by_iteration(model, "mazes", x, y, config.depth, 100, device)[-1]
-            curve = exact_match_by_iteration(folded.model, "mazes", x, y, extra or config.depth, 100, device)
-            row["folded"] = curve[config.depth - 1]
+            row = {name: exact_match_by_iteration(model, "mazes", x, y, config.depth, 100, device)[-1]
+                   for name, model in (("ff", ff_model), ("shared", shared_model), ("folded", folded.model))}
             if extra:
-                row["folded_extra"] = curve[-1]
-                row["folded_curve"] = curve
+                set_iterations(folded.model, {longest_name: longest + config.extra_iterations})
+                curve = exact_match_by_iteration(folded.model, "mazes", x, y, extra, 100, device)
+                set_iterations(folded.model, None)
+                row["folded_extra"], row["folded_curve"] = curve[-1], curve
             table[str(size)] = row
             _say(f"      size {size:3d}: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "folded_curve"))
 
