@@ -51,3 +51,15 @@ def test_folded_column_is_the_trained_schedule(tmp_path):
     results = json.loads((report.parent / "results.json").read_text())
     assert all(n == 1 for loops in results["loops"] for n in loops)
     assert all(row["folded"] == row["shared"] for row in results["exact_match"].values())
+
+
+def test_fold_cli_scores_a_maze_run_by_exact_match(tmp_path):
+    from softshare.cli import main
+
+    run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
+    run = tmp_path / "demo" / "runs" / "shared"
+    assert main(["fold", str(run), "--out", str(tmp_path / "folded"), "--data", "mazes", "--threshold", "1.0"]) == 0
+    report = json.loads((tmp_path / "folded" / "fold_report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["original"]["acc"] == metrics["folded"]["acc"]  # nothing folds at 1.0: same function
+    assert main(["fold", str(run), "--out", str(tmp_path / "x"), "--data", "cifar10"]) == 2

@@ -32,11 +32,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_evaluator(data: str, device: str):
-    """``evaluate(model) -> dict`` on the test set of `data` (accuracy under "acc")."""
-    from ..evaluate import test_set_evaluator
+def build_evaluator(data: str, device: str, config: dict | None):
+    """``evaluate(model) -> dict`` with accuracy under "acc": the test set of image dataset `data`,
+    or, for a run on an algorithmic task (`--data` naming that task), exact match on its test set
+    at the training size after the trained number of iterations."""
+    from ..errors import SoftshareError
 
-    return test_set_evaluator(data, device=device)
+    task = (config or {}).get("task", "classification")
+    if task == "classification":
+        from ..evaluate import test_set_evaluator
+
+        return test_set_evaluator(data, device=device)
+    if data != task:
+        raise SoftshareError(f"this run was trained on {task}; evaluate it with --data {task}")
+    from ..train.algorithmic import evaluation_examples, exact_match_by_iteration
+    from ..train.run_dir import resolve_device
+
+    dev = resolve_device(device)
+    x, y = evaluation_examples(config, config["train_size"], config["test_count"], config["data_root"])
+
+    def exact_match(model) -> dict:
+        iterations = model.max_iterations or config["depth"]  # a folded net run longer counts every step
+        return {"acc": exact_match_by_iteration(model.to(dev), task, x, y, iterations, 100, dev)[-1]}
+
+    return exact_match
 
 
 def run(args) -> int:
@@ -52,7 +71,8 @@ def run(args) -> int:
         raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
     source = find_checkpoint(args.path)
     model = load(source)
-    evaluate = build_evaluator(args.data, args.device) if args.data else None
+    config = json.loads((source / META_FILE).read_text()).get("config")
+    evaluate = build_evaluator(args.data, args.device, config) if args.data else None
     before = dict(evaluate(model)) if evaluate else None
     out = Path(args.out)
     if args.sweep:
