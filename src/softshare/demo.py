@@ -33,7 +33,7 @@ from .train.config import TrainConfig, resolve_config
 
 @dataclass
 class DemoConfig:
-    """Defaults fit in ~10 minutes on 2 CPU cores; scale up with the flags of `softshare demo`."""
+    """Defaults take ~3.5 minutes on 2 idle CPU cores; scale up with the flags of `softshare demo`."""
 
     out: str = "runs/demo"
     train_size: int = 9
