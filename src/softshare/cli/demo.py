@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="end-to-end demo on generated mazes (make demo)",
                               description="Generate mazes, train a soft-shared net and a feed-forward control, "
                                           "draw the LSM, fold the shared net into a loop and evaluate all on "
-                                          "larger mazes; writes OUT/report.md. Defaults: ~10 min on 2 CPU cores.")
+                                          "larger mazes; writes OUT/report.md. Defaults: ~3.5 min on 2 idle CPU cores.")
     p.add_argument("--out", default=d.out)
     p.add_argument("--train-count", type=positive_int, default=d.train_count)
     p.add_argument("--test-count", type=positive_int, default=d.test_count)
