@@ -17,7 +17,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from softshare.tasks import generate_mazes, generate_prefix_sums  # noqa: E402
+from softshare.data.tasks import generate_mazes, generate_prefix_sums  # noqa: E402
 
 MAZES = {9: 50_000, 13: 20_000, 33: 5_000, 59: 1_000, 201: 100}  # size -> count per run
 REFERENCE = {9: 3_000, 59: 90}  # public generator, mazes/s on one core

@@ -137,7 +137,7 @@ def _bank_setup(num_layers: int, k: int, shape: Sequence[int], seed: int = 0):
 
 
 def _library(bank, layers):
-    return [layer.weight for layer in layers]
+    return [bank.weight_for(layer) for layer in layers]  # what a forward pass uses
 
 
 def _broadcast(bank, layers):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import _collinear_swrn
 from softshare import SharedConv1d, SoftshareError, TemplateBank, create_model, share
-from softshare.cli import main
 from softshare.fold import (
     LoopBlock,
     find_groups,
@@ -23,34 +22,6 @@ from softshare.fold import (
     write_fold_report,
     write_sweep,
 )
-
-# swrn_28_1_2: widths 16/32/64, 4 blocks per stage, blocks 1-3 share the stage's bank of k=2.
-SCALES = {0: [1.0, -2.5, 0.3], 1: [0.7, 1.9]}  # stage -> scales of blocks 1.. (stage 2 stays random)
-
-
-def _collinear_swrn() -> nn.Module:
-    """float64 swrn_28_1_2 in eval mode: stage 0 blocks 1-3 and stage 1 blocks 1-2 exactly collinear
-    (per role, positive and negative scales), every BatchNorm with non-trivial statistics."""
-    torch.manual_seed(0)
-    model = create_model("swrn_28_1_2").double()
-    with torch.no_grad():
-        for stage, scales in SCALES.items():
-            blocks = model.stages[stage].blocks
-            for offset, scale in enumerate(scales):
-                blocks[1 + offset].conv1.coefficients.copy_(blocks[1].conv1.coefficients * scale)
-                blocks[1 + offset].conv2.coefficients.copy_(blocks[1].conv2.coefficients * (-1.3 * scale))
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def collinear() -> nn.Module:
-    return _collinear_swrn()
 
 
 @pytest.fixture(scope="module")
@@ -207,22 +178,6 @@ def test_sweep_and_reports(collinear, tmp_path):
     report = json.loads((tmp_path / "fold_report.json").read_text())
     assert report["loops"] == [[3], [2, 1], [1, 1, 1]] and report["metrics"]["folded"]["acc"] == 0.9
     assert "1 (not folded)" in (tmp_path / "fold_report.md").read_text()
-
-
-def test_cli_fold_and_sweep(collinear, tmp_path, capsys):
-    from softshare.checkpoint import load, save_checkpoint
-
-    save_checkpoint(tmp_path / "ckpt", copy.deepcopy(collinear).float(), epoch=7)
-    out = tmp_path / "folded"
-    assert main(["fold", str(tmp_path / "ckpt"), "--threshold", "0.9999", "--out", str(out)]) == 0
-    report = json.loads((out / "fold_report.json").read_text())
-    assert report["loops"] == [[3], [2, 1], [1, 1, 1]]
-    assert loop_blocks(load(out))[0][1].length == 3
-    assert main(["fold", str(tmp_path / "ckpt"), "--sweep", "--thresholds", "1", "0.5",
-                 "--out", str(tmp_path / "sweep")]) == 0
-    assert (tmp_path / "sweep" / "fold_sweep.png").exists()
-    assert main(["fold", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    assert "does not exist" in capsys.readouterr().err
 
 
 # -- a second, differently shaped family: the fold core is not SWRN-specific -----------------------

@@ -11,7 +11,6 @@ import gc
 import io
 import math
 import pickle
-import sys
 import weakref
 
 import pytest
@@ -22,6 +21,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
 import softshare
+from softshare.layers.fast_mix import BankMixer
 from softshare import (
     SharedConv1d,
     SharedConv2d,
@@ -213,19 +213,19 @@ def test_multi_layer_bank_forward_and_gradients():
 def test_bank_materialises_once_per_forward_and_drops_after_backward(monkeypatch):
     net = make_net()
     calls = []
-    original = TemplateBank._materialise
+    original = BankMixer._materialise
 
-    def counting(bank, key):
+    def counting(mixer, bank, key):
         calls.append(bank)
-        return original(bank, key)
+        return original(mixer, bank, key)
 
-    monkeypatch.setattr(TemplateBank, "_materialise", counting)
+    monkeypatch.setattr(BankMixer, "_materialise", counting)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     out = net(x)
     assert calls == [net.bank, net.lbank]  # one materialisation per bank for all its layers
-    assert net.bank._cache is not None
+    assert net.bank._mixer._cache is not None
     out.sum().backward()
-    assert net.bank._cache is None and net.lbank._cache is None
+    assert net.bank._mixer._cache is None and net.lbank._mixer._cache is None
     net(x)
     assert calls == [net.bank, net.lbank] * 2
     with torch.no_grad():  # every forward pass re-mixes, so even .data edits are seen
@@ -538,7 +538,7 @@ def test_training_reuses_bank_buffers_but_never_overwrites_live_weights():
     def step():
         opt.zero_grad(set_to_none=True)
         loss = net(x).pow(2).sum()
-        pointer = net.bank._scratch["weights"].data_ptr()  # (reading c1.weight would re-mix)
+        pointer = net.bank._mixer._scratch["weights"].data_ptr()
         loss.backward()
         opt.step()
         return pointer
@@ -559,7 +559,7 @@ def test_training_reuses_bank_buffers_but_never_overwrites_live_weights():
     net(x).pow(2).sum().backward()
     torch.testing.assert_close(net.bank.templates.grad, 2 * first, rtol=1e-5, atol=1e-5)
     net.eval()
-    assert net.bank._scratch == {}  # eval releases the training buffers
+    assert net.bank._mixer._scratch == {}  # eval releases the training buffers
 
 
 # -- channels-last ---------------------------------------------------------------------------
@@ -590,38 +590,9 @@ def test_to_channels_last_model_matches_and_trains():
     torch.testing.assert_close(converted(x), model(x), rtol=1e-8, atol=1e-8)
 
 
-# -- the sharing benchmark cannot rot ---------------------------------------------------------
-def test_benchmark_smoke():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sharing.py"
-    spec = importlib.util.spec_from_file_location("bench_sharing", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sharing"] = bench  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        del sys.modules["bench_sharing"]
-    lines = []
-    result = bench.run(step_plan=[("wrn_10_1", ["swrn_16_1_2"], 2, 2)],
-                       materialise_plan=[("tiny", 3, 2, (4, 4, 3, 3), 2)], log=lines.append)
-    (comparison,) = result["steps"]
-    assert set(comparison.times) == {"wrn_10_1", "swrn_16_1_2"}
-    assert all(len(v) == 2 and min(v) > 0 for v in comparison.times.values())
-    assert comparison.median_ratio("swrn_16_1_2") > 0
-    (label, times), = result["materialise"]
-    assert set(times) == {"library", "broadcast", "per-layer"}
-    text = "\n".join(lines)
-    assert "| wrn_10_1 | swrn_16_1_2 | 2 |" in text and "| tiny |" in text and "torch=" in text
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--help"])
-    assert exit_info.value.code == 0
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backward_in_many_chunks(monkeypatch, channels_last):
-    monkeypatch.setattr(softshare.layers.bank, "_CHUNK", 7)  # 144-element templates: 21 chunks
+    monkeypatch.setattr(softshare.layers.fast_mix, "_CHUNK", 7)  # 144-element templates: 21 chunks
     net = make_net()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     if channels_last:

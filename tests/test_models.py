@@ -11,7 +11,7 @@ import softshare
 from softshare import SharedConv1d, SharedConv2d, SoftshareError, create_model, list_models, named_banks
 from softshare.models import list_families
 from softshare.models.wrn import BasicBlock
-from softshare.sharing_stats import sharing_stats
+from softshare.analysis import sharing_stats
 
 
 def count(name: str, num_classes: int = 10, in_channels: int = 3) -> int:

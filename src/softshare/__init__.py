@@ -4,9 +4,11 @@ A layer's weight is a learned mix of templates from a bank shared with other lay
 ``W_i = sum_j alpha_ij * T_j`` (Savarese & Maire, ICLR 2019).
 """
 
+from .analysis import LayerSimilarity, layer_similarity, plot_lsm, recurrence_penalty, save_lsm
 from .checkpoint import Checkpoint, find_checkpoint, load, load_checkpoint, load_into, save_checkpoint
+from .convert import share
 from .errors import SoftshareError
-from .fold import fold_model, set_iterations
+from .fold import fold_model
 from .layers import (
     SharedConv1d,
     SharedConv2d,
@@ -15,15 +17,12 @@ from .layers import (
     TemplateBank,
     init_coefficients,
     named_banks,
+    set_iterations,
     to_channels_last,
 )
 from .models import create_model, list_models, register_family
-from .optim import param_groups
-from .share import share
-from .lsm import plot_lsm, save_lsm
-from .similarity import LayerSimilarity, layer_similarity, recurrence_penalty
-
-__version__ = "0.1.0"
+from .train.optim import param_groups
+from .version import __version__
 
 __all__ = [
     "SoftshareError",

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from .errors import SoftshareError
 from .io import atomic_path
+from .models import create_model
+from .version import __version__
 from .wrappers import unwrap_model
 
 FORMAT = "softshare-checkpoint"
@@ -120,8 +122,6 @@ def save_checkpoint(
         raise SoftshareError(f"refusing to replace {directory}: it exists and is not a softshare checkpoint; "
                              f"save into a new directory, e.g. {directory / 'checkpoints' / 'last'}")
     tensors, aliases = dedupe_state_dict(model.state_dict())
-    from . import __version__  # at call time: the package imports this module while initialising
-
     meta = {"format": FORMAT, "version": VERSION, "model": dict(model_config),
             "config": None if config is None else dict(config), "epoch": epoch, "step": step,
             "metrics": dict(metrics or {}), "best_metric": best_metric, "softshare_version": __version__,
@@ -257,8 +257,6 @@ def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | tor
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
-    from .models import create_model
-
     checkpoint = load_checkpoint(path, train_state=False)
     config = checkpoint.meta["model"]
     try:

@@ -73,3 +73,12 @@ def rebuild_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(previous, path)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, **savefig_kwargs: Any) -> Path:
+    """Atomically save a matplotlib `Figure` as PNG. Callers build figures with the object API
+    (``matplotlib.figure.Figure``), never pyplot, so no global backend is switched."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **savefig_kwargs)
+    return path

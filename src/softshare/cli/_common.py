@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
 
 
 def _number(kind, predicate, what):
@@ -48,3 +51,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
     out = [line([str(h) for h in headers]), line(["-" * w for w in widths])]
     return "\n".join(out + [line(r) for r in cells])
+
+
+@contextlib.contextmanager
+def log_to_stdout(*names: str) -> Iterator[None]:
+    """Print the log lines of the named loggers while inside (jobs show progress; library use
+    stays quiet)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
+from ..checkpoint import load_checkpoint
+from ..convert import convert_author
+
 ORDER = 80
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "convert-author", help="convert a checkpoint of the paper's reference code to a softshare checkpoint",
         description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
@@ -17,10 +22,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..checkpoint import load_checkpoint
-    from ..convert_author import convert_author
-
+def run(args: argparse.Namespace) -> int:
     out = convert_author(args.checkpoint, args.model, args.out)
     meta = load_checkpoint(out).meta
     epoch = f" (epoch {meta['epoch']})" if meta["epoch"] is not None else ""

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
+
+from tqdm import tqdm
+
+from ..data.tasks import check_maze_args, generate_prefix_sums, image_side, save_prefix_sums, write_mazes
+
 ORDER = 60
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data", help="generate maze / prefix-sum task data (easy-to-hard benchmark format)",
         description="Generate algorithmic task data offline in the public easy-to-hard layout. "
@@ -33,18 +41,11 @@ def register(subparsers) -> None:
     s.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     return _mazes(args) if args.task == "mazes" else _prefix_sums(args)
 
 
-def _mazes(args) -> int:
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    from ..tasks import check_maze_args, image_side, write_mazes
-
+def _mazes(args: argparse.Namespace) -> int:
     check_maze_args(args.count, args.size, args.seed, args.split)  # fail before any output exists
     began = time.perf_counter()
     with tqdm(total=args.count, unit="maze", desc=f"mazes {args.size}", leave=False,
@@ -57,9 +58,7 @@ def _mazes(args) -> int:
     return 0
 
 
-def _prefix_sums(args) -> int:
-    from ..tasks import generate_prefix_sums, save_prefix_sums
-
+def _prefix_sums(args: argparse.Namespace) -> int:
     bits, targets = generate_prefix_sums(args.count, args.length, args.seed)
     path = save_prefix_sums(args.out, args.length, bits, targets)
     print(f"wrote {args.count:,} bit strings of length {args.length} to {path}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
+from ..studies.demo import DemoConfig, run_demo
+from ._common import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
+
 ORDER = 90
 
 
-def register(subparsers) -> None:
-    from ..demo import DemoConfig
-    from ._common import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="end-to-end demo on generated mazes (make demo)",
                               description="Generate mazes, train a soft-shared net and a feed-forward control, "
@@ -31,9 +33,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..demo import DemoConfig, run_demo
-
+def run(args: argparse.Namespace) -> int:
     fields = DemoConfig.__dataclass_fields__
     run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
+from ..eval import evaluate_checkpoint
+from ._common import format_table, positive_int
+
 ORDER = 35
 
 
-def register(subparsers) -> None:
-    from ._common import positive_int
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="loss and top-1/top-5 error (or task exact-match) on the test set",
                               description="Evaluate a run directory or checkpoint on the test set.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
@@ -26,11 +30,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import json
-
-    from ..evaluate import evaluate_checkpoint
-
+def run(args: argparse.Namespace) -> int:
     task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out") if getattr(args, k)}
     result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
                                  download=args.download, device=args.device, batch_size=args.batch_size,
@@ -48,8 +48,6 @@ def run(args) -> int:
 
 def _task_table(result: dict) -> str:
     """Exact match (%) per size at a few iteration counts, including the trained one."""
-    from ._common import format_table
-
     last, trained = result["iterations"][-1], result["trained_iterations"]
     shown = sorted({1, min(trained, last), last} | {t for t in (2 * trained, 4 * trained) if t <= last})
     rows = [[int(size), *(round(100 * acc[t - 1], 1) for t in shown)] for size, acc in result["accuracy"].items()]

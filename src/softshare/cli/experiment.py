@@ -1,64 +1,80 @@
-"""`softshare experiment algorithmic`: ff vs soft-shared vs recurrent nets on mazes and prefix sums."""
+"""`softshare experiment STUDY`: reproducible studies, one subcommand each with its own flags.
+
+- ``algorithmic``: ff vs soft-shared vs recurrent nets on mazes and prefix sums;
+- ``recurrence``: accuracy and folding against the recurrence regulariser's weight.
+"""
 
 from __future__ import annotations
+
+import argparse
+
+from ..fold import DEFAULT_THRESHOLD
+from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
+from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
+from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 70
 
 
-def register(subparsers) -> None:
-    from ._common import nonnegative_int, positive_int
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "experiment", help="reproducible comparison: training speed and extrapolation on algorithmic tasks",
+        "experiment", help="reproducible studies: algorithmic (ff vs shared vs recurrent), recurrence",
+        description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
+                    "write results.json, results.md (and plots) to --out. Rerunning the same command continues "
+                    "an interrupted study.")
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+
+    a = studies.add_parser(
+        "algorithmic", help="ff vs soft-shared vs recurrent nets: training speed and extrapolation",
         description="Train ff, shared (k = 1, 2, 4) and recurrent nets on mazes and prefix sums for several "
                     "seeds, then measure (a) steps and wall time to 95%% training exact match and (b) test "
-                    "exact match on larger sizes. Writes results.json, results.md and plots to --out. Rerunning "
-                    "the same command continues an interrupted experiment.")
-    p.add_argument("name", choices=["algorithmic", "recurrence"],
-                   help="algorithmic: ff vs shared vs recurrent; recurrence: the --recurrence-reg study "
-                        "(accuracy and layers that fold at LSM >= 0.99 for LAMBDA in 0, 0.05, 1 on Fashion-MNIST "
-                        "and mazes)")
-    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
+                    "exact match on larger sizes.")
+    a.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: presets mazes_cpu/prefix_sums_cpu (about an hour on 2 cores); "
                         "gpu: mazes_gpu/prefix_sums_gpu (one GPU)")
-    p.add_argument("--tasks", nargs="+", default=["mazes", "prefix-sums"], choices=["mazes", "prefix-sums"])
-    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
-                   help="subset of ff shared_k1 shared_k2 shared_k4 recurrent recurrent_recall "
-                        "(default: all but recurrent_recall)")
-    p.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=positive_int, help="override the presets' epochs (a reduced run)")
-    p.add_argument("--train-count", type=positive_int, help="override the presets' training-set size")
-    p.add_argument("--test-count", type=positive_int, help="override the presets' test instances per size")
+    a.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    a.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   metavar="VARIANT", help=f"subset of {' '.join(VARIANTS)} (default: all but recurrent_recall)")
+    a.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+    a.add_argument("--epochs", type=positive_int, help="override the presets' epochs (a reduced run)")
+    a.add_argument("--train-count", type=positive_int, help="override the presets' training-set size")
+    a.add_argument("--test-count", type=positive_int, help="override the presets' test instances per size")
+    _common_flags(a)
+    a.set_defaults(func=run_algorithmic)
+
+    r = studies.add_parser(
+        "recurrence", help="accuracy and folding against --recurrence-reg",
+        description=f"For each task, regulariser weight LAMBDA and seed, train with --recurrence-reg LAMBDA, then "
+                    f"report accuracy, the shared layers that fold into loops at LSM >= {DEFAULT_THRESHOLD}, and "
+                    f"the folded net's accuracy.")
+    r.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    r.add_argument("--lambdas", nargs="+", type=nonnegative_float, default=list(LAMBDAS), metavar="LAMBDA",
+                   help=f"recurrence regulariser weights (default: {' '.join(f'{v:g}' for v in LAMBDAS)})")
+    r.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0])
+    r.add_argument("--epochs", type=positive_int, help="override the settings' epochs (a reduced run)")
+    _common_flags(r)
+    r.set_defaults(func=run_recurrence)
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", help="results directory (default: runs/experiment-<name>-<scale>)")
-    p.set_defaults(func=run)
+    p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>])")
 
 
-def run(args) -> int:
-    import logging
-    import sys
-
-    from ..experiment import DEFAULT_VARIANTS, run_experiment
-
+def run_algorithmic(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_count", args.train_count),
                                    ("test_count", args.test_count)) if v is not None}
-    out = args.out or f"runs/experiment-{args.name}-{args.scale}"
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    loggers = [logging.getLogger(name) for name in ("softshare.experiment", "softshare.train")]
-    for logger in loggers:
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-    try:
-        if args.name == "recurrence":
-            from ..recurrence_study import run_study
+    out = args.out or f"runs/experiment-algorithmic-{args.scale}"
+    with log_to_stdout("softshare.experiment", "softshare.train"):
+        run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
+                       args.device)
+    print(f"done: {out}/results.md")
+    return 0
 
-            run_study(out, seed=args.seeds[0], device=args.device, epochs=args.epochs)
-        else:
-            run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants or DEFAULT_VARIANTS),
-                           tuple(args.seeds), overrides, args.device)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
+
+def run_recurrence(args: argparse.Namespace) -> int:
+    out = args.out or "runs/experiment-recurrence"
+    with log_to_stdout("softshare.experiment", "softshare.train"):
+        run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
     print(f"done: {out}/results.md")
     return 0

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+from ..checkpoint import find_checkpoint, load, load_checkpoint, save_checkpoint
+from ..errors import SoftshareError
+from ..eval import evaluator_for
+from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
+from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
+from ._common import _number, positive_int
+
 ORDER = 50
 
 
-def register(subparsers) -> None:
-    from ._common import _number, positive_int
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     threshold = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
     p = subparsers.add_parser(
@@ -20,11 +28,12 @@ def register(subparsers) -> None:
                    help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output: the folded checkpoint and its report (with --sweep: the sweep table and curve)")
-    p.add_argument("--threshold", type=threshold, default=0.99, help="similarity threshold in (0, 1] (default 0.99)")
+    p.add_argument("--threshold", type=threshold, default=DEFAULT_THRESHOLD,
+                   help=f"similarity threshold in (0, 1] (default {DEFAULT_THRESHOLD})")
     p.add_argument("--sweep", action="store_true",
                    help="instead of one fold, tabulate parameters (and accuracy with --data) over --thresholds")
     p.add_argument("--thresholds", type=threshold, nargs="+", default=None, metavar="T",
-                   help="thresholds for --sweep (default 1 0.999 0.99 0.98 0.95 0.9 0.8)")
+                   help=f"thresholds for --sweep (default {' '.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)})")
     p.add_argument("--data", metavar="NAME", help="evaluate before/after folding on this dataset")
     p.add_argument("--device", default="auto", help="device for evaluation: auto, cpu, cuda, cuda:N")
     p.add_argument("--iterations", type=positive_int, nargs="+", default=[], metavar="N",
@@ -32,47 +41,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_evaluator(data: str, device: str, config: dict | None):
-    """``evaluate(model) -> dict`` with accuracy under "acc": the test set of image dataset `data`,
-    or, for a run on an algorithmic task (`--data` naming that task), exact match on its test set
-    at the training size after the trained number of iterations."""
-    from ..errors import SoftshareError
-
-    task = (config or {}).get("task", "classification")
-    if task == "classification":
-        from ..evaluate import test_set_evaluator
-
-        return test_set_evaluator(data, device=device)
-    if data != task:
-        raise SoftshareError(f"this run was trained on {task}; evaluate it with --data {task}")
-    from ..train.algorithmic import evaluation_examples, exact_match_by_iteration
-    from ..train.run_dir import resolve_device
-
-    dev = resolve_device(device)
-    x, y = evaluation_examples(config, config["train_size"], config["test_count"], config["data_root"])
-
-    def exact_match(model) -> dict:
-        iterations = model.max_iterations or config["depth"]  # a folded net run longer counts every step
-        return {"acc": exact_match_by_iteration(model.to(dev), task, x, y, iterations, 100, dev)[-1]}
-
-    return exact_match
-
-
-def run(args) -> int:
-    import json
-    from pathlib import Path
-
-    from ..checkpoint import META_FILE, find_checkpoint, load, save_checkpoint
-    from ..errors import SoftshareError
-    from ..fold import DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
-    from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
-
+def run(args: argparse.Namespace) -> int:
     if args.iterations and not args.data:
         raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
     source = find_checkpoint(args.path)
     model = load(source)
-    config = json.loads((source / META_FILE).read_text()).get("config")
-    evaluate = build_evaluator(args.data, args.device, config) if args.data else None
+    meta = load_checkpoint(source, train_state=False).meta
+    evaluate = evaluator_for(meta.get("config"), args.device, dataset=args.data) if args.data else None
     before = dict(evaluate(model)) if evaluate else None
     out = Path(args.out)
     if args.sweep:
@@ -91,7 +66,6 @@ def run(args) -> int:
             set_iterations(result.model, count)
             metrics[f"folded, loops run {count} times"] = dict(evaluate(result.model))
         set_iterations(result.model, None)
-    meta = json.loads((source / META_FILE).read_text())
     save_checkpoint(out, result.model, config=meta.get("config"), epoch=meta.get("epoch"),
                     metrics=metrics.get("folded"))
     written = write_fold_report(result, out, source=str(source), metrics=metrics)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
+from ..checkpoint import find_checkpoint, load
+from ..errors import SoftshareError
+from ._common import format_table
+
 ORDER = 40
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "lsm", help="layer similarity matrix (LSM) heatmaps of a trained model",
         description="Draw, for every template bank, S_ij = |cos(a_i, a_j)| between its layers' coefficient "
@@ -17,15 +25,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from pathlib import Path
-
-    from ..checkpoint import find_checkpoint, load
-    from ..errors import SoftshareError
-    from ..lsm import LSM_DIR, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
-    from ..similarity import layer_similarity
-    from ._common import format_table
-
+def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     is_run = path.is_dir() and find_checkpoint(path) != path
     if args.out is None and not is_run:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+
+import torch
+
+from ..models import create_model, list_families, list_models
+from ._common import format_table, one_line_errors, positive_int
+
 ORDER = 10
 
 
-def register(subparsers) -> None:
-    from ._common import one_line_errors, positive_int
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", help="list registered models and their parameter counts",
                               description="List the named models of every registered family.")
     one_line_errors(p)
@@ -16,12 +21,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import torch
-
-    from ..models import create_model, list_families, list_models
-    from ._common import format_table
-
+def run(args: argparse.Namespace) -> int:
     rows = []
     with torch.device("meta"):  # count parameters without allocating them
         for name in list_models(args.pattern):

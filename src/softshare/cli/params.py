@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+
+import torch
+
+from ..analysis import sharing_stats
+from ..models import create_model
+from ._common import format_table, one_line_errors, positive_int
+
 ORDER = 20
 
 
-def register(subparsers) -> None:
-    from ._common import one_line_errors, positive_int
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("params", help="parameter table per template bank, and the saving",
                               description="Show each bank's layers, templates and parameters, and the total "
                                           "against the same architecture without sharing.")
@@ -18,13 +24,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import torch
-
-    from ..models import create_model
-    from ..sharing_stats import sharing_stats
-    from ._common import format_table
-
+def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     stats = sharing_stats(model)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
+from ..train.config import PRESETS, add_config_arguments, overrides_from_args, resolve_config
+from ..train.loop import train
+from ._common import log_to_stdout
+
 ORDER = 30
 
 
-def register(subparsers) -> None:
-    from ..train.config import PRESETS, add_config_arguments
-
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a model (paper recipe presets, CPU/GPU/torchrun DDP)",
         description="Train with defaults < --preset < --config file < flags. The run directory "
@@ -23,17 +28,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import json
-
-    from ..train.config import overrides_from_args, resolve_config
-    from ..train.loop import log_to_stdout, train
-
+def run(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, args.config_file, overrides_from_args(args))
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    with log_to_stdout():
+    with log_to_stdout("softshare.train"):
         result = train(config, resume=args.resume)
     if result.run_dir is not None and not result.interrupted:
         best = f", best {result.best_metric:.4f}" if result.best_metric is not None else ""

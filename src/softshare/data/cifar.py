@@ -23,11 +23,7 @@ from ..errors import SoftshareError
 from ..io import atomic_path
 from .dataset import ImageDataset
 from .download import download_file, safe_extract
-
-try:
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # numpy < 2
-    from numpy.core.multiarray import _reconstruct
+from .unpickle import AllowListUnpickler
 
 _URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -73,22 +69,8 @@ SPECS = {
         tuple(v / 255 for v in (129.3, 124.1, 112.4)), tuple(v / 255 for v in (68.2, 65.4, 70.4))),
 }
 
-# The only globals a CIFAR batch needs: numpy's array reconstruction (both the numpy 1 name
-# the files were written with and numpy 2's), the ndarray class and dtype.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch") from None
+class _BatchUnpickler(AllowListUnpickler):
+    what = "a CIFAR batch"  # numpy arrays (the default allow-list) are all a batch needs
 
 
 def unpickle_batch(data: bytes, where: str) -> dict:

@@ -1,17 +1,19 @@
 """Fold trained soft-shared models into networks with explicit loops (the paper's Sec. 4 claim).
 
 ``fold_model(model, threshold)`` groups consecutive blocks whose coefficient vectors are
-(near) collinear and rebuilds the model with each group as one block run in a loop.
+(near) collinear and rebuilds the model with each group as one block run in a loop. Uses
+`layers` (LoopBlock), `models` (to rebuild) and `analysis` (|cos|, block runs); never the reverse.
 """
 
+from ..analysis import FoldSite
+from ..layers import LoopBlock, loop_blocks, set_iterations
 from .core import FoldGroup, FoldResult, count_parameters, fold_model, plan_loops
-from .loop import LoopBlock, loop_blocks, set_iterations
-from .plan import FoldSite, find_groups, foldable_sites, loop_direction
+from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction
 from .report import DEFAULT_THRESHOLDS, SweepRow, sweep, write_fold_report, write_sweep
 
 __all__ = [
     "fold_model", "plan_loops", "FoldResult", "FoldGroup", "count_parameters",
     "LoopBlock", "loop_blocks", "set_iterations",
     "FoldSite", "foldable_sites", "find_groups", "loop_direction",
-    "sweep", "SweepRow", "write_sweep", "write_fold_report", "DEFAULT_THRESHOLDS",
+    "sweep", "SweepRow", "write_sweep", "write_fold_report", "DEFAULT_THRESHOLD", "DEFAULT_THRESHOLDS",
 ]

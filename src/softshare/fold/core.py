@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..analysis import FoldSite, sharing_stats
 from ..errors import SoftshareError
-from ..sharing_stats import sharing_stats
-from .loop import LoopBlock, loop_blocks
-from .plan import FoldSite, find_groups, foldable_sites, loop_direction, pairwise_similarity
+from ..layers import LoopBlock, loop_blocks
+from ..models import create_model, list_families
+from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction, pairwise_similarity
 
 
 @dataclass
@@ -74,7 +75,7 @@ def plan_loops(model: nn.Module, threshold: float) -> list[list[int]]:
     return [find_groups(site.coefficients(), threshold) for site in foldable_sites(model)]
 
 
-def fold_model(model: nn.Module, threshold: float = 0.99) -> FoldResult:
+def fold_model(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> FoldResult:
     """Rebuild `model` with every group of mutually similar consecutive blocks as one loop.
 
     At threshold 1.0 on exactly collinear coefficients the folded model computes the same
@@ -102,8 +103,6 @@ def fold_model(model: nn.Module, threshold: float = 0.99) -> FoldResult:
 
 
 def _build_folded(model: nn.Module, loops: list[list[int]]) -> nn.Module:
-    from ..models.registry import create_model, list_families  # models import fold.loop: import late
-
     config = getattr(model, "softshare_config", None)
     if not isinstance(config, dict) or "name" not in config:
         raise SoftshareError(f"{type(model).__name__} was not built by softshare.create_model, so its folded "

@@ -9,65 +9,27 @@ sub-run of a group is a group), so growing groups greedily from the left gives t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from ..analysis import FoldSite, abs_cosine, block_runs
 from ..errors import SoftshareError
-from ..layers import SharedLayer, TemplateBank
+from ..layers import TemplateBank
+
+DEFAULT_THRESHOLD = 0.99  # |cos| at or above which blocks fold: the one default of every fold
 
 # Exactly collinear vectors score |cos| = 1 only up to rounding; threshold 1.0 means "collinear
 # to rounding", so scores within this much of the threshold pass.
 SIMILARITY_TOLERANCE = 1e-9
 
 
-@dataclass
-class FoldSite:
-    """A maximal run of consecutive blocks (children of one ModuleList/Sequential) whose direct
-    children include the same shared layer roles, all drawing from one bank."""
-
-    container: str  # module name of the ModuleList/Sequential, e.g. "stages.0.blocks"
-    start: int  # index of the first block in the container
-    blocks: list[nn.Module]
-    roles: tuple[str, ...]
-    bank: TemplateBank
-
-    def coefficients(self) -> Tensor:
-        """(blocks, roles, k) float64 coefficient vectors, on the CPU."""
-        return torch.stack([
-            torch.stack([getattr(block, role).coefficients.detach().to("cpu", torch.float64)
-                         for role in self.roles])
-            for block in self.blocks])
-
-
-def _shared_roles(block: nn.Module) -> tuple[tuple[str, ...], set[int]]:
-    children = [(name, child) for name, child in block.named_children() if isinstance(child, SharedLayer)]
-    return tuple(name for name, _ in children), {id(child.bank) for _, child in children}
-
-
 def foldable_sites(model: nn.Module) -> list[FoldSite]:
-    """Every site in module (forward) order. Raises if the model shares nothing foldable."""
+    """Every site (run of blocks, `analysis.block_runs`) in module order; raises if there is none."""
     if not any(isinstance(m, TemplateBank) for m in model.modules()):
         raise SoftshareError(
             f"{type(model).__name__} has no template banks: only soft-shared models fold into loops "
             "(e.g. swrn_28_10_2)")
-    sites: list[FoldSite] = []
-    for container_name, container in model.named_modules():
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-            continue
-        run: FoldSite | None = None
-        for index, block in enumerate(container):
-            roles, banks = _shared_roles(block)
-            if not roles or len(banks) != 1:
-                run = None
-                continue
-            bank = getattr(block, roles[0]).bank
-            if run is not None and run.roles == roles and run.bank is bank:
-                run.blocks.append(block)
-            else:
-                run = FoldSite(container_name, index, [block], roles, bank)
-                sites.append(run)
+    sites = block_runs(model)
     if not sites:
         raise SoftshareError(
             f"{type(model).__name__} has template banks but no foldable blocks (consecutive blocks in a "
@@ -76,11 +38,8 @@ def foldable_sites(model: nn.Module) -> list[FoldSite]:
 
 
 def pairwise_similarity(coefficients: Tensor) -> Tensor:
-    """(roles, n, n) |cos| between the blocks' vectors of each role; a zero vector scores 0."""
-    per_role = coefficients.transpose(0, 1)  # (roles, n, k)
-    norms = per_role.norm(dim=-1, keepdim=True)
-    unit = torch.where(norms > 0, per_role / norms.clamp_min(1e-300), torch.zeros_like(per_role))
-    return (unit @ unit.transpose(1, 2)).abs()
+    """(roles, n, n) |cos| between the blocks' vectors of each role, from (blocks, roles, k)."""
+    return abs_cosine(coefficients.transpose(0, 1))
 
 
 def find_groups(coefficients: Tensor, threshold: float) -> list[int]:

@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from torch import nn
 
-from ..io import atomic_path, write_json, write_text
+from ..io import save_figure, write_json, write_text
 from .core import FoldResult, count_parameters, fold_model, plan_loops
 from .plan import check_threshold
 
@@ -131,8 +132,6 @@ def sweep_table(rows: Sequence[SweepRow], params_before: int, metric: str | None
 
 def _plot_sweep(rows: Sequence[SweepRow], path: Path, params_before: int,
                 metrics_before: Mapping[str, float] | None, metric: str | None) -> Path:
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     positions = range(len(rows))  # evenly spaced: 1.0 and 0.999 would overlap on a linear axis
@@ -155,6 +154,4 @@ def _plot_sweep(rows: Sequence[SweepRow], path: Path, params_before: int,
         handles = (handles[0] + twin_handles[0], handles[1] + twin_handles[1])
     ax.legend(*handles, loc="lower left", fontsize=8)
     ax.set_title("folding soft-shared blocks into loops")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)

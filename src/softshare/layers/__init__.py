@@ -1,6 +1,8 @@
-"""Soft-sharing building blocks: template banks and the layers that mix weights from them."""
+"""Soft-sharing building blocks: template banks, the layers that mix weights from them, and the
+explicit loop (`LoopBlock`) that runs of collinear shared blocks fold into."""
 
 from .bank import TemplateBank, init_coefficients
+from .loop import LoopBlock, loop_blocks, set_iterations
 from .memory_format import to_channels_last
 from .shared import SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, named_banks
 
@@ -13,4 +15,7 @@ __all__ = [
     "init_coefficients",
     "named_banks",
     "to_channels_last",
+    "LoopBlock",
+    "loop_blocks",
+    "set_iterations",
 ]

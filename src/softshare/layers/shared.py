@@ -47,8 +47,9 @@ class SharedLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The layer's current weight, ``sum_j coefficients[j] * templates[j]``."""
-        return self.bank.weight_for(self)
+        """The layer's current weight, ``sum_j coefficients[j] * templates[j]`` (mixed on its own;
+        `forward` takes it from the bank-wide mix of all the bank's layers instead)."""
+        return self.bank.mix(self.coefficients)
 
     @property
     def num_templates(self) -> int:
@@ -104,10 +105,11 @@ class _SharedConvNd(SharedLayer):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = self.bank.weight_for(self)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)
-            return self._conv(x, self.weight, padding=0)
-        return self._conv(x, self.weight, padding=self.padding)
+            return self._conv(x, weight, padding=0)
+        return self._conv(x, weight, padding=self.padding)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -151,7 +153,7 @@ class SharedLinear(SharedLayer):
         self.out_features, self.in_features = bank.weight_shape
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.bank.weight_for(self), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -18,12 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
-from ..fold.loop import LoopBlock
-from ..layers import SharedConv1d, SharedConv2d, TemplateBank, init_coefficients
+from ..layers import LoopBlock, SharedConv1d, SharedConv2d, TemplateBank, init_coefficients
 from .registry import register_family
 
 BODIES = ("ff", "shared", "recurrent")
-TASK_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
 _DIMS = {"maze": 2, "prefix": 1}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _SHARED_CONV = {1: SharedConv1d, 2: SharedConv2d}
@@ -194,20 +192,6 @@ def _fold_loops(fold: dict | None, body: str, depth: int) -> list[int] | None:
         raise SoftshareError(f"fold must be {{'loops': [[lengths]]}} with positive lengths summing to the "
                              f"depth {depth}, got {fold!r}")
     return sites[0]
-
-
-def resolve_model_name(task: str, model: str) -> str:
-    """The registered name for `model` on `task`: short names ff/shared/recurrent map to the task's family."""
-    prefix = TASK_PREFIX.get(task)
-    if prefix is None:
-        raise SoftshareError(f"{task!r} is not an algorithmic task; use one of {', '.join(TASK_PREFIX)}")
-    if model in BODIES:
-        return f"{prefix}_{model}"
-    if model in {f"{prefix}_{body}" for body in BODIES}:
-        return model
-    names = ", ".join([*BODIES, *(f"{prefix}_{body}" for body in BODIES)])
-    raise SoftshareError(f"model {model!r} cannot be trained on {task} (it needs a {prefix} model that "
-                         f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
 
 
 def _register(prefix: str, body: str) -> None:

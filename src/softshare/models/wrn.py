@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SoftshareError
-from ..fold.loop import LoopBlock
-from ..layers import SharedConv2d, TemplateBank, init_coefficients
+from ..layers import LoopBlock, SharedConv2d, TemplateBank, init_coefficients
 from .registry import register_family
 
 

@@ -1,7 +1,7 @@
-"""Mazes and prefix sums as a Task: data in memory, per-pixel/bit loss, per-instance exact match.
+"""Mazes and prefix sums as a Task: data in memory, per-pixel/bit loss, the progressive loss.
 
-Accuracy here is all-or-nothing per instance (every path pixel / every bit right), as in the
-easy-to-hard benchmark: a maze with one wrong pixel is not solved.
+Which model family suits which task lives here (`resolve_model_name`); the models themselves
+know no task names. Scoring (exact match per instance) is `eval.algorithmic.score`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, validation_count
 from ..errors import SoftshareError
+from ..eval.algorithmic import score
 from ..io import write_json
 from ..models import create_model
-from ..models.algorithmic import resolve_model_name
-from ..tasks import maze_dataset, prefix_sum_dataset
+from ..models.algorithmic import BODIES
 from .task import Task
 
-IN_CHANNELS = {"mazes": 3, "prefix-sums": 1}
+MODEL_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
 
 
 class Batch(NamedTuple):
@@ -32,69 +32,18 @@ class Batch(NamedTuple):
     count: int  # ... then iterations run with gradient
 
 
-def examples(task: str, size: int, count: int, seed: int, split: str = "train", skip: int = 0,
-             root: str | None = None) -> tuple[Tensor, Tensor]:
-    """Rows [skip, skip + count) of a task set: generated from `seed`, or read from `root`.
-
-    Prefix sums have no train/test streams (the public data are one file per length), so
-    held-out sets at the training length are the rows after the training rows.
-    """
-    if task == "mazes":
-        x, y = maze_dataset(size, skip + count, split=split, seed=seed, root=root)
-    elif task == "prefix-sums":
-        x, y = prefix_sum_dataset(size, skip + count, seed=seed, root=root)
-    else:
-        raise SoftshareError(f"{task!r} is not an algorithmic task; use mazes or prefix-sums")
-    return x[skip:], y[skip:]
-
-
-def validation_count(config: dict) -> int:
-    """Held-out rows at the training size: `val_size`, or `test_count` when unset (0: none)."""
-    return config["test_count"] if config["val_size"] is None else config["val_size"]
-
-
-def evaluation_examples(config: dict, size: int, count: int, root: str | None = None) -> tuple[Tensor, Tensor]:
-    """The test set at `size` of a run with resolved `config`: never seen in training or validation."""
-    task, seed = config["task"], config["seed"]
-    if task == "mazes":
-        return examples(task, size, count, seed, "test", root=root)
-    skip = config["train_count"] + validation_count(config) if size == config["train_size"] else 0
-    return examples(task, size, count, seed, skip=skip, root=root)
-
-
-def solve_mask(task: str, x: Tensor) -> Tensor | None:
-    """Pixels that count: a maze's open (white/green/red) pixels; every bit of a prefix sum."""
-    return x.amax(dim=1) > 0 if task == "mazes" else None
-
-
-def score(task: str, logits: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean cross-entropy over the pixels that count, bool (N,) instance solved exactly)."""
-    mask = solve_mask(task, x)
-    loss = F.cross_entropy(logits.float(), y, reduction="none")
-    right = logits.argmax(dim=1) == y
-    if mask is None:
-        return loss.mean(), right.flatten(1).all(dim=1)
-    return (loss * mask).sum() / mask.sum().clamp_min(1), (right | ~mask).flatten(1).all(dim=1)
-
-
-@torch.no_grad()
-def exact_match_by_iteration(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int,
-                             batch_size: int, device: torch.device,
-                             amp_dtype: torch.dtype | None = None) -> list[float]:
-    """Fraction of instances solved after each of 1..`iterations` iterations, in one pass per batch.
-
-    States are scored as they come, so memory does not grow with `iterations`.
-    """
-    was_training = model.training
-    model.eval()
-    solved = torch.zeros(iterations, dtype=torch.float64, device=device)  # no host sync per iteration
-    for begin in range(0, len(x), batch_size):
-        xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            for index, state in enumerate(model.iterate(xb, iterations)):
-                solved[index] += score(task, model.head(state), yb, xb)[1].sum()
-    model.train(was_training)
-    return (solved / max(len(x), 1)).cpu().tolist()
+def resolve_model_name(task: str, model: str) -> str:
+    """The registered name for `model` on `task`: short names ff/shared/recurrent map to the task's family."""
+    prefix = MODEL_PREFIX.get(task)
+    if prefix is None:
+        raise SoftshareError(f"{task!r} is not an algorithmic task; use one of {', '.join(MODEL_PREFIX)}")
+    if model in BODIES:
+        return f"{prefix}_{model}"
+    if model in {f"{prefix}_{body}" for body in BODIES}:
+        return model
+    names = ", ".join([*BODIES, *(f"{prefix}_{body}" for body in BODIES)])
+    raise SoftshareError(f"model {model!r} cannot be trained on {task} (it needs a {prefix} model that "
+                         f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
 
 
 class AlgorithmicTask(Task):
@@ -196,75 +145,3 @@ class AlgorithmicTask(Task):
         write_json(run_path / "data.json", {
             "task": config.task, "source": config.data_root or "generated", "seed": config.seed,
             "size": config.train_size, "train": f"rows 0..{config.train_count}", "validation": validation})
-
-
-# -- evaluating a trained run on larger instances (softshare eval) ------------------------------
-def default_iterations(model: nn.Module, trained: int) -> int:
-    """ff/shared: their depth; recurrent: 4x the trained count, to see it extrapolate."""
-    return model.max_iterations or 4 * trained
-
-
-def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
-                             count: int | None = None, device: str = "auto", batch_size: int = 100,
-                             data_root: str | None = None, out: str | None = None) -> dict:
-    """Exact match per test size after each of 1..`iterations` iterations; writes JSON and a plot.
-
-    Defaults come from the run's config: its test sizes, test count and seed (the test sets are
-    disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plot beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`).
-    """
-    from ..checkpoint import find_checkpoint, load, load_checkpoint
-    from .run_dir import resolve_device
-
-    ckpt_path = find_checkpoint(path)
-    meta = load_checkpoint(ckpt_path, train_state=False).meta
-    config = meta.get("config") or {}
-    if config.get("task") not in IN_CHANNELS:
-        raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
-    dev = resolve_device(device)
-    model = load(ckpt_path, device=dev)
-    trained = config["depth"]
-    iterations = iterations or default_iterations(model, trained)
-    model.check_iterations(0, iterations)
-    sizes = sizes or config["test_sizes"] or [config["train_size"]]
-    count = count or config["test_count"]
-    accuracy = {}
-    for size in sizes:
-        x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
-        accuracy[str(size)] = exact_match_by_iteration(model, config["task"], x, y, iterations, batch_size, dev)
-    result = {"checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
-              "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
-              "count": count, "iterations": list(range(1, iterations + 1)), "accuracy": accuracy}
-    json_path = Path(out) if out else _default_eval_path(ckpt_path)
-    write_json(json_path, result)
-    plot_accuracy_vs_iterations(result, json_path.with_suffix(".png"))
-    return {**result, "json": str(json_path), "plot": str(json_path.with_suffix(".png"))}
-
-
-def _default_eval_path(ckpt_path: Path) -> Path:
-    if ckpt_path.parent.name == "checkpoints":  # <run>/checkpoints/<which>
-        return ckpt_path.parent.parent / f"eval-{ckpt_path.name}.json"
-    return ckpt_path.parent / f"{ckpt_path.name}-eval.json"
-
-
-def plot_accuracy_vs_iterations(result: dict, path: Path) -> None:
-    """One line per test size: exact match against the number of iterations run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for size, accuracy in result["accuracy"].items():
-        ax.plot(result["iterations"], [100 * a for a in accuracy], label=f"size {size}")
-    ax.axvline(result["trained_iterations"], color="grey", ls="--", lw=1, label="trained iterations")
-    ax.set(xlabel="iterations", ylabel="exact match (%)", ylim=(-2, 102),
-           title=f"{result['model']} ({result['task']}, trained at {result['train_size']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)

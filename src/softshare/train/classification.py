@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import BatchLoader, load_dataset, split_indices
-from ..evaluate import classifier_sums, summarise
+from ..eval.classification import classifier_sums, summarise
 from ..io import write_json
 from ..models import create_model
 from .task import Task

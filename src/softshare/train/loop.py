@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -19,30 +18,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..analysis import recurrence_penalty
+from ..analysis.lsm import record_lsm
 from ..checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..device import resolve_device
 from ..errors import SoftshareError
 from ..layers import to_channels_last
-from ..optim import param_groups
-from ..similarity import recurrence_penalty
+from .algorithmic import AlgorithmicTask
+from .classification import ClassificationTask
 from .config import TrainConfig, apply_overrides
 from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, barrier, cleanup, init_distributed
-from .run_dir import RunDir, local_device, resolve_device
-from .task import Task, make_task
+from .optim import param_groups
+from .run_dir import RunDir, local_device
+from .task import Task
 
 log = logging.getLogger("softshare.train")
-
-
-@contextlib.contextmanager
-def log_to_stdout():
-    """Print the per-epoch log lines while inside (the CLI jobs; library use stays quiet)."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
 
 
 class TrainingDiverged(SoftshareError):
@@ -126,6 +116,12 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task:
+    """The Task for ``config.task``: image classification, or mazes / prefix sums."""
+    task_class = ClassificationTask if config.task == "classification" else AlgorithmicTask
+    return task_class(config, device, dist)
+
+
 def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> TrainResult:
     """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint)."""
     dist = init_distributed(resolve_device(config.device).type)
@@ -166,8 +162,6 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
                  sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
         if config.lsm_every and start_epoch == 0 and start_batch == 0:
-            from ..lsm import record_lsm
-
             record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
     barrier(dist)
 
@@ -244,9 +238,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             if improved:
                 _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "best")
             if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
-                from ..lsm import record_lsm
-
-                record_lsm(model, run.path, epoch + 1)
+                    record_lsm(model, run.path, epoch + 1)
         barrier(dist)
     if run is not None:
         run.close()

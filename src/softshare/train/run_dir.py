@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
+from ..device import device_description, resolve_device
 from ..errors import SoftshareError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, save_figure, write_json
+from ..version import __version__
 
 log = logging.getLogger("softshare.train")
 
@@ -33,12 +36,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 class RunDir:
@@ -69,8 +66,6 @@ class RunDir:
         self._handler.close()
 
     def write_info(self, config: dict, device: torch.device, world_size: int) -> None:
-        from .. import __version__
-
         write_json(self.path / "config.json", config)
         write_json(self.path / "run_info.json", {
             "softshare_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
@@ -80,9 +75,7 @@ class RunDir:
         })
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
 
     def append_metrics(self, row: dict[str, Any], keep_epochs_below: int | None = None) -> None:
         """Append one epoch's metrics; on resume, drop rows of epochs that will be re-run."""
@@ -98,13 +91,9 @@ class RunDir:
         rows = self.read_metrics()
         if not rows:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         epochs = [r["epoch"] for r in rows]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4), layout="tight")
+        ax_loss, ax_acc = fig.subplots(1, 2)
         for key, label, ax in (("train_loss", "train", ax_loss), ("val_loss", "eval", ax_loss),
                                ("train_acc", "train", ax_acc), ("val_acc", "eval", ax_acc)):
             points = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
@@ -116,22 +105,15 @@ class RunDir:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(self.path.name)
-        fig.tight_layout()
-        with atomic_path(self.path / "curves.png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
+        save_figure(fig, self.path / "curves.png")
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise SoftshareError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SoftshareError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
+def read_metrics(run_path: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows of a run's metrics.jsonl (none yet: an empty list)."""
+    path = Path(run_path) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def local_device(spec: str, local_rank: int) -> torch.device:

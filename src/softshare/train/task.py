@@ -48,13 +48,3 @@ class Task(ABC):
 
     def save_artifacts(self, run_path: Path) -> None:
         """Write task files into the run directory (e.g. the validation split). Rank 0 only."""
-
-
-def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task:
-    if config.task == "classification":
-        from .classification import ClassificationTask
-
-        return ClassificationTask(config, device, dist)
-    from .algorithmic import AlgorithmicTask  # mazes, prefix-sums
-
-    return AlgorithmicTask(config, device, dist)

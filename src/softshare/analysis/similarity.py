@@ -1,0 +1,112 @@
+"""Which layers sharing a bank have become the same layer: |cos| of coefficient vectors.
+
+One definition each of the three notions the rest of softshare builds on:
+- `abs_cosine`: S_ij = |<a_i, a_j>| / (|a_i| |a_j|), the Layer Similarity Matrix entry;
+- a layer's *role*: its name among the direct children of its block (``conv1``), and a *run*
+  of consecutive blocks with the same shared roles drawing from one bank (`block_runs`): the
+  layers of one role in a run are what `softshare.fold` merges into one looped layer;
+- `recurrence_penalty`: the training pull of exactly those pairs towards collinearity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import SharedLayer, TemplateBank, named_banks
+
+
+def abs_cosine(vectors: Tensor) -> Tensor:
+    """(..., n, n) |cos| between the n vectors of (..., n, k) `vectors`; a zero vector scores 0."""
+    norms = vectors.norm(dim=-1, keepdim=True)
+    unit = torch.where(norms > 0, vectors / norms.clamp_min(1e-300), torch.zeros_like(vectors))
+    return (unit @ unit.transpose(-1, -2)).abs()
+
+
+@dataclass
+class LayerSimilarity:
+    """S_ij = |<a_i, a_j>| / (|a_i| |a_j|) over the coefficient vectors of one bank's layers."""
+
+    bank: str
+    layers: list[str]
+    matrix: torch.Tensor  # (n_layers, n_layers), float64
+
+    def to_dict(self) -> dict:
+        return {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist()}
+
+
+def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
+    """One LayerSimilarity per bank, layers in module (forward) order. A zero vector scores 0."""
+    results = []
+    for bank_name, _, users in named_banks(model):
+        coefficients = torch.stack([layer.coefficients.detach().to("cpu", torch.float64) for _, layer in users])
+        results.append(LayerSimilarity(bank_name, [name for name, _ in users], abs_cosine(coefficients)))
+    return results
+
+
+@dataclass
+class FoldSite:
+    """A maximal run of consecutive blocks (children of one ModuleList/Sequential) whose direct
+    children include the same shared layer roles, all drawing from one bank."""
+
+    container: str  # module name of the ModuleList/Sequential, e.g. "stages.0.blocks"
+    start: int  # index of the first block in the container
+    blocks: list[nn.Module]
+    roles: tuple[str, ...]
+    bank: TemplateBank
+
+    def coefficients(self) -> Tensor:
+        """(blocks, roles, k) float64 coefficient vectors, on the CPU."""
+        return torch.stack([
+            torch.stack([getattr(block, role).coefficients.detach().to("cpu", torch.float64)
+                         for role in self.roles])
+            for block in self.blocks])
+
+
+def shared_roles(block: nn.Module) -> tuple[tuple[str, ...], set[int]]:
+    """A block's roles (names of its direct children that are shared layers) and their banks' ids."""
+    children = [(name, child) for name, child in block.named_children() if isinstance(child, SharedLayer)]
+    return tuple(name for name, _ in children), {id(child.bank) for _, child in children}
+
+
+def block_runs(model: nn.Module) -> list[FoldSite]:
+    """Every run of consecutive blocks sharing roles and one bank, in module (forward) order."""
+    sites: list[FoldSite] = []
+    for container_name, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        run: FoldSite | None = None
+        for index, block in enumerate(container):
+            roles, banks = shared_roles(block)
+            if not roles or len(banks) != 1:
+                run = None
+                continue
+            bank = getattr(block, roles[0]).bank
+            if run is not None and run.roles == roles and run.bank is bank:
+                run.blocks.append(block)
+            else:
+                run = FoldSite(container_name, index, [block], roles, bank)
+                sites.append(run)
+    return sites
+
+
+def recurrence_penalty(model: nn.Module) -> torch.Tensor:
+    """Differentiable pull towards recurrence: mean of 1 - cos^2 over foldable pairs.
+
+    The pairs are layers of the same role in consecutive blocks of a run (`block_runs`: exactly
+    what `fold` needs to collapse blocks into a loop), not all pairs: a block's conv1 and conv2
+    stay free to differ. cos^2 rather than |cos| keeps the gradient smooth, and like the LSM it
+    ignores sign and scale (a fold keeps a per-iteration scale).
+    """
+    terms = []
+    for site in block_runs(model):
+        for role in site.roles:
+            if len(site.blocks) > 1:
+                vectors = torch.stack([getattr(block, role).coefficients for block in site.blocks])
+                unit = torch.nn.functional.normalize(vectors, dim=1)
+                terms.append(1 - (unit[:-1] * unit[1:]).sum(1).pow(2))
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.cat(terms).mean()

@@ -1,0 +1,200 @@
+"""Builders shared by several test modules (fixtures built from them are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softshare import create_model
+from softshare.train.config import resolve_config
+
+
+class RefBank(nn.Module):
+    def __init__(self, k: int, channels: int):
+        super().__init__()
+        self.templates = nn.Parameter(torch.randn(k, channels, channels, 3, 3) * 0.05)
+
+
+class RefSConv2d(nn.Module):
+    def __init__(self, bank: RefBank):
+        super().__init__()
+        self.bank = bank
+        self.coefficients = nn.Parameter(torch.randn(bank.templates.shape[0], 1, 1, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(x, (self.bank.templates * self.coefficients).sum(0), padding=1)
+
+
+class RefBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, bank: RefBank | None = None):
+        super().__init__()
+        self.bank = bank
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+        self.conv1 = RefSConv2d(bank) if bank else nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = RefSConv2d(bank) if bank else nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.equal = cin == cout
+        self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        residual = x if self.equal else out  # a projecting block reads the pre-activated input
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + (self.convShortcut(residual) if self.convShortcut is not None else residual)
+
+
+class RefSWRN(nn.Module):
+    def __init__(self, depth: int, width: int, k: int | None, num_classes: int = 10):
+        super().__init__()
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.conv_3x3 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        for s, stride in zip((1, 2, 3), (1, 2, 2)):
+            bank = RefBank(k, channels[s]) if k else None
+            if bank is not None:
+                setattr(self, f"bank_{s}", bank)
+            blocks = [RefBlock(channels[s - 1], channels[s], stride)]
+            blocks += [RefBlock(channels[s], channels[s], 1, bank) for _ in range(n - 1)]
+            setattr(self, f"stage_{s}", nn.Sequential(*blocks))
+        self.lastact = nn.Sequential(nn.BatchNorm2d(channels[3]), nn.ReLU())
+        self.classifier = nn.Linear(channels[3], num_classes)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "templates" not in name:
+                    p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.num_batches_tracked.fill_(7)
+
+    def forward(self, x):
+        x = self.stage_3(self.stage_2(self.stage_1(self.conv_3x3(x))))
+        return self.classifier(F.avg_pool2d(self.lastact(x), 8).flatten(1))
+
+
+class DataParallelLike(nn.Module):  # gives the `module.` prefix of nn.DataParallel
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.module = net
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _reference_file(path, net, monkeypatch, marker, zipfile=True):
+    """torch.save what the reference main.py saves, plus objects whose unpickling would run code."""
+
+    class RecorderMeter:
+        def __init__(self, epochs):
+            self.total_epoch, self.current_epoch = epochs, 3
+            self.epoch_losses = np.zeros((epochs, 2), dtype=np.float32) - 1
+            self.epoch_accuracy = np.arange(epochs * 2, dtype=np.float32).reshape(epochs, 2)
+
+    class Payload:
+        def __init__(self, fn, arg):
+            self.fn, self.arg = fn, arg
+
+        def __reduce__(self):
+            return self.fn, (self.arg,)
+
+    RecorderMeter.__module__, RecorderMeter.__qualname__ = "utils", "RecorderMeter"
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    net(X.float()).sum().backward()
+    opt.step()
+    net.zero_grad()
+    wrapped = DataParallelLike(net)
+    obj = {"epoch": 3, "arch": "swrn", "state_dict": wrapped.state_dict(), "optimizer": opt.state_dict(),
+           "recorder": RecorderMeter(5), "curve": np.linspace(0, 1, 4),
+           "payload": Payload(os.system, f"touch {marker}"),
+           "payload2": Payload(eval, f"open({str(marker)!r}, 'w')")}
+    with monkeypatch.context() as patch:  # `utils` exists only while saving, as on the author's machine
+        utils = types.ModuleType("utils")
+        utils.RecorderMeter = RecorderMeter
+        patch.setitem(sys.modules, "utils", utils)
+        torch.save(obj, path, _use_new_zipfile_serialization=zipfile)
+    return path
+
+
+# swrn_28_1_2: widths 16/32/64, 4 blocks per stage, blocks 1-3 share the stage's bank of k=2.
+SCALES = {0: [1.0, -2.5, 0.3], 1: [0.7, 1.9]}  # stage -> scales of blocks 1.. (stage 2 stays random)
+
+
+def _collinear_swrn() -> nn.Module:
+    """float64 swrn_28_1_2 in eval mode: stage 0 blocks 1-3 and stage 1 blocks 1-2 exactly collinear
+    (per role, positive and negative scales), every BatchNorm with non-trivial statistics."""
+    torch.manual_seed(0)
+    model = create_model("swrn_28_1_2").double()
+    with torch.no_grad():
+        for stage, scales in SCALES.items():
+            blocks = model.stages[stage].blocks
+            for offset, scale in enumerate(scales):
+                blocks[1 + offset].conv1.coefficients.copy_(blocks[1].conv1.coefficients * scale)
+                blocks[1 + offset].conv2.coefficients.copy_(blocks[1].conv2.coefficients * (-1.3 * scale))
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _make_collinear(model, stage: int, blocks: list[int]) -> None:
+    """Give `blocks` of one stage scaled copies of the first one's conv1/conv2 coefficients."""
+    stage_blocks = model.stages[stage].blocks
+    with torch.no_grad():
+        for role in ("conv1", "conv2"):
+            first = getattr(stage_blocks[blocks[0]], role).coefficients
+            for scale, b in zip((-2.0, 0.5, 3.0), blocks[1:]):
+                getattr(stage_blocks[b], role).coefficients.copy_(scale * first)
+
+
+TINY = dict(task="mazes", model="recurrent", width=4, depth=2, train_count=40, test_count=8, batch_size=10,
+            epochs=2, seed=3, test_sizes=[9, 11], deterministic=True, device="cpu")
+
+
+def tiny(tmp_path, **fields):
+    return resolve_config(overrides={**TINY, "out_dir": str(tmp_path), **fields})
+
+
+TOY = dict(train_count=100, test_count=10, test_sizes=[9, 13], width=8, depth=3, num_templates=2, epochs=1, extra_iterations=2,
+           threshold=0.5, recurrence_reg=1.0)
+
+
+class Foreign(nn.Module):
+    """A CNN softshare knows nothing about: convs of four 2-D shapes, a Conv1d, a conv with bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # (8, 3, 3, 3): 216
+        self.block1 = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),  # (8, 8, 3, 3): 576
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False, padding_mode="reflect"),  # 576
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding="same", bias=True),  # 576 + bias 8
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),  # (16, 8, 3, 3): 1152
+        )
+        self.mix = nn.Conv2d(16, 16, 1, bias=False)  # (16, 16, 1, 1): 256
+        self.seq = nn.Conv1d(16, 16, 3, padding=1, padding_mode="circular", bias=False)  # (16, 16, 3): 768
+        self.fc = nn.Linear(16, 10)  # 160 + 10
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.block1(x)
+        x = F.relu(self.block2(x))
+        x = F.relu(self.mix(x)).flatten(2)
+        return self.fc(self.seq(x).mean(2))
+
+
+def foreign(dtype=torch.float64) -> Foreign:
+    torch.manual_seed(0)
+    return Foreign().to(dtype)

@@ -1,0 +1,145 @@
+"""softshare.analysis: |cos| and the Layer Similarity Matrix, the recurrence penalty, LSM figures and
+their history during training."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import _make_collinear
+from softshare import (
+    SharedConv2d,
+    SharedLinear,
+    SoftshareError,
+    TemplateBank,
+    create_model,
+    layer_similarity,
+    recurrence_penalty,
+    share,
+)
+from softshare.analysis import LayerSimilarity
+from softshare.analysis.lsm import (
+    plot_lsm,
+    plot_lsm_history,
+    read_lsm_history,
+    record_lsm,
+    save_lsm,
+    short_layer_names,
+)
+
+
+def test_short_layer_names():
+    names = ["stages.0.blocks.1.conv1", "stages.0.blocks.1.conv2", "stages.0.blocks.2.conv1"]
+    assert short_layer_names(names) == ["b1.conv1", "b1.conv2", "b2.conv1"]
+    assert short_layer_names(["layer1.0.conv1", "layer2.1.conv2"]) == ["layer1.0.conv1", "layer2.1.conv2"]
+    assert short_layer_names(["blocks.1.conv", "bodies.1.conv"]) == ["blocks.1.conv", "bodies.1.conv"]
+    assert short_layer_names(["net.blocks.3.conv1"]) == ["conv1"]
+
+
+def test_save_lsm_writes_one_figure_per_bank_and_the_matrices(model, tmp_path):
+    paths = save_lsm(model, tmp_path)
+    assert sorted(p.name for p in paths) == ["lsm.json", "lsm_stages.0.bank.png", "lsm_stages.1.bank.png",
+                                             "lsm_stages.2.bank.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    banks = json.loads((tmp_path / "lsm.json").read_text())["banks"]
+    expected = layer_similarity(model)
+    assert [b["layers"] for b in banks] == [s.layers for s in expected]
+    assert torch.allclose(torch.tensor(banks[1]["matrix"], dtype=torch.float64), expected[1].matrix)
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_lsm_of_a_converted_model(tmp_path):
+    converted = share(nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 2)
+    assert [p.name for p in save_lsm(converted, tmp_path)] == ["lsm_0.bank.png", "lsm.json"]
+
+
+def test_large_banks_drop_annotations(tmp_path):
+    similarity = LayerSimilarity("big", [f"blocks.{i}.conv" for i in range(40)], torch.rand(40, 40).double())
+    (path,) = plot_lsm([similarity], tmp_path)
+    assert path.name == "lsm_big.png" and path.stat().st_size > 0
+
+
+def test_model_without_banks():
+    with pytest.raises(SoftshareError, match="no template banks"):
+        save_lsm(create_model("wrn_16_1"), "unused")
+
+
+def test_history_records_epochs_and_forgets_re_trained_ones(model, tmp_path):
+    for epoch in (0, 2, 4):
+        record_lsm(model, tmp_path, epoch)
+    paths = record_lsm(model, tmp_path, 2)  # resumed from epoch 1: epoch 4 is trained again later
+    assert [r["epoch"] for r in read_lsm_history(tmp_path)] == [0, 2]
+    assert (tmp_path / "lsm" / "epoch_0002" / "lsm_stages.0.bank.png") in paths
+    assert (tmp_path / "lsm" / "history.png").exists()
+
+
+def test_history_figure_caps_the_columns(tmp_path):
+    from softshare.analysis.lsm import _spread
+
+    assert _spread(5, 8) == [0, 1, 2, 3, 4]
+    assert _spread(100, 8) == [0, 14, 28, 42, 57, 71, 85, 99]
+    with pytest.raises(SoftshareError, match="no LSM history"):
+        plot_lsm_history(tmp_path)
+
+
+# -- layer similarity -----------------------------------------------------------------------
+def test_layer_similarity_on_hand_set_coefficients():
+    bank, other = TemplateBank(3, (2, 2)), TemplateBank(2, (2, 2))
+    vectors = OrderedDict(first=[1.0, 0.0, 0.0], second=[0.0, 2.0, 0.0], third=[1.0, 1.0, 0.0],
+                          fourth=[-3.0, 0.0, 0.0], zero=[0.0, 0.0, 0.0])
+    layers = OrderedDict((name, SharedLinear(bank)) for name in vectors)
+    layers["x"] = SharedLinear(other)
+    layers["y"] = SharedLinear(other)
+    with torch.no_grad():
+        for name, v in vectors.items():
+            layers[name].coefficients.copy_(torch.tensor(v))
+        layers["x"].coefficients.copy_(torch.tensor([3.0, 4.0]))
+        layers["y"].coefficients.copy_(torch.tensor([4.0, -3.0]))
+    model = nn.Sequential(layers)
+    result = layer_similarity(model)
+    assert [r.bank for r in result] == ["first.bank", "x.bank"]
+    assert result[0].layers == list(vectors) and result[1].layers == ["x", "y"]
+    h = 1 / math.sqrt(2)
+    expected = torch.tensor([
+        [1, 0, h, 1, 0],
+        [0, 1, h, 0, 0],
+        [h, h, 1, h, 0],
+        [1, 0, h, 1, 0],  # |cos| ignores the sign
+        [0, 0, 0, 0, 0],  # a zero vector scores 0, even with itself
+    ], dtype=torch.float64)
+    assert result[0].matrix.dtype == torch.float64
+    torch.testing.assert_close(result[0].matrix, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(result[1].matrix, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert result[1].to_dict() == {"bank": "x.bank", "layers": ["x", "y"], "matrix": [[1.0, 0.0], [0.0, 1.0]]}
+
+
+def test_layer_similarity_of_swrn_in_forward_order():
+    model = create_model("swrn_22_1_2")
+    result = layer_similarity(model)
+    assert [r.bank for r in result] == ["stages.0.bank", "stages.1.bank", "stages.2.bank"]
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+             for name, m in model.named_modules() if isinstance(m, SharedConv2d)]
+    model(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert [name for r in result for name in r.layers] == order
+    for r in result:
+        a = torch.stack([model.get_submodule(n).coefficients.detach().double() for n in r.layers])
+        a = a / a.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(r.matrix, (a @ a.T).abs(), rtol=1e-12, atol=1e-12)
+
+
+def test_penalty_is_zero_exactly_when_foldable_pairs_are_collinear():
+    model = create_model("swrn_22_1_4")  # 2 shared blocks per stage: one foldable pair per role and stage
+    assert recurrence_penalty(model).item() > 0.5  # orthonormal start: cos = 0 for every pair
+    for stage in range(3):
+        _make_collinear(model, stage, [1, 2])
+    assert abs(recurrence_penalty(model).item()) < 1e-6
+    penalty = recurrence_penalty(create_model("swrn_22_1_4"))
+    penalty.backward()  # differentiable: it can be added to the loss

@@ -1,0 +1,327 @@
+"""The `softshare` command: job discovery, help, models, params, and its error contract."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import TOY, tiny
+from softshare.analysis.lsm import record_lsm
+from softshare.cli import build_parser, main
+from softshare.data.tasks import files as task_files
+from softshare.data.tasks import generate_mazes, load_mazes, load_prefix_sums, maze_dir, save_mazes
+from softshare.fold import loop_blocks
+from softshare.studies.demo import DemoConfig, run_demo
+from softshare.train.loop import train
+
+
+def jobs() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "job")
+    return list(action.choices)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "softshare", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_core_jobs_are_registered_in_order():
+    names = jobs()
+    assert "models" in names and "params" in names
+    assert names.index("models") < names.index("params")  # ORDER 10, 20
+
+
+def test_help_lists_every_job_subprocess():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: softshare" in result.stdout
+    for job in jobs():
+        assert re.search(rf"^\s+{re.escape(job)}\s", result.stdout, re.MULTILINE), job
+
+
+@pytest.mark.parametrize("job", jobs())
+def test_every_job_has_help(job, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([job, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: softshare {job}")
+
+
+def test_models_prints_names_and_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(\w+)\s+([\d,]+)$", out, re.MULTILINE))
+    assert rows["wrn_28_10"] == "36,479,194"
+    assert rows["swrn_28_10_1"] == "12,287,212"
+    assert rows["swrn_28_10_2"] == "17,125,630"
+    assert rows["swrn_28_14_2"] == "33,537,790"
+    assert r"swrn_(\d+)_(\d+)_(\d+)" in out  # families and their patterns
+
+
+def test_models_pattern_and_num_classes(capsys):
+    assert main(["models", "wrn_28_*", "--num-classes", "100"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(\w+)\s+([\d,]+)$", out, re.MULTILINE))
+    assert set(rows) == {"wrn_28_10", "wrn_28_14"}
+    assert rows["wrn_28_10"] == "36,536,884"
+
+
+def test_params_of_swrn_28_10_2(capsys):
+    assert main(["params", "swrn_28_10_2"]) == 0
+    out = capsys.readouterr().out
+    bank_rows = re.findall(r"^(stages\.\d\.bank)\s+(\d+)\s+(\d+)\s+(\[[^\]]+\])\s+([\d,]+)\s+([\d,]+)$", out, re.MULTILINE)
+    assert bank_rows == [
+        ("stages.0.bank", "6", "2", "[160, 160, 3, 3]", f"{2 * 160 * 160 * 9 + 12:,}", f"{6 * 160 * 160 * 9:,}"),
+        ("stages.1.bank", "6", "2", "[320, 320, 3, 3]", f"{2 * 320 * 320 * 9 + 12:,}", f"{6 * 320 * 320 * 9:,}"),
+        ("stages.2.bank", "6", "2", "[640, 640, 3, 3]", f"{2 * 640 * 640 * 9 + 12:,}", f"{6 * 640 * 640 * 9:,}"),
+    ]
+    assert re.search(r"total parameters:\s+17,125,630$", out, re.MULTILINE)
+    assert re.search(r"unshared equivalent:\s+36,479,194$", out, re.MULTILINE)  # = WRN-28-10
+    assert f"{36_479_194 / 17_125_630:.2f}x fewer" in out
+
+
+def test_params_of_unshared_model(capsys):
+    assert main(["params", "wrn_28_10", "--num-classes", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "no template banks" in out and re.search(r"total parameters:\s+36,536,884$", out, re.MULTILINE)
+
+
+def test_unknown_model_lists_close_names(capsys):
+    assert main(["params", "swrn_28_10_x"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("softshare params: error: unknown model 'swrn_28_10_x'")
+    assert "did you mean" in lines[0] and "swrn_28_10_2" in lines[0]
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["params", "swrn_28_10_2", "--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'"),
+    (["params", "swrn_28_10_2", "--in-channels", "three"], "argument --in-channels: expected a positive integer"),
+    (["models", "--num-classes", "-3"], "argument --num-classes: expected a positive integer, got '-3'"),
+    (["params"], "the following arguments are required: model"),
+])
+def test_bad_argument_values_one_line_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"softshare {argv[0]}: error: ") and fragment in err
+
+
+def test_bad_argument_value_subprocess_no_traceback():
+    result = run_cli("params", "swrn_28_10_2", "--num-classes", "zero")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "softshare params: error: argument --num-classes: expected a positive integer, got 'zero' "
+        "(see 'softshare params --help')"]
+    result = run_cli("params", "nosuchmodel_1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "unknown model 'nosuchmodel_1'" in result.stderr
+
+
+def test_cli_lsm_on_a_run_and_a_checkpoint(model, tmp_path, capsys):
+    from softshare.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "last", model)
+    record_lsm(model, run, 0)
+    assert main(["lsm", str(run)]) == 0
+    assert (run / "lsm" / "lsm_stages.2.bank.png").exists() and (run / "lsm" / "history.png").exists()
+    assert "b1.conv1" in capsys.readouterr().out
+    assert main(["lsm", str(run / "checkpoints" / "last")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["lsm", str(run / "checkpoints" / "last"), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "lsm.json").exists()
+
+
+def test_cli_fold_and_sweep(collinear, tmp_path, capsys):
+    from softshare.checkpoint import load, save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", copy.deepcopy(collinear).float(), epoch=7)
+    out = tmp_path / "folded"
+    assert main(["fold", str(tmp_path / "ckpt"), "--threshold", "0.9999", "--out", str(out)]) == 0
+    report = json.loads((out / "fold_report.json").read_text())
+    assert report["loops"] == [[3], [2, 1], [1, 1, 1]]
+    assert loop_blocks(load(out))[0][1].length == 3
+    assert main(["fold", str(tmp_path / "ckpt"), "--sweep", "--thresholds", "1", "0.5",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "fold_sweep.png").exists()
+    assert main(["fold", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_fold_cli_scores_a_maze_run_by_exact_match(tmp_path):
+    from softshare.cli import main
+
+    run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
+    run = tmp_path / "demo" / "runs" / "shared"
+    assert main(["fold", str(run), "--out", str(tmp_path / "folded"), "--data", "mazes", "--threshold", "1.0"]) == 0
+    report = json.loads((tmp_path / "folded" / "fold_report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["original"]["acc"] == metrics["folded"]["acc"]  # nothing folds at 1.0: same function
+    assert main(["fold", str(run), "--out", str(tmp_path / "x"), "--data", "cifar10"]) == 2
+
+
+def test_cli(shared, tmp_path, capsys):
+    _, path, _ = shared
+    out = tmp_path / "converted"
+    assert main(["convert-author", str(path), "--model", "swrn_16_2_2", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"converted {path} (epoch 3) to {out}: swrn_16_2_2, 10 classes")
+    for argv in ([str(tmp_path / "missing.pth.tar"), "--model", "swrn_16_2_2"],
+                 [str(path), "--model", "swrn_16_1_2"], [str(path), "--model", "nonsense_1"]):
+        assert main(["convert-author", *argv, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("softshare convert-author: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_is_deterministic_and_matches_library(tmp_path, capsys):
+    for out in ("a", "b"):
+        assert main(["data", "mazes", "--size", "13", "--count", "64", "--seed", "2",
+                     "--split", "test", "--out", str(tmp_path / out)]) == 0
+        assert main(["data", "prefix-sums", "--length", "20", "--count", "300", "--seed", "2",
+                     "--out", str(tmp_path / out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and "64 test mazes of size 13" in lines[0]
+    files = ["maze_data_test_13/inputs.npy", "maze_data_test_13/solutions.npy",
+             "prefix_sums_data/len_20/20_data.npy", "prefix_sums_data/len_20/20_targets.npy"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    x, y = load_mazes(tmp_path / "a", "test", 13)
+    inputs, solutions = generate_mazes(64, 13, seed=2, split="test")
+    assert np.array_equal(x.numpy(), inputs) and np.array_equal(y.numpy(), solutions)
+    other = tmp_path / "c"
+    save_mazes(other, "test", 13, inputs, solutions)  # streamed and in-memory writes: same bytes
+    assert (other / files[0]).read_bytes() == (tmp_path / "a" / files[0]).read_bytes()
+
+
+def test_cli_defaults_write_a_small_set_into_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "mazes"]) == 0
+    assert main(["data", "prefix-sums"]) == 0
+    x, y = load_mazes("data", "train", 9)
+    assert x.shape == (1000, 3, 24, 24)
+    assert load_prefix_sums("data", 32)[0].shape == (10000, 1, 32)
+
+
+@pytest.mark.parametrize("argv", [
+    ["mazes", "--size", "10"], ["mazes", "--size", "7"], ["mazes", "--size", "403"],
+    ["mazes", "--count", "0"], ["mazes", "--seed", "-1"],
+    ["prefix-sums", "--length", "4", "--count", "17"], ["prefix-sums", "--length", "0"],
+    ["prefix-sums", "--count", "-3"],
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    assert main(["data", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("softshare data: error:") and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_cli_failure_midway_leaves_previous_set_intact(tmp_path, monkeypatch, interrupt):
+    assert main(["data", "mazes", "--count", "20", "--out", str(tmp_path)]) == 0
+    before = (maze_dir(tmp_path, "train", 9) / "inputs.npy").read_bytes()
+    real_fill = task_files.fill_mazes
+
+    def failing_fill(inputs, solutions, *args, **kwargs):
+        real_fill(inputs[:5], solutions[:5], *args, **kwargs)
+        raise interrupt()
+
+    monkeypatch.setattr(task_files, "fill_mazes", failing_fill)
+    argv = ["data", "mazes", "--count", "50", "--seed", "1", "--out", str(tmp_path)]
+    if interrupt is KeyboardInterrupt:
+        assert main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError):
+            main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maze_data_train_9"]  # no temp leftovers
+    assert (maze_dir(tmp_path, "train", 9) / "inputs.npy").read_bytes() == before
+
+
+def test_cli_bad_flag_value_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--lr", "-1",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "lr must be > 0" in out.stderr
+
+
+def test_eval_writes_table_and_plot(tmp_path, capsys):
+    train(tiny(tmp_path, name="ev", epochs=1))
+    run = tmp_path / "ev"
+    assert main(["eval", str(run), "--sizes", "9", "11", "--iterations", "5", "--count", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "mazes" and result["model"] == "maze_recurrent"
+    assert result["iterations"] == [1, 2, 3, 4, 5] and result["trained_iterations"] == 2
+    assert list(result["accuracy"]) == ["9", "11"]
+    assert all(len(acc) == 5 and all(0 <= a <= 1 for a in acc) for acc in result["accuracy"].values())
+    written = json.loads((run / "eval-best.json").read_text())
+    assert written["accuracy"] == result["accuracy"]
+    assert (run / "eval-best.png").stat().st_size > 0
+    out = tmp_path / "elsewhere" / "e.json"
+    assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out)]) == 0
+    assert "size" in capsys.readouterr().out
+    assert list(json.loads(out.read_text())["accuracy"]) == ["9", "11"]  # the run's test sizes
+    assert out.with_suffix(".png").exists()
+
+
+def test_eval_refuses_too_many_iterations_for_ff(tmp_path, capsys):
+    train(tiny(tmp_path, name="ff", model="ff", epochs=1))
+    assert main(["eval", str(tmp_path / "ff"), "--iterations", "3", "--count", "2"]) == 2
+    assert "at most 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, model, message", [
+    ("prefix-sums", "maze_ff", "cannot be trained on prefix-sums"),
+    ("mazes", "wrn_16_4", "cannot be trained on mazes"),
+    ("classification", "maze_shared", "train it with --task mazes"),
+])
+def test_model_task_mismatch_is_one_clear_error(tmp_path, capsys, task, model, message):
+    code = main(["train", "--task", task, "--model", model, "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_task_options_on_an_image_classifier_are_an_error(tmp_path, capsys):
+    from softshare import create_model
+    from softshare.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", create_model("wrn_10_1"), config={"task": "classification", "dataset": "digits"})
+    assert main(["eval", str(tmp_path / "ck"), "--sizes", "9"]) == 2
+    assert "apply only to runs on an algorithmic task" in capsys.readouterr().err
+
+
+def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp_path, capsys):
+    from softshare.cli import experiment as job
+
+    calls = []
+    monkeypatch.setattr(job, "run_study", lambda *args: calls.append(("recurrence", *args)))
+    monkeypatch.setattr(job, "run_experiment", lambda *args: calls.append(("algorithmic", *args)))
+    out = str(tmp_path)
+    assert main(["experiment", "recurrence", "--tasks", "mazes", "--lambdas", "0", "1", "--seeds", "0", "2",
+                 "--epochs", "1", "--device", "cpu", "--out", out]) == 0
+    assert main(["experiment", "algorithmic", "--scale", "gpu", "--tasks", "mazes", "--variants", "ff",
+                 "--seeds", "4", "--epochs", "2", "--train-count", "30", "--test-count", "5", "--out", out]) == 0
+    assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1),
+                     ("algorithmic", out, "gpu", ("mazes",), ("ff",), (4,),
+                      {"epochs": 2, "train_count": 30, "test_count": 5}, "auto")]
+    capsys.readouterr()
+    for argv in (["--scale", "gpu"], ["--variants", "ff"], ["--train-count", "5"], ["--tasks", "prefix-sums"]):
+        with pytest.raises(SystemExit):
+            main(["experiment", "recurrence", *argv])
+        assert "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "algorithmic", "--lambdas", "1"])

@@ -1,0 +1,93 @@
+"""Training, resuming and evaluating on the algorithmic tasks through the generic loop and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import tiny
+from softshare import SoftshareError
+from softshare.train.algorithmic import resolve_model_name
+from softshare.train.config import resolve_config
+from softshare.train.loop import StopFlag, train
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run) -> dict:
+    return load_file(run / "checkpoints" / "last" / "model.safetensors")
+
+
+def test_task_defaults_are_adam_and_explicit_fields_win():
+    config = resolve_config(overrides={"task": "prefix-sums", "lr": 0.01})
+    assert (config.optimizer, config.lr, config.train_size) == ("adam", 0.01, 32)
+    assert resolve_config().optimizer == "sgd"  # classification keeps the paper's CIFAR recipe
+    assert resolve_config("mazes_cpu").task == "mazes"
+
+
+def test_tiny_maze_run_learns(tmp_path):
+    """Size-9 mazes: loss falls and training exact match leaves the trivial 0% within seconds.
+
+    A CPU test can afford a few hundred steps: enough to fit 48 mazes, far from learning to solve
+    mazes in general (that takes thousands of steps; see docs/algorithmic.md).
+    """
+    config = tiny(tmp_path, model="ff", width=16, depth=8, train_count=48, test_count=16, batch_size=8,
+                  epochs=70, lr=3e-3, eval_every=1000, checkpoint_every=1000, name="learn")
+    train(config)
+    rows = metrics(tmp_path / "learn")
+    assert rows[-1]["train_loss"] < 0.3 * rows[0]["train_loss"]
+    # predicting "no path" everywhere solves no maze (every maze has a path)
+    assert rows[0]["train_acc"] == 0 and max(r["train_acc"] for r in rows[-5:]) >= 0.25, rows[-5:]
+
+
+class StopAfter(StopFlag):
+    """Asks the loop to stop after `steps` training steps, like a SIGTERM would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        super().__init__()
+
+    @property
+    def requested(self) -> bool:
+        self.steps -= 1
+        return self.steps < 0
+
+    @requested.setter
+    def requested(self, value: bool) -> None:
+        pass
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    """2 epochs straight == stop after 5 steps (mid epoch 2) + resume, with the progressive loss on."""
+    straight = tiny(tmp_path, name="straight", alpha=0.5, depth=3)
+    train(straight)
+    split = tiny(tmp_path, name="split", alpha=0.5, depth=3)
+    assert train(split, stop=StopAfter(5)).interrupted
+    train(split, resume="auto")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert [r["train_loss"] for r in metrics(tmp_path / "straight")] == \
+        pytest.approx([r["train_loss"] for r in metrics(tmp_path / "split")], abs=1e-6)
+
+
+def test_bad_size_and_count(tmp_path):
+    with pytest.raises(SoftshareError, match="odd integer"):
+        train(tiny(tmp_path, name="even", train_size=10))
+    with pytest.raises(SoftshareError, match="smaller than one step"):
+        train(tiny(tmp_path, name="few", train_count=5))
+
+
+def test_model_names_per_task():
+    assert resolve_model_name("mazes", "shared") == "maze_shared"
+    assert resolve_model_name("prefix-sums", "prefix_ff") == "prefix_ff"
+    with pytest.raises(SoftshareError, match="cannot be trained on prefix-sums"):
+        resolve_model_name("prefix-sums", "maze_ff")
+    with pytest.raises(SoftshareError, match="cannot be trained on mazes"):
+        resolve_model_name("mazes", "wrn_16_4")
