@@ -49,13 +49,14 @@ def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
 @dataclass
 class FoldSite:
     """A maximal run of consecutive blocks (children of one ModuleList/Sequential) whose direct
-    children include the same shared layer roles, all drawing from one bank."""
+    children include the same shared layer roles, each role drawing from the same bank in every
+    block: one bank for all roles (SWRN) or one bank per role (the algorithmic shared body)."""
 
     container: str  # module name of the ModuleList/Sequential, e.g. "stages.0.blocks"
     start: int  # index of the first block in the container
     blocks: list[nn.Module]
     roles: tuple[str, ...]
-    bank: TemplateBank
+    banks: tuple[TemplateBank, ...]  # per role
 
     def coefficients(self) -> Tensor:
         """(blocks, roles, k) float64 coefficient vectors, on the CPU."""
@@ -65,14 +66,14 @@ class FoldSite:
             for block in self.blocks])
 
 
-def shared_roles(block: nn.Module) -> tuple[tuple[str, ...], set[int]]:
-    """A block's roles (names of its direct children that are shared layers) and their banks' ids."""
+def shared_roles(block: nn.Module) -> tuple[tuple[str, ...], tuple[TemplateBank, ...]]:
+    """A block's roles (names of its direct children that are shared layers) and their banks."""
     children = [(name, child) for name, child in block.named_children() if isinstance(child, SharedLayer)]
-    return tuple(name for name, _ in children), {id(child.bank) for _, child in children}
+    return tuple(name for name, _ in children), tuple(child.bank for _, child in children)
 
 
 def block_runs(model: nn.Module) -> list[FoldSite]:
-    """Every run of consecutive blocks sharing roles and one bank, in module (forward) order."""
+    """Every run of consecutive blocks with the same roles on the same banks, in module (forward) order."""
     sites: list[FoldSite] = []
     for container_name, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)):
@@ -80,14 +81,13 @@ def block_runs(model: nn.Module) -> list[FoldSite]:
         run: FoldSite | None = None
         for index, block in enumerate(container):
             roles, banks = shared_roles(block)
-            if not roles or len(banks) != 1:
+            if not roles:
                 run = None
                 continue
-            bank = getattr(block, roles[0]).bank
-            if run is not None and run.roles == roles and run.bank is bank:
+            if run is not None and run.roles == roles and all(a is b for a, b in zip(run.banks, banks)):
                 run.blocks.append(block)
             else:
-                run = FoldSite(container_name, index, [block], roles, bank)
+                run = FoldSite(container_name, index, [block], roles, banks)
                 sites.append(run)
     return sites
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
@@ -26,16 +27,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     a = studies.add_parser(
         "algorithmic", help="ff vs soft-shared vs recurrent nets: training speed and extrapolation",
-        description="Train ff, shared (k = 1, 2, 4) and recurrent nets on mazes and prefix sums for several "
-                    "seeds, then measure (a) steps and wall time to 95%% training exact match and (b) test "
-                    "exact match on larger sizes.")
+        description="Train ff, shared (k = 1, 2, 4; with and without the recurrence regulariser) and recurrent "
+                    "(with and without DT-L) nets with one recipe for several seeds, then measure (a) steps and "
+                    "wall time to 95%% training exact match, (b) test exact match on larger sizes at the "
+                    "label-free stopping rule and at the best iteration, running nets that can (recurrent, shared "
+                    "folded into a loop) up to 20x the trained iterations, and (c) what the shared nets fold into.")
     a.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: presets mazes_cpu/prefix_sums_cpu (about an hour on 2 cores); "
-                        "gpu: mazes_gpu/prefix_sums_gpu (one GPU)")
-    a.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+                   help="cpu: presets prefix_sums_cpu/mazes_cpu (prefix sums, 5 seeds: about 90 min with "
+                        "--jobs 2 on 2 cores); gpu: prefix_sums_gpu/mazes_gpu (one GPU)")
+    a.add_argument("--tasks", nargs="+", default=["prefix-sums"], choices=TASKS)
     a.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                   metavar="VARIANT", help=f"subset of {' '.join(VARIANTS)} (default: all but recurrent_recall)")
-    a.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+                   metavar="VARIANT", help=f"subset of {' '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})")
+    a.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2, 3, 4])
+    a.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs at once, each in its own process with one thread (default 1; 2 on a 2-core machine)")
+    a.add_argument("--patience", type=positive_int, default=STOP_PATIENCE,
+                   help=f"the stopping rule: stop once a prediction is unchanged for this many iterations "
+                        f"(default {STOP_PATIENCE})")
     a.add_argument("--epochs", type=positive_int, help="override the presets' epochs (a reduced run)")
     a.add_argument("--train-count", type=positive_int, help="override the presets' training-set size")
     a.add_argument("--test-count", type=positive_int, help="override the presets' test instances per size")
@@ -67,7 +75,7 @@ def run_algorithmic(args: argparse.Namespace) -> int:
     out = args.out or f"runs/experiment-algorithmic-{args.scale}"
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
-                       args.device)
+                       args.device, args.jobs, args.patience)
     print(f"done: {out}/results.md")
     return 0
 

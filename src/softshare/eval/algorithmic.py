@@ -2,9 +2,9 @@
 
 Accuracy here is all-or-nothing per instance (every path pixel / every bit right), as in the
 easy-to-hard benchmark: a maze with one wrong pixel is not solved. The scores come after every
-iteration of one pass (`exact_match_by_iteration`), so accuracy-vs-iterations curves, and rules
-that pick an iteration count, build on it; a folded net can also think longer by running its
-longest loop more times (`exact_match_thinking_longer`).
+iteration of one pass (`think`), together with where two label-free stopping rules stop, so
+accuracy-vs-iterations curves and "how long to think" come from the same pass; a folded net can
+also think longer by running its longest loop more times (`exact_match_thinking_longer`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..device import resolve_device
 from ..errors import SoftshareError
 from ..io import write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations
-from .plots import plot_accuracy_vs_iterations
+from .plots import plot_accuracy_vs_iterations, plot_maze_predictions
 
 
 def solve_mask(task: str, x: Tensor) -> Tensor | None:
@@ -39,40 +39,105 @@ def score(task: str, logits: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tens
     return (loss * mask).sum() / mask.sum().clamp_min(1), (right | ~mask).flatten(1).all(dim=1)
 
 
-@torch.no_grad()
-def exact_match_by_iteration(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int,
-                             batch_size: int, device: torch.device,
-                             amp_dtype: torch.dtype | None = None) -> list[float]:
-    """Fraction of instances solved after each of 1..`iterations` iterations, in one pass per batch.
+STOP_PATIENCE = 10  # the stable rule: iterations a prediction must stay unchanged before it stops
+STOP_RULES = ("stable", "confident")
+EXTRAPOLATION_FACTOR = 20  # unbounded nets are scored up to this many times their trained iterations
 
-    States are scored as they come, so memory does not grow with `iterations`.
+
+@torch.no_grad()
+def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, batch_size: int,
+          device: torch.device, amp_dtype: torch.dtype | None = None, patience: int = STOP_PATIENCE) -> dict:
+    """Exact match after each of 1..`iterations` iterations, and where two label-free rules stop.
+
+    - ``stable``: each instance stops at the first iteration whose prediction equals those of the
+      `patience` iterations before it (its thought has settled); one that never settles stops at
+      `iterations`;
+    - ``confident``: each instance takes its iteration of highest mean confidence (the max softmax
+      over the pixels that count), DeepThinking's ``max_conf`` test mode.
+
+    Neither rule looks at labels: they only score the prediction each rule picked. States are
+    scored as they come, so memory does not grow with `iterations`. Returns ``{"exact_match":
+    [per iteration], "stop": {rule: {"exact_match", "mean_iteration"}}, "patience"}``.
     """
+    check_positive("patience", patience)
     was_training = model.training
     model.eval()
     solved = torch.zeros(iterations, dtype=torch.float64, device=device)  # no host sync per iteration
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # stable right/at, confident right/at
     for begin in range(0, len(x), batch_size):
         xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
+        mask = solve_mask(task, xb)
+        n = len(yb)
+        previous, unchanged = None, torch.zeros(n, dtype=torch.long, device=device)
+        stop_at = torch.full((n,), iterations, dtype=torch.long, device=device)
+        stop_right = torch.zeros(n, dtype=torch.bool, device=device)
+        best_confidence = torch.full((n,), -1.0, device=device)
+        best_at = torch.zeros(n, dtype=torch.long, device=device)
+        best_right = torch.zeros(n, dtype=torch.bool, device=device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             for index, state in enumerate(model.iterate(xb, iterations)):
-                solved[index] += score(task, model.head(state), yb, xb)[1].sum()
+                logits = model.head(state).float()
+                prediction = logits.argmax(dim=1)
+                right = score(task, logits, yb, xb)[1]
+                solved[index] += right.sum()
+                if previous is not None:
+                    same = (prediction == previous).flatten(1).all(dim=1)
+                    unchanged = torch.where(same, unchanged + 1, torch.zeros_like(unchanged))
+                settles = (unchanged >= patience) & (stop_at == iterations)
+                stop_at = torch.where(settles, index + 1, stop_at)
+                stop_right = torch.where(settles, right, stop_right)
+                confidence = logits.softmax(dim=1).amax(dim=1).flatten(1)
+                confidence = (confidence.mean(1) if mask is None else
+                              (confidence * mask.flatten(1)).sum(1) / mask.flatten(1).sum(1).clamp_min(1))
+                better = confidence > best_confidence
+                best_confidence = torch.where(better, confidence, best_confidence)
+                best_at = torch.where(better, index + 1, best_at)
+                best_right = torch.where(better, right, best_right)
+                previous = prediction
+        stop_right = torch.where(unchanged >= patience, stop_right, right)  # never settled: the last prediction
+        totals += torch.stack([stop_right.sum(), stop_at.sum(), best_right.sum(), best_at.sum()]).double()
     model.train(was_training)
-    return (solved / max(len(x), 1)).cpu().tolist()
+    count = max(len(x), 1)
+    stable_right, stable_at, confident_right, confident_at = (totals / count).tolist()
+    return {"exact_match": (solved / count).cpu().tolist(), "patience": patience,
+            "stop": {"stable": {"exact_match": stable_right, "mean_iteration": stable_at},
+                     "confident": {"exact_match": confident_right, "mean_iteration": confident_at}}}
+
+
+def exact_match_by_iteration(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int,
+                             batch_size: int, device: torch.device,
+                             amp_dtype: torch.dtype | None = None) -> list[float]:
+    """Fraction of instances solved after each of 1..`iterations` iterations (see `think`)."""
+    return think(model, task, x, y, iterations, batch_size, device, amp_dtype)["exact_match"]
+
+
+def check_positive(name: str, value: object) -> int:
+    """`value` if it is a positive integer, else one clear error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SoftshareError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def default_iterations(model: nn.Module, trained: int) -> int:
-    """ff/shared: their depth; recurrent: 4x the trained count, to see it extrapolate."""
-    return model.max_iterations or 4 * trained
+    """ff/shared: their depth; nets that run any number (recurrent, folded): 20x the trained count,
+    enough for the 512-bit prefix sums a 32-bit net needs about 0.45 x 512 iterations for."""
+    return model.max_iterations or EXTRAPOLATION_FACTOR * trained
 
 
 def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
-                             data_root: str | None = None, out: str | None = None) -> dict:
-    """Exact match per test size after each of 1..`iterations` iterations; writes JSON and a plot.
+                             data_root: str | None = None, out: str | None = None,
+                             patience: int = STOP_PATIENCE) -> dict:
+    """Exact match per test size after each of 1..`iterations` iterations and at the stopping
+    rules (`think`); writes JSON and a plot (for mazes also input/target/prediction figures).
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plot beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`).
+    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`).
     """
+    check_positive("patience", patience)
+    if iterations is not None:
+        check_positive("iterations", iterations)
     ckpt_path = find_checkpoint(path)
     meta = load_checkpoint(ckpt_path, train_state=False).meta
     config = meta.get("config") or {}
@@ -85,17 +150,25 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     model.check_iterations(0, iterations)
     sizes = sizes or config["test_sizes"] or [config["train_size"]]
     count = count or config["test_count"]
-    accuracy = {}
+    accuracy, stop, examples = {}, {}, {}
     for size in sizes:
         x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
-        accuracy[str(size)] = exact_match_by_iteration(model, config["task"], x, y, iterations, batch_size, dev)
+        thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
+        accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
+        examples[size] = (x[:1], y[:1])
     result = {"checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
-              "count": count, "iterations": list(range(1, iterations + 1)), "accuracy": accuracy}
+              "count": count, "iterations": list(range(1, iterations + 1)), "patience": patience,
+              "accuracy": accuracy, "stop": stop}
     json_path = Path(out) if out else _default_eval_path(ckpt_path)
     write_json(json_path, result)
-    plot_accuracy_vs_iterations(result, json_path.with_suffix(".png"))
-    return {**result, "json": str(json_path), "plot": str(json_path.with_suffix(".png"))}
+    plots = {"plot": json_path.with_suffix(".png")}
+    plot_accuracy_vs_iterations(result, plots["plot"])
+    if config["task"] == "mazes":
+        plots["mazes_plot"] = json_path.with_name(json_path.stem + "-mazes.png")
+        shown = min(trained, iterations)
+        plot_maze_predictions(model, examples, shown, plots["mazes_plot"], dev)
+    return {**result, "json": str(json_path), **{k: str(v) for k, v in plots.items()}}
 
 
 def _default_eval_path(ckpt_path: Path) -> Path:

@@ -158,8 +158,9 @@ def _fold_group(site: FoldSite, members: list[int]) -> tuple[FoldGroup, dict[str
         if layer.bias is not None:
             raise SoftshareError(f"{site.container}.{site.start + members[0]}.{role} has a bias; folding shared "
                                  "layers with biases is not supported")
-        entries[f"{role}.weight"] = site.bank.mix(direction).detach()
-        entries[f"scales.{role}"] = c.to(site.bank.templates.dtype)
+        bank = site.banks[r]
+        entries[f"{role}.weight"] = bank.mix(direction).detach()
+        entries[f"scales.{role}"] = c.to(bank.templates.dtype)
         scales[role] = c.tolist()
         residual = (vectors - c[:, None] * direction).norm(dim=1) / vectors.norm(dim=1).clamp_min(1e-300)
         fit_error = max(fit_error, float(residual.max()))

@@ -33,7 +33,7 @@ def foldable_sites(model: nn.Module) -> list[FoldSite]:
     if not sites:
         raise SoftshareError(
             f"{type(model).__name__} has template banks but no foldable blocks (consecutive blocks in a "
-            "ModuleList/Sequential whose shared layers are direct children using one bank)")
+            "ModuleList/Sequential whose shared layers are direct children, each role drawing from one bank)")
     return sites
 
 

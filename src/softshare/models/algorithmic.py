@@ -1,11 +1,27 @@
-"""Per-pixel (mazes, 2-D) and per-bit (prefix sums, 1-D) nets for the algorithmic tasks.
+"""Per-pixel (mazes, 2-D) and per-bit (prefix sums, 1-D) nets after DeepThinking's recall nets.
 
-One family, three bodies between the same projection and head, so a comparison isolates the
-body: ``ff`` (D distinct residual blocks), ``shared`` (the same D blocks mixing all their
-convs from ONE bank of k templates: the paper's scheme, and the shape ``fold`` can loop) and
-``recurrent`` (one block applied T times with tied weights, optionally with recall: the
-easy-to-hard baseline of Bansal et al., 2022). Every body exposes its intermediate states, so
-an accuracy-vs-iterations curve costs one pass.
+The architecture follows ``dt_net_recall_1d/2d`` of aks2203/deep-thinking (Bansal et al. 2022):
+
+    projection   conv(in -> w), ReLU
+    iteration    [recall: conv(cat(state, input) -> w), ReLU] then B residual blocks
+                 relu(h + conv2(relu(conv1(h))))                      (B = 2 as there)
+    head         conv(w -> w), ReLU, conv(w -> w/2), ReLU, conv(w/2 -> classes)
+
+all 3-wide convs without bias. Three bodies differ only in where each iteration's conv weights
+come from, so a comparison isolates the sharing:
+
+- ``ff``: distinct weights per iteration (a feed-forward net T iterations deep);
+- ``shared``: every conv *role* (recall, conv1, conv2, ... of the iteration) has its own bank of
+  k templates that all T iterations mix from (the paper's scheme: one bank per group of layers of
+  one shape; the recall conv's shape differs from the others', so one bank for all cannot work);
+- ``recurrent``: one iteration's weights, tied, run any number of times.
+
+``lipschitz=True`` is the DT-L remedy for "overthinking" (Bear, Prügel-Bennett & Hare, NeurIPS
+2024): inside the iteration every conv is divided by its spectral norm (of the (out, in*kernel)
+matrix, as ``torch.nn.utils.spectral_norm`` computes it), ELU replaces ReLU, and each residual
+block interpolates ``h <- (1 - g) h + g f(h)`` with a learned gate g in (0, 1) instead of adding.
+An iteration is then (approximately) 1-Lipschitz in the state, so the thought settles instead of
+growing when the net runs many more iterations than it was trained with.
 """
 
 from __future__ import annotations
@@ -27,107 +43,197 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _SHARED_CONV = {1: SharedConv1d, 2: SharedConv2d}
 
 
+def conv_roles(blocks: int, recall: bool) -> tuple[str, ...]:
+    """Names of an iteration's convs: ``recall`` (if any), then conv1..conv{2B}."""
+    return (("recall",) if recall else ()) + tuple(f"conv{i + 1}" for i in range(2 * blocks))
+
+
 def _conv(dim: int, in_channels: int, out_channels: int) -> nn.Module:
     return _CONV[dim](in_channels, out_channels, 3, padding=1, bias=False)
 
 
-def _norm(width: int, norm: bool) -> nn.Module:
-    return nn.GroupNorm(math.gcd(4, width), width) if norm else nn.Identity()
+def spectral_norm_of(weight: Tensor) -> Tensor:
+    """Largest singular value of a conv weight seen as an (out, in * kernel) matrix."""
+    return torch.linalg.matrix_norm(weight.flatten(1).float(), ord=2).to(weight.dtype)
 
 
-class ResidualBlock(nn.Module):
-    """relu(x + conv2(relu(conv1(x)))): the block of Bansal et al., without BatchNorm by default.
+class Gates(nn.Module):
+    """DT-L's residual interpolation weights g_b = sigmoid(logit_b), one per residual block."""
 
-    BatchNorm statistics are per-depth, which breaks running a block more times than trained,
-    so the optional normalisation is GroupNorm (per instance, independent of image size).
-    With `bank`, both convs mix their weights from it.
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(blocks))
+
+    def forward(self) -> Tensor:
+        return torch.sigmoid(self.logits)
+
+
+class _IterationSteps:
+    """The arithmetic of one iteration, shared by `Iteration` and its folded form `LoopIteration`.
+
+    Expects `roles`, `num_blocks`, `lipschitz` and the convs as attributes named by role.
     """
 
-    def __init__(self, dim: int, width: int, bank: TemplateBank | None = None, norm: bool = False) -> None:
+    roles: tuple[str, ...]
+    num_blocks: int
+    lipschitz: bool
+
+    def _conv_out(self, role: str, h: Tensor, scales: dict[str, Tensor] | None,
+               norms: dict[str, Tensor] | None) -> Tensor:
+        out = getattr(self, role)(h)
+        scale = None if scales is None else scales[role]
+        if scale is not None:  # W_t = c_t W, and a conv is linear in its weight
+            out = out * scale
+        if self.lipschitz:  # divide by the spectral norm of the weight actually applied
+            sigma = norms[role] if norms is not None else spectral_norm_of(getattr(self, role).weight)
+            out = out / (sigma if scale is None else sigma * scale.abs()).clamp_min(1e-12)
+        return out
+
+    def spectral_norms(self) -> dict[str, Tensor] | None:
+        """Per-role spectral norms, to compute once per forward pass (DT-L only)."""
+        if not self.lipschitz:
+            return None
+        return {role: spectral_norm_of(getattr(self, role).weight) for role in self.roles}
+
+    def _step(self, state: Tensor, inputs: Tensor, scales: dict[str, Tensor] | None,
+              norms: dict[str, Tensor] | None, gates: Tensor | None) -> Tensor:
+        act = F.elu if self.lipschitz else F.relu
+        h = state
+        if "recall" in self.roles:
+            h = act(self._conv_out("recall", torch.cat([h, inputs], dim=1), scales, norms))
+        for b in range(self.num_blocks):
+            out = act(self._conv_out(f"conv{2 * b + 1}", h, scales, norms))
+            out = self._conv_out(f"conv{2 * b + 2}", out, scales, norms)
+            h = (1 - gates[b]) * h + gates[b] * act(out) if gates is not None else F.relu(h + out)
+        return h
+
+
+class Iteration(_IterationSteps, nn.Module):
+    """One iteration; its convs are direct children named by `conv_roles` (what folding needs)."""
+
+    def __init__(self, dim: int, width: int, in_channels: int, blocks: int, recall: bool, lipschitz: bool,
+                 banks: dict[str, TemplateBank] | None = None) -> None:
         super().__init__()
-        if bank is None:
-            self.conv1, self.conv2 = _conv(dim, width, width), _conv(dim, width, width)
-        else:
-            self.conv1 = _SHARED_CONV[dim](bank, padding=1)
-            self.conv2 = _SHARED_CONV[dim](bank, padding=1)
-        self.norm1, self.norm2 = _norm(width, norm), _norm(width, norm)
+        self.roles = conv_roles(blocks, recall)
+        self.num_blocks, self.lipschitz = blocks, lipschitz
+        for role in self.roles:
+            if banks is not None:
+                setattr(self, role, _SHARED_CONV[dim](banks[role], padding=1))
+            else:
+                setattr(self, role, _conv(dim, width + in_channels if role == "recall" else width, width))
+        self.gates = Gates(blocks) if lipschitz else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
-        return F.relu(x + self.norm2(self.conv2(out)))
+    def step(self, state: Tensor, inputs: Tensor, t: int | None = None,
+             norms: dict[str, Tensor] | None = None) -> Tensor:
+        return self._step(state, inputs, None, norms, self.gates() if self.gates is not None else None)
 
 
-class LoopResidualBlock(LoopBlock):
-    """Shared residual blocks folded into one loop (softshare.fold): both convs once, the
-    normalisation layers and the scales c_t per iteration."""
+class LoopIteration(_IterationSteps, LoopBlock):
+    """A run of n shared iterations folded into one loop (softshare.fold): each conv role once, as
+    a plain conv with weight W, with its scales c_t per iteration; DT-L gates per iteration."""
 
-    def __init__(self, dim: int, width: int, length: int, norm: bool) -> None:
-        super().__init__(length, ("conv1", "conv2"))
-        self.conv1, self.conv2 = _conv(dim, width, width), _conv(dim, width, width)
-        self.norm1 = nn.ModuleList(_norm(width, norm) for _ in range(length))
-        self.norm2 = nn.ModuleList(_norm(width, norm) for _ in range(length))
+    def __init__(self, dim: int, width: int, in_channels: int, blocks: int, recall: bool, lipschitz: bool,
+                 length: int) -> None:
+        LoopBlock.__init__(self, length, conv_roles(blocks, recall))
+        self.num_blocks, self.lipschitz = blocks, lipschitz
+        for role in self.roles:
+            setattr(self, role, _conv(dim, width + in_channels if role == "recall" else width, width))
+        self.gates = nn.ModuleList(Gates(blocks) for _ in range(length)) if lipschitz else None
 
-    def step(self, x: Tensor, t: int) -> Tensor:
-        out = F.relu(self.norm1[t](self.conv1(x) * self.scales["conv1"][t]))
-        return F.relu(x + self.norm2[t](self.conv2(out) * self.scales["conv2"][t]))
+    def step(self, state: Tensor, inputs: Tensor, t: int | None = None,
+             norms: dict[str, Tensor] | None = None) -> Tensor:
+        t = min(t or 0, self.length - 1)
+        scales = {role: self.scales[role][t] for role in self.roles}
+        return self._step(state, inputs, scales, norms, self.gates[t]() if self.gates is not None else None)
 
 
 class AlgorithmicNet(nn.Module):
-    """projection (in -> w) -> body -> head (w -> w/2 -> classes), 3-wide convs, ReLU, no bias.
+    """projection -> `depth` iterations of the body -> head; see the module docstring.
 
-    ``forward(x, iterations)`` runs `iterations` blocks (ff/shared: at most `depth`, the first
-    ones) or loop steps (recurrent: any number; default `depth`, the trained count). A folded
-    shared net (`fold`, built by softshare.fold) counts every loop step as an iteration; its
-    loops run longer after ``softshare.fold.set_iterations``.
+    ``forward(x, iterations)`` runs `iterations` iterations (default `depth`, the trained count).
+    ff and (unfolded) shared bodies run at most `depth`; the recurrent body any number; a folded
+    shared net whose last block is a loop repeats that loop's last step beyond `depth`.
     """
 
-    def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 64,
-                 depth: int = 8, num_templates: int | None = None, recall: bool = False,
-                 norm: bool = False, fold: dict | None = None) -> None:
+    def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
+                 depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
+                 lipschitz: bool = False, fold: dict | None = None) -> None:
         super().__init__()
-        _check_args(body, width, depth, num_templates, recall)
+        _check_args(body, width, depth, blocks, num_templates)
         loops = _fold_loops(fold, body, depth)
-        self.dim, self.body, self.depth = dim, body, depth
+        self.dim, self.body, self.depth, self.lipschitz = dim, body, depth, lipschitz
         self.projection = _conv(dim, in_channels, width)
-        self.recall = _conv(dim, width + in_channels, width) if recall else None
-        shared = body == "shared" and loops is None
-        self.bank = TemplateBank(num_templates, (width, width) + (3,) * dim) if shared else None
+        self.banks: nn.ModuleDict | None = None
+        args = (dim, width, in_channels, blocks, recall, lipschitz)
         if loops is not None:
-            blocks = [LoopResidualBlock(dim, width, n, norm) for n in loops]
+            iterations = [LoopIteration(*args, n) for n in loops]
+        elif body == "shared":
+            shapes = {role: (width, width + in_channels if role == "recall" else width) + (3,) * dim
+                      for role in conv_roles(blocks, recall)}
+            self.banks = nn.ModuleDict({role: TemplateBank(num_templates, shape) for role, shape in shapes.items()})
+            iterations = [Iteration(*args, banks=dict(self.banks)) for _ in range(depth)]
         else:
-            blocks = [ResidualBlock(dim, width, self.bank, norm) for _ in range(1 if body == "recurrent" else depth)]
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Sequential(_conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
-        if self.bank is not None:
-            # PyTorch's default conv init (as the unshared convs here, and Bansal et al.): the ReLU
-            # gain the bank uses would double the activations' variance per un-normalised block.
-            for template in self.bank.templates.data:
-                nn.init.kaiming_uniform_(template, a=math.sqrt(5))
-            init_coefficients(self.bank.layers)  # orthogonal rows: layers start far apart
+            iterations = [Iteration(*args) for _ in range(1 if body == "recurrent" else depth)]
+        self.blocks = nn.ModuleList(iterations)
+        self.head = nn.Sequential(_conv(dim, width, width), nn.ReLU(), _conv(dim, width, width // 2), nn.ReLU(),
+                                  _conv(dim, width // 2, num_classes))
+        if self.banks is not None:
+            for bank in self.banks.values():
+                # PyTorch's default conv init, as the unshared convs here and DeepThinking's.
+                for template in bank.templates.data:
+                    nn.init.kaiming_uniform_(template, a=math.sqrt(5))
+                init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
+                with torch.no_grad():  # ... each at the scale of one template (rows of unit norm)
+                    for layer in bank.layers:
+                        layer.coefficients.div_(layer.coefficients.norm().clamp_min(1e-12))
 
-    def _schedule(self) -> list[tuple[nn.Module, int | None]]:
-        """(block, loop step or None) per iteration of the ff/shared body, folded loops unrolled."""
-        steps: list[tuple[nn.Module, int | None]] = []
-        for block in self.blocks:
-            if isinstance(block, LoopBlock):
-                steps += [(block, min(t, block.length - 1)) for t in range(block.iterations or block.length)]
-            else:
-                steps.append((block, None))
-        return steps
+    def iteration_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
+        params = {id(p): p for p in self.blocks.parameters()}
+        if self.banks is not None:
+            params.update({id(p): p for p in self.banks.parameters()})
+        return list(params.values())
+
+    def _loop_tail(self) -> LoopIteration | None:
+        last = self.blocks[-1]
+        return last if isinstance(last, LoopIteration) and last.length >= 2 else None
 
     @property
     def max_iterations(self) -> int | None:
-        """The most iterations this net can run (None: unbounded, the recurrent body)."""
-        return None if self.body == "recurrent" else len(self._schedule())
+        """The most iterations this net can run (None: unbounded)."""
+        if self.body == "recurrent" or self._loop_tail() is not None:
+            return None
+        return len(self._schedule(None))
 
     def check_iterations(self, start: int, count: int) -> None:
-        if count < 1 or start < 0:
-            raise SoftshareError(f"iterations must be >= 1 (and start >= 0), got {count} from {start}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1 or start < 0:
+            raise SoftshareError(f"iterations must be a positive integer (and start >= 0), got {count!r} "
+                                 f"from {start!r}")
         most = self.max_iterations
         if most is not None and start + count > most:
-            raise SoftshareError(f"this {self.body} net runs at most {most} iterations (blocks), got "
-                                 f"{start + count}; only the recurrent net (or a folded shared net after "
-                                 f"set_iterations) runs more")
+            raise SoftshareError(f"this {self.body} net runs at most {most} iterations, got {start + count}; "
+                                 "only the recurrent net, or a shared net folded into a loop, runs more")
+
+    def _schedule(self, end: int | None) -> list[tuple[nn.Module, int | None]]:
+        """(iteration module, loop step or None) for iterations 0..end-1 (None: the whole schedule).
+
+        Loops run their trained length, or `iterations` after ``set_iterations``; past the end,
+        a final loop repeats its last step.
+        """
+        if self.body == "recurrent":
+            return [(self.blocks[0], None)] * (end or 1)
+        steps: list[tuple[nn.Module, int | None]] = []
+        for block in self.blocks:
+            if isinstance(block, LoopIteration):
+                steps += [(block, min(t, block.length - 1)) for t in range(block.iterations or block.length)]
+            else:
+                steps.append((block, None))
+        tail = self._loop_tail()
+        if end is None:
+            return steps
+        if tail is not None and end > len(steps):
+            steps += [(tail, tail.length - 1)] * (end - len(steps))
+        return steps[:end]
 
     def embed(self, x: Tensor) -> Tensor:
         """The state before the first iteration."""
@@ -138,15 +244,11 @@ class AlgorithmicNet(nn.Module):
         self.check_iterations(start, count)
         if state is None:
             state = self.embed(x)
-        if self.body == "recurrent":
-            for _ in range(count):
-                if self.recall is not None:
-                    state = self.recall(torch.cat([state, x], dim=1))
-                state = self.blocks[0](state)
-                yield state
-            return
-        for block, t in self._schedule()[start:start + count]:
-            state = block(state) if t is None else block.step(state, t)
+        norms: dict[int, dict[str, Tensor] | None] = {}  # spectral norms once per module and pass
+        for block, t in self._schedule(start + count)[start:]:
+            if id(block) not in norms:
+                norms[id(block)] = block.spectral_norms()
+            state = block.step(state, x, t, norms[id(block)])
             yield state
 
     def forward(self, x: Tensor, iterations: int | None = None, *, start: int = 0, state: Tensor | None = None,
@@ -156,7 +258,7 @@ class AlgorithmicNet(nn.Module):
         `start`/`state` continue a run (the progressive loss); `return_state` also returns the
         final state, as ``(logits, state)``.
         """
-        count = self.depth if iterations is None else int(iterations)
+        count = self.depth if iterations is None else iterations
         outputs = []
         for state in self.iterate(x, count, start, state):
             if return_all:
@@ -165,23 +267,22 @@ class AlgorithmicNet(nn.Module):
         return (logits, state) if return_state else logits
 
 
-def _check_args(body: str, width: int, depth: int, num_templates: int | None, recall: bool) -> None:
+def _check_args(body: str, width: int, depth: int, blocks: int, num_templates: int | None) -> None:
     if body not in BODIES:
         raise SoftshareError(f"unknown body {body!r}; use one of {', '.join(BODIES)}")
-    if width < 2 or depth < 1:
-        raise SoftshareError(f"width must be >= 2 and depth >= 1, got width={width}, depth={depth}")
+    if width < 2 or depth < 1 or blocks < 1:
+        raise SoftshareError(f"width must be >= 2, depth >= 1 and blocks >= 1, got width={width}, "
+                             f"depth={depth}, blocks={blocks}")
     if body == "shared":
-        if num_templates is None or not 1 <= num_templates <= 2 * depth:
-            raise SoftshareError(f"a shared net of depth {depth} has {2 * depth} convs, so num_templates must "
-                                 f"be from 1 to {2 * depth}, got {num_templates}")
+        if num_templates is None or not 1 <= num_templates <= depth:
+            raise SoftshareError(f"each of a shared net's banks feeds {depth} iterations, so num_templates must "
+                                 f"be from 1 to {depth}, got {num_templates}")
     elif num_templates is not None:
         raise SoftshareError(f"num_templates applies only to the shared body, not {body!r}")
-    if recall and body != "recurrent":
-        raise SoftshareError(f"recall applies only to the recurrent body, not {body!r}")
 
 
 def _fold_loops(fold: dict | None, body: str, depth: int) -> list[int] | None:
-    """Loop lengths of a folded shared net from ``{"loops": [[n1, n2, ...]]}`` (one site: the blocks)."""
+    """Loop lengths of a folded shared net from ``{"loops": [[n1, n2, ...]]}`` (one site: the iterations)."""
     if fold is None:
         return None
     sites = fold.get("loops") if isinstance(fold, dict) else None
@@ -197,14 +298,15 @@ def _fold_loops(fold: dict | None, body: str, depth: int) -> list[int] | None:
 def _register(prefix: str, body: str) -> None:
     dim = _DIMS[prefix]
     what = "2-D mazes" if dim == 2 else "1-D prefix sums"
-    describe = {"ff": "D distinct residual blocks (feed-forward control)",
-                "shared": "D residual blocks mixing all convs from one bank of k templates",
-                "recurrent": "one residual block looped T times (optional recall)"}[body]
+    describe = {"ff": "distinct weights per iteration (feed-forward control)",
+                "shared": "every conv role mixes from its own bank of k templates",
+                "recurrent": "one iteration's weights, tied (DeepThinking)"}[body]
 
-    def build(num_classes: int = 2, in_channels: int = 3, width: int = 64, depth: int = 8,
-              num_templates: int | None = 2 if body == "shared" else None, recall: bool = False,
-              norm: bool = False, fold: dict | None = None) -> AlgorithmicNet:
-        return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, num_templates, recall, norm, fold)
+    def build(num_classes: int = 2, in_channels: int = 3, width: int = 32, depth: int = 30, blocks: int = 2,
+              recall: bool = True, num_templates: int | None = 2 if body == "shared" else None,
+              lipschitz: bool = False, fold: dict | None = None) -> AlgorithmicNet:
+        return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, blocks, recall, num_templates,
+                              lipschitz, fold)
 
     name = f"{prefix}_{body}"
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,

@@ -1,32 +1,41 @@
-"""`softshare experiment algorithmic`: do soft-shared nets train faster and extrapolate further?
+"""`softshare experiment algorithmic`: do soft-shared nets train faster and think longer?
 
-The paper's second claim, measured on mazes and prefix sums: ff, shared (k = 1, 2, 4) and
-recurrent bodies at equal depth/iterations and width, several seeds each, compared on
-(a) training steps and wall time until the training exact match reaches 95% and
-(b) exact match on test sizes larger than the training size. Every run goes through the
-ordinary training loop (`softshare.train.loop.train`) into its own run directory, so an
-interrupted experiment continues where it stopped when rerun with the same arguments.
+The paper's second claim, measured on prefix sums (and mazes): ff, shared (k = 1, 2, 4, with and
+without the recurrence regulariser) and recurrent bodies (with and without the DT-L remedy) at
+equal width and iterations, all with the same recipe, several seeds each, compared on
+(a) training steps and wall time until the training exact match reaches 95%,
+(b) exact match on larger sizes at the label-free stopping rule and at the best iteration, with
+    nets that can run longer (recurrent; shared nets folded into a loop) run up to 20x the trained
+    iterations, and
+(c) for shared nets, what folded at |cos| >= 0.99 and their LSM figures.
+Every run goes through the ordinary trainer into its own run directory and its evaluation is
+cached beside it, so rerunning the same command continues an interrupted study. Runs go to
+`jobs` worker processes of one thread each (small nets run fastest that way).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 
+from ..analysis.lsm import save_lsm
 from ..checkpoint import load
 from ..data.tasks import evaluation_examples
 from ..device import environment_description, resolve_device
 from ..errors import SoftshareError
-from ..eval.algorithmic import evaluate_task_checkpoint, exact_match_thinking_longer
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, think
 from ..fold import DEFAULT_THRESHOLD, fold_model
 from ..io import save_figure, write_json, write_text
-from ..train.config import resolve_config
+from ..train.config import TrainConfig, resolve_config
 from ..train.loop import train
 from ..train.run_dir import read_metrics
 
@@ -34,67 +43,77 @@ log = logging.getLogger("softshare.experiment")
 
 TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
+RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
+EVAL_VERSION = 2  # bump when the cached per-run evaluation changes meaning
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One body to compare: the config overrides that select it."""
+    """One body to compare: the config overrides that select it (all else is the preset's recipe)."""
 
     name: str
     model: str
     num_templates: int | None = None
-    recall: bool = False
+    recurrence_reg: float = 0.0
+    lipschitz: bool = False
 
     def overrides(self) -> dict:
         extra = {"num_templates": self.num_templates} if self.num_templates else {}
-        return {"model": self.model, "model_args": {"recall": True} if self.recall else {}, **extra}
+        return {"model": self.model, "recurrence_reg": self.recurrence_reg, "lipschitz": self.lipschitz, **extra}
 
 
-VARIANTS = {v.name: v for v in (Variant("ff", "ff"), Variant("shared_k1", "shared", 1),
-                                 Variant("shared_k2", "shared", 2), Variant("shared_k4", "shared", 4),
-                                 Variant("recurrent", "recurrent"),
-                                 Variant("recurrent_recall", "recurrent", recall=True))}
-# recurrent_recall (Bansal et al.'s input injection) is optional: it adds a conv the others lack.
-DEFAULT_VARIANTS = ("ff", "shared_k1", "shared_k2", "shared_k4", "recurrent")
-# Test-time iterations of the recurrent body (ff/shared stop at their depth), per scale and task:
-# enough for the larger sizes to be solvable in principle where the budget allows.
-EVAL_ITERATIONS = {("cpu", "mazes"): 64, ("cpu", "prefix-sums"): 512,
-                   ("gpu", "mazes"): 300, ("gpu", "prefix-sums"): 1024}
+VARIANTS = {v.name: v for v in (
+    Variant("ff", "ff"),
+    Variant("shared_k1", "shared", 1), Variant("shared_k2", "shared", 2), Variant("shared_k4", "shared", 4),
+    # k = 1 needs no regulariser: one template makes every pair of layers collinear already
+    Variant("shared_k2_reg", "shared", 2, RECURRENCE_REG), Variant("shared_k4_reg", "shared", 4, RECURRENCE_REG),
+    Variant("recurrent", "recurrent"), Variant("recurrent_dtl", "recurrent", lipschitz=True),
+    Variant("shared_k2_dtl", "shared", 2, lipschitz=True))}
+DEFAULT_VARIANTS = ("ff", "shared_k1", "shared_k2", "shared_k2_reg", "shared_k4", "shared_k4_reg", "recurrent",
+                    "recurrent_dtl")
 
 
-def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ...] = TASKS,
-                   variants: tuple[str, ...] = DEFAULT_VARIANTS, seeds: tuple[int, ...] = (0, 1, 2),
-                   overrides: dict | None = None, device: str = "auto") -> dict:
+def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ...] = ("prefix-sums",),
+                   variants: tuple[str, ...] = DEFAULT_VARIANTS, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+                   overrides: dict | None = None, device: str = "auto", jobs: int = 1,
+                   patience: int = STOP_PATIENCE) -> dict:
     """Train and evaluate every (task, variant, seed); write results.json, results.md and plots.
 
     `overrides` are config fields applied to every run on top of the `<task>_<scale>` preset
     (e.g. ``{"epochs": 5}`` for a reduced run); they are recorded in the results.
     """
-    _check(scale, tasks, variants, seeds)
+    _check(scale, tasks, variants, seeds, jobs)
     out = Path(out_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    runs = []
+    work = []
     for task in tasks:
         preset = f"{task.replace('-', '_')}_{scale}"
         for name in variants:
             for seed in seeds:
                 fields = {**(overrides or {}), **VARIANTS[name].overrides(), "seed": seed, "device": device,
                           "name": f"{task}-{name}-s{seed}", "out_dir": str(out / "runs")}
-                config = resolve_config(preset, overrides=fields)
-                runs.append(_run_one(config, name, EVAL_ITERATIONS[scale, task]))
+                work.append((resolve_config(preset, overrides=fields), name, patience))
+    if jobs == 1:
+        runs = [_run_one(*item) for item in work]
+    else:  # one thread per worker: these nets are too small to gain from more (docs/algorithmic.md)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            runs = list(pool.map(_run_one_logged, work))
     results = {"experiment": "algorithmic", "scale": scale, "started": started,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": environment_description(device),
-               "seeds": list(seeds), "overrides": overrides or {}, "target_train_acc": TARGET,
-               "runs": runs, "summary": summarise(runs)}
+               "jobs": jobs, "seeds": list(seeds), "overrides": overrides or {}, "target_train_acc": TARGET,
+               "fold_threshold": DEFAULT_THRESHOLD, "patience": patience, "runs": runs, "summary": summarise(runs)}
     write_json(out / "results.json", results)
     write_text(out / "results.md", markdown_report(results))
     for task in tasks:
         plot_training(results, task, out / f"training_{task}.png")
         plot_extrapolation(results, task, out / f"extrapolation_{task}.png")
+        plot_iterations(results, task, out / f"iterations_{task}.png")
     return results
 
 
-def _check(scale: str, tasks, variants, seeds) -> None:
+def _check(scale: str, tasks, variants, seeds, jobs: int) -> None:
     if scale not in ("cpu", "gpu"):
         raise SoftshareError(f"scale must be cpu or gpu, got {scale!r}")
     for task in tasks:
@@ -105,98 +124,93 @@ def _check(scale: str, tasks, variants, seeds) -> None:
             raise SoftshareError(f"unknown variant {name!r}; use some of {', '.join(VARIANTS)}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise SoftshareError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SoftshareError(f"jobs must be a positive integer, got {jobs!r}")
 
 
-def _run_one(config, variant: str, recurrent_iterations: int) -> dict:
-    """Train (or finish training) one run, then score its last checkpoint on every test size."""
+def _run_one_logged(item: tuple) -> dict:
+    """`_run_one` in a worker process, its progress lines on the worker's stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return _run_one(*item)
+
+
+def _run_one(config: TrainConfig, variant: str, patience: int) -> dict:
+    """Train (or finish training) one run, then fold (shared) and score it on every test size."""
     run_path = Path(config.out_dir) / config.run_name()
     log.info("%s: training (%d epochs)", run_path.name, config.epochs)
     result = train(config, resume="auto")
     if result.interrupted:
         raise KeyboardInterrupt
     history = read_metrics(run_path)
-    iterations = recurrent_iterations if config.model == "recurrent" else config.depth
-    eval_path = run_path / "eval-last.json"
-    evaluation = _cached_eval(eval_path, config.test_sizes, iterations, config.test_count)
-    if evaluation is None:
-        log.info("%s: evaluating sizes %s up to %d iterations", run_path.name, config.test_sizes, iterations)
-        evaluation = evaluate_task_checkpoint(str(run_path / "checkpoints" / "last"), sizes=config.test_sizes,
-                                              iterations=iterations, count=config.test_count,
-                                              device=config.device, out=str(eval_path))
     steps_per_epoch = config.train_count // config.batch_size
     reached = next((row for row in history if row["train_acc"] >= TARGET), None)
     seconds = [row["seconds"] for row in history]
-    accuracy = evaluation["accuracy"]
     record = {
         "task": config.task, "variant": variant, "seed": config.seed, "run": str(run_path),
-        "model": evaluation["model"], "parameters": _parameters(run_path),
-        "steps_per_epoch": steps_per_epoch, "epochs": len(history),
+        "model": config.model, "steps_per_epoch": steps_per_epoch, "epochs": len(history),
         "steps_to_target": reached["epoch"] * steps_per_epoch if reached else None,
         "seconds_to_target": round(sum(seconds[:reached["epoch"]]), 2) if reached else None,
         "train_seconds": round(sum(seconds), 2),
         "final_train_acc": history[-1]["train_acc"], "final_train_loss": history[-1]["train_loss"],
         "final_val_acc": history[-1].get("val_acc"),
         "curve": [(row["epoch"] * steps_per_epoch, row["train_acc"]) for row in history],
-        "trained_iterations": config.depth, "eval_iterations": iterations,
-        "test_at_trained": {size: acc[config.depth - 1] for size, acc in accuracy.items()},
+        "trained_iterations": config.depth, "train_size": config.train_size,
     }
-    if config.model == "recurrent":
-        record["test_at_scaled"] = {size: acc[scaled_iterations(config, int(size), iterations) - 1]
-                                    for size, acc in accuracy.items()}
-        record["test_at_max"] = {size: acc[-1] for size, acc in accuracy.items()}
-    elif config.model == "shared":
-        folded = _folded_eval(run_path, config, recurrent_iterations, record["test_at_trained"])
-        record["folded_loops"], record["test_at_scaled"] = folded["loops"], folded["accuracy"]
-    return record
+    return {**record, **_evaluate(run_path, config, patience)}
 
 
-def _folded_eval(run_path: Path, config, most: int, unfolded: dict[str, float]) -> dict:
-    """Fold the shared net's collinear blocks into loops (`softshare.fold`) and let its longest
-    loop run longer, so the iterations scale with the size as the recurrent net's do.
-
-    A net with no loop of 2 or more blocks cannot run longer: it keeps its unfolded accuracy.
-    Cached in ``eval-folded.json``.
-    """
-    path = run_path / "eval-folded.json"
+def _evaluate(run_path: Path, config: TrainConfig, patience: int) -> dict:
+    """Parameters, folding (shared nets) and exact match per size at the trained iterations, the
+    stopping rule and the best iteration; cached in ``study-eval.json`` beside the run."""
+    path = run_path / "study-eval.json"
+    settings = {"version": EVAL_VERSION, "sizes": config.test_sizes, "count": config.test_count,
+                "patience": patience, "threshold": DEFAULT_THRESHOLD, "epochs": config.epochs}
     if path.is_file():
         cached = json.loads(path.read_text())
-        if list(cached["accuracy"]) == list(unfolded) and cached["count"] == config.test_count:
-            return cached
+        if cached.get("settings") == settings:
+            return cached["result"]
     device = resolve_device(config.device)
-    folded = fold_model(load(run_path / "checkpoints" / "last", device=device), DEFAULT_THRESHOLD).model
-    loops = [block.length for block in folded.blocks]
-    accuracy = dict(unfolded)
-    if max(loops) >= 2:
-        log.info("%s: folded into loops %s; evaluating with scaled iterations", run_path.name, loops)
-        for size in unfolded:
-            extra = max(0, scaled_iterations(config, int(size), most) - config.depth)
-            x, y = evaluation_examples(config.to_dict(), int(size), config.test_count)
-            accuracy[size] = exact_match_thinking_longer(folded, config.task, x, y, extra, 100, device)[-1]
-    result = {"threshold": DEFAULT_THRESHOLD, "loops": loops, "count": config.test_count, "accuracy": accuracy}
-    write_json(path, result)
+    model = load(run_path / "checkpoints" / "last", device=device)
+    result: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    evaluated = model
+    if config.model == "shared":
+        folded = fold_model(model, DEFAULT_THRESHOLD)
+        save_lsm(model, run_path / "lsm-last")
+        x, y = evaluation_examples(config.to_dict(), config.train_size, config.test_count)
+        before = think(model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
+        after = think(folded.model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
+        loops = folded.loops[0]
+        result["fold"] = {"loops": loops, "params_after": folded.params_after, "acc_before": before,
+                          "acc_after": after, "runs_longer": folded.model.max_iterations is None}
+        evaluated = folded.model
+    iterations = evaluated.max_iterations or EXTRAPOLATION_FACTOR * config.depth
+    result["eval_iterations"] = iterations
+    result["test"], curves = {}, {}
+    for size in config.test_sizes:
+        log.info("%s: size %d, %d iterations", run_path.name, size, iterations)
+        x, y = evaluation_examples(config.to_dict(), size, config.test_count)
+        thought = think(evaluated, config.task, x, y, iterations, 100, device, patience=patience)
+        curve = thought["exact_match"]
+        best = max(range(len(curve)), key=curve.__getitem__)
+        result["test"][str(size)] = {
+            "at_trained": curve[config.depth - 1], "last": curve[-1], "best": curve[best], "best_iteration": best + 1,
+            "stable": thought["stop"]["stable"]["exact_match"],
+            "stable_iteration": thought["stop"]["stable"]["mean_iteration"],
+            "confident": thought["stop"]["confident"]["exact_match"],
+            "confident_iteration": thought["stop"]["confident"]["mean_iteration"]}
+        curves[str(size)] = curve
+    write_json(run_path / "study-curves.json", curves)
+    write_json(path, {"settings": settings, "result": result})
     return result
 
 
-def scaled_iterations(config, size: int, most: int) -> int:
-    """Iterations in proportion to the instance size, ``ceil(T * size / train_size)``, at most `most`."""
-    return min(most, -(-config.depth * size // config.train_size))
-
-
-def _cached_eval(path: Path, sizes: list[int], iterations: int, count: int) -> dict | None:
-    """A previous evaluation of the same final checkpoint with the same settings, if any."""
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())
-    same = (list(result["accuracy"]) == [str(s) for s in sizes] and len(result["iterations"]) == iterations
-            and result["count"] == count)
-    return result if same else None
-
-
-def _parameters(run_path: Path) -> int:
-    return sum(p.numel() for p in load(run_path / "checkpoints" / "last").parameters())
-
-
 # -- summary and report -------------------------------------------------------------------------
+RULES = ("at_trained", "stable", "best")  # the exact-match columns reported per size
+RULE_NAMES = {"at_trained": "after the trained iterations", "stable": "at the stable stopping rule",
+              "best": "at the best iteration (an oracle: it looks at the labels)"}
+SOLVED = 0.9  # exact match at which a seed counts as solving a size
+
+
 def _mean_std(values: list[float]) -> tuple[float, float] | None:
     if not values:
         return None
@@ -209,19 +223,22 @@ def summarise(runs: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["task"], r["variant"]) for r in runs):
         group = [r for r in runs if (r["task"], r["variant"]) == key]
         hit = [r for r in group if r["steps_to_target"] is not None]
-        sizes = list(group[0]["test_at_trained"])
-        rows.append({
+        sizes = list(group[0]["test"])
+        row = {
             "task": key[0], "variant": key[1], "seeds": len(group), "parameters": group[0]["parameters"],
             "reached_target": len(hit),
             "steps_to_target": _mean_std([r["steps_to_target"] for r in hit]),
             "seconds_to_target": _mean_std([r["seconds_to_target"] for r in hit]),
             "final_train_acc": _mean_std([r["final_train_acc"] for r in group]),
-            "final_train_loss": _mean_std([r["final_train_loss"] for r in group]),
-            "trained_iterations": group[0]["trained_iterations"], "eval_iterations": group[0]["eval_iterations"],
-            "test_at_trained": {s: _mean_std([r["test_at_trained"][s] for r in group]) for s in sizes},
-            **{key: {s: _mean_std([r[key][s] for r in group]) for s in sizes}
-               for key in ("test_at_scaled", "test_at_max") if key in group[0]},
-        })
+            "eval_iterations": group[0]["eval_iterations"],
+            "test": {rule: {s: _mean_std([r["test"][s][rule] for r in group]) for s in sizes} for rule in RULES},
+            "solved": {rule: {s: sum(r["test"][s][rule] >= SOLVED for r in group) for s in sizes} for rule in RULES},
+        }
+        if "fold" in group[0]:
+            row["fold"] = {"one_loop": sum(len(r["fold"]["loops"]) == 1 for r in group),
+                           "runs_longer": sum(r["fold"]["runs_longer"] for r in group),
+                           "loops": _mean_std([len(r["fold"]["loops"]) for r in group])}
+        rows.append(row)
     return rows
 
 
@@ -230,72 +247,127 @@ def _fmt(stat, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def markdown_report(results: dict) -> str:
-    """Tables (a) time to 95% training exact match and (b) test exact match per size."""
+    """(a) time to 95% training exact match, (b) exact match per size, (c) folding; per seed too."""
     lines = [f"# Algorithmic experiment ({results['scale']} scale)", "",
-             f"- started {results['started']}, finished {results['finished']}",
-             f"- hardware: {results['hardware']}",
+             f"- started {results['started']}, finished {results['finished']}, {results['jobs']} worker(s) of one "
+             f"thread", f"- hardware: {results['hardware']}",
              f"- seeds: {results['seeds']}; overrides of the presets: {results['overrides'] or 'none'}",
+             f"- stopping rule: a prediction unchanged for {results['patience']} iterations (no labels); nets that "
+             f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
+             f"iterations",
              "- mean ± std over seeds; time to target over the seeds that reached it", ""]
     for task in dict.fromkeys(r["task"] for r in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
-        lines += [f"## {task}", "", f"(a) training until {100 * results['target_train_acc']:.0f}% training "
-                  f"exact match (first epoch whose mean reaches it)", "",
-                  "| model | params | reached | steps | seconds | final train acc (%) | final train loss |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        runs = [r for r in results["runs"] if r["task"] == task]
+        sizes = list(rows[0]["test"]["stable"])
+        lines += [f"## {task}", "", f"(a) training until {100 * results['target_train_acc']:.0f}% training exact "
+                  f"match (first epoch whose mean reaches it)", "",
+                  "| model | params | reached | steps | seconds | final train acc (%) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             lines.append(f"| {r['variant']} | {r['parameters']:,} | {r['reached_target']}/{r['seeds']} | "
                          f"{_fmt(r['steps_to_target'], digits=0)} | {_fmt(r['seconds_to_target'])} | "
-                         f"{_fmt(r['final_train_acc'], 100)} | {_fmt(r['final_train_loss'], digits=4)} |")
-        sizes = list(rows[0]["test_at_trained"])
-        trained = rows[0]["trained_iterations"]
-        lines += ["", f"(b) test exact match (%) per size after the trained {trained} iterations; "
-                  f"\"scaled\": after ceil({trained} * size / train size) iterations (recurrent: looped longer; "
-                  f"shared: folded into loops at |cos| >= {DEFAULT_THRESHOLD}, longest loop run longer); "
-                  f"recurrent also after the most evaluated", "",
-                  "| model | iterations | " + " | ".join(f"size {s}" for s in sizes) + " |",
-                  "| --- | --- |" + " ---: |" * len(sizes)]
-        for r in rows:
-            shown = [(str(trained), "test_at_trained"), ("scaled", "test_at_scaled"),
-                     (str(r["eval_iterations"]), "test_at_max")]
-            for label, key in shown:
-                if key in r:
-                    cells = " | ".join(_fmt(r[key][s], 100) for s in sizes)
-                    lines.append(f"| {r['variant']} | {label} | {cells} |")
+                         f"{_fmt(r['final_train_acc'], 100)} |")
+        for rule in RULES:
+            lines += ["", f"(b) test exact match (%) {RULE_NAMES[rule]}; in brackets: seeds at >= "
+                      f"{100 * SOLVED:.0f}%", "",
+                      "| model | " + " | ".join(f"{s}" for s in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
+            for r in rows:
+                cells = " | ".join(f"{_fmt(r['test'][rule][s], 100)} ({r['solved'][rule][s]}/{r['seeds']})"
+                                   for s in sizes)
+                lines.append(f"| {r['variant']} | {cells} |")
+        lines += ["", f"(c) folding the shared nets at |cos| >= {results['fold_threshold']}", "",
+                  "| run | loops | params before -> after | exact match before -> after (train size) | runs longer |",
+                  "| --- | --- | ---: | ---: | --- |"]
+        for run in (r for r in runs if "fold" in r):
+            fold = run["fold"]
+            lines.append(f"| {run['variant']} s{run['seed']} | {fold['loops']} | {run['parameters']:,} -> "
+                         f"{fold['params_after']:,} | {100 * fold['acc_before']:.1f} -> {100 * fold['acc_after']:.1f} | "
+                         f"{'yes' if fold['runs_longer'] else 'no'} |")
+        lines += ["", "Per seed: exact match (%) at the stable rule (mean stop iteration)", "",
+                  "| run | params | steps to target | " + " | ".join(sizes) + " |",
+                  "| --- | ---: | ---: |" + " ---: |" * len(sizes)]
+        for run in runs:
+            cells = " | ".join(f"{100 * run['test'][s]['stable']:.1f} ({run['test'][s]['stable_iteration']:.0f})"
+                               for s in sizes)
+            lines.append(f"| {run['variant']} s{run['seed']} | {run['parameters']:,} | "
+                         f"{run['steps_to_target'] if run['steps_to_target'] is not None else '-'} | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def plot_training(results: dict, task: str, path: Path) -> None:
-    """Training exact match against steps, one line per seed, one colour per variant."""
-    fig = Figure(figsize=(7, 4), layout="tight")
+    """Training exact match against steps: each seed a thin line, the mean over seeds a thick one."""
+    fig = Figure(figsize=(8, 4.5), layout="tight")
     ax = fig.subplots()
-    colours = {}
-    for run in (r for r in results["runs"] if r["task"] == task):
-        steps, acc = zip(*run["curve"])
-        colour = colours.setdefault(run["variant"], f"C{len(colours)}")
-        ax.plot(steps, [100 * a for a in acc], color=colour, alpha=0.8,
-                label=run["variant"] if run["seed"] == results["seeds"][0] else None)
+    variants = list(dict.fromkeys(r["variant"] for r in results["runs"] if r["task"] == task))
+    for index, variant in enumerate(variants):
+        runs = [r for r in results["runs"] if r["task"] == task and r["variant"] == variant]
+        colour = f"C{index}"
+        for run in runs:
+            steps, acc = zip(*run["curve"])
+            ax.plot(steps, [100 * a for a in acc], color=colour, alpha=0.35, lw=0.8)
+        length = min(len(r["curve"]) for r in runs)
+        steps = [runs[0]["curve"][i][0] for i in range(length)]
+        mean = [100 * statistics.fmean(r["curve"][i][1] for r in runs) for i in range(length)]
+        ax.plot(steps, mean, color=colour, lw=2, label=f"{variant} (mean of {len(runs)})")
     ax.axhline(100 * results["target_train_acc"], color="grey", ls="--", lw=1)
-    ax.set(xlabel="training steps", ylabel="training exact match (%)", title=f"{task}: training", ylim=(-2, 102))
+    ax.set(xlabel="training steps", ylabel="training exact match (%)", ylim=(-2, 102),
+           title=f"{task}: training (thin: each seed)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
 
 
 def plot_extrapolation(results: dict, task: str, path: Path) -> None:
-    """Test exact match against size (mean ± std); dashed: iterations scaled to the size."""
-    fig = Figure(figsize=(7, 4), layout="tight")
+    """Exact match at the stopping rule against size: mean ± std band per variant, seeds as dots."""
+    fig = Figure(figsize=(8, 4.5), layout="tight")
     ax = fig.subplots()
-    for index, row in enumerate(r for r in results["summary"] if r["task"] == task):
-        sizes = [int(s) for s in row["test_at_trained"]]
-        for key, style, suffix in (("test_at_trained", "-o", ""), ("test_at_scaled", "--x", " (scaled iterations)")):
-            if key not in row:
-                continue
-            mean = [100 * row[key][str(s)][0] for s in sizes]
-            std = [100 * row[key][str(s)][1] for s in sizes]
-            ax.errorbar(sizes, mean, yerr=std, fmt=style, color=f"C{index}", capsize=3, label=row["variant"] + suffix)
-    ax.set(xscale="log", xlabel="test size (log scale)", ylabel="test exact match (%)", ylim=(-2, 102),
-           title=f"{task}: extrapolation (trained at the smallest size)")
+    rows = [r for r in results["summary"] if r["task"] == task]
+    sizes = [int(s) for s in rows[0]["test"]["stable"]]
+    for index, row in enumerate(rows):
+        colour = f"C{index}"
+        offset = 1 + 0.012 * (index - len(rows) / 2)  # keep coinciding lines and dots apart
+        xs = [s * offset for s in sizes]
+        mean = [100 * row["test"]["stable"][str(s)][0] for s in sizes]
+        std = [100 * row["test"]["stable"][str(s)][1] for s in sizes]
+        ax.plot(xs, mean, "-", color=colour, lw=1.8, label=row["variant"])
+        ax.fill_between(xs, [max(0.0, m - d) for m, d in zip(mean, std)],
+                        [min(100.0, m + d) for m, d in zip(mean, std)], color=colour, alpha=0.12)
+        for run in (r for r in results["runs"] if r["task"] == task and r["variant"] == row["variant"]):
+            ax.plot(xs, [100 * run["test"][str(s)]["stable"] for s in sizes], ".", color=colour, ms=4, alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set(xlabel="test size (bits)" if task == "prefix-sums" else "test size (maze side)",
+           ylabel="exact match at the stopping rule (%)", ylim=(-2, 102),
+           title=f"{task}: extrapolation from size {results['runs'][0].get('train_size', sizes[0])} (dots: seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, path)
+
+
+def plot_iterations(results: dict, task: str, path: Path) -> None:
+    """Exact match on the largest size against iterations, one line per run that can run longer."""
+    runs = [r for r in results["runs"] if r["task"] == task and r["eval_iterations"] > r["trained_iterations"]]
+    fig = Figure(figsize=(8, 4.5), layout="tight")
+    ax = fig.subplots()
+    if not runs:
+        ax.text(0.5, 0.5, "no net ran longer than trained", ha="center", va="center", transform=ax.transAxes)
+    size = str(max(int(s) for s in runs[0]["test"])) if runs else ""
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    for run in runs:
+        curve = json.loads((Path(run["run"]) / "study-curves.json").read_text())[size]
+        colour = f"C{variants.index(run['variant'])}"
+        ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=colour, lw=1, alpha=0.8,
+                label=run["variant"] if run["seed"] == min(r["seed"] for r in runs if r["variant"] == run["variant"])
+                else None)
+        ax.plot(run["test"][size]["stable_iteration"], 100 * run["test"][size]["stable"], "o", color=colour, ms=5,
+                markeredgecolor="black", markeredgewidth=0.5)
+    if runs:
+        ax.axvline(runs[0]["trained_iterations"], color="grey", ls="--", lw=1, label="trained iterations")
+    ax.set(xlabel="iterations", ylabel=f"exact match at size {size} (%)", ylim=(-2, 102),
+           title=f"{task}: thinking longer (dots: where the stopping rule stops, on average)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)

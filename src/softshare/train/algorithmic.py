@@ -81,7 +81,8 @@ class AlgorithmicTask(Task):
 
     def build_model(self) -> nn.Module:
         config = self.config
-        kwargs = {"width": config.width, "depth": config.depth}
+        kwargs = {"width": config.width, "depth": config.depth, "blocks": config.blocks,
+                  "lipschitz": config.lipschitz}
         if self.model_name.endswith("_shared"):
             kwargs["num_templates"] = config.num_templates
         return create_model(self.model_name, num_classes=2, in_channels=IN_CHANNELS[config.task],

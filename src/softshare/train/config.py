@@ -35,7 +35,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 200
     batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adam
+    optimizer: str = "sgd"  # sgd | adam (L2 decay in the gradient, as DeepThinking) | adamw (decoupled)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -60,6 +60,9 @@ class TrainConfig:
     depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
+    blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
+    lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
+    lr_throttle: bool = False  # iteration weights learn at lr / depth (DeepThinking's maze recipe)
     # run and hardware
     name: str = ""
     out_dir: str = "runs"
@@ -106,29 +109,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# The algorithmic tasks train with Adam (lr 1e-3) as in the easy-to-hard literature (Bansal et al.
-# 2022), not with the CIFAR recipe above: these replace the code defaults when the resolved task is
-# one of them (a preset, file or flag still wins). Sizes are CPU scale: `softshare experiment
-# algorithmic` (30 runs) finishes in about an hour on 2 cores; the *_gpu presets scale them up.
-_ALGORITHMIC = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", lr_milestones=[],
-                    warmup_epochs=0.0, grad_clip=1.0, crop_padding=0, flip=False, cutout=0, label_smoothing=0.0,
-                    model="shared", num_templates=2, alpha=0.0, depth=16, channels_last=True)
+# The algorithmic tasks follow DeepThinking's recipe (aks2203/deep-thinking, Bansal et al. 2022), not
+# the CIFAR one above: Adam lr 1e-3 with L2 weight decay 2e-4 (none on sharing coefficients), warm-up,
+# step schedule, progressive loss. These replace the code defaults when the resolved task is one of
+# them (a preset, file or flag still wins). docs/algorithmic.md says what each preset measured.
+_ALGORITHMIC = dict(optimizer="adam", lr=1e-3, weight_decay=2e-4, schedule="multistep", lr_milestones=[],
+                    lr_gamma=0.1, warmup_epochs=0.0, grad_clip=1.0, crop_padding=0, flip=False, cutout=0,
+                    label_smoothing=0.0, model="recurrent", num_templates=2, alpha=1.0, depth=30, width=32,
+                    blocks=2, channels_last=True)
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # 16 blocks (35 convs) barely see across a size-9 maze (24 px); width 16 keeps a step ~0.1 s
-    "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=2000,
-                  test_count=100, width=16, batch_size=25, epochs=10),
-    # 16 blocks reach across 32 bits (each 3-tap conv moves information by one bit)
-    "prefix-sums": dict(_ALGORITHMIC, train_size=32, test_sizes=[32, 48, 64, 128, 512], train_count=4000,
-                        test_count=200, width=32, batch_size=50, epochs=40),
+    # DeepThinking's mazes recipe at CPU width: alpha 0.01, iteration weights throttled, no clip
+    "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=4000,
+                  test_count=100, width=16, batch_size=50, epochs=20, alpha=0.01, grad_clip=0.0,
+                  warmup_epochs=2.0, lr_throttle=True),
+    # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations); one
+    # residual block per iteration, which learned 32 bits far sooner than two on 2 CPU cores
+    "prefix-sums": dict(_ALGORITHMIC, train_size=32, test_sizes=[32, 48, 64, 128, 256, 512], train_count=8000,
+                        test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1),
 }
 PRESETS.update({
     "mazes_cpu": dict(TASK_DEFAULTS["mazes"], task="mazes"),
     "prefix_sums_cpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums"),
-    # one GPU: the public training-set size, wider and deeper nets, progressive loss as Bansal et al.
-    "mazes_gpu": dict(TASK_DEFAULTS["mazes"], task="mazes", width=128, depth=30, train_count=50000,
-                      test_count=1000, batch_size=64, epochs=50, alpha=0.01),
-    "prefix_sums_gpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums", width=256, depth=30,
-                            train_count=50000, test_count=1000, batch_size=128, epochs=50, alpha=1.0),
+    # DeepThinking's published settings on one GPU
+    "mazes_gpu": dict(TASK_DEFAULTS["mazes"], task="mazes", width=128, depth=30, blocks=2, train_count=50000,
+                      test_count=1000, batch_size=50, epochs=50, alpha=0.01, warmup_epochs=10.0,
+                      lr_milestones=[100], lr_throttle=True),
+    "prefix_sums_gpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums", width=400, depth=30, blocks=2,
+                            train_count=8000, val_size=2000, test_count=1000, batch_size=100, epochs=150,
+                            lr_milestones=[60, 100], warmup_epochs=5.0, alpha=1.0),
 })
 
 
@@ -217,7 +225,8 @@ def validate(config: TrainConfig) -> None:
         (config.batch_size >= 1, "batch_size must be >= 1"),
         (config.lr > 0, "lr must be > 0"),
         (config.weight_decay >= 0, "weight_decay must be >= 0"),
-        (config.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {config.optimizer!r}"),
+        (config.optimizer in ("sgd", "adam", "adamw"), f"optimizer must be sgd, adam or adamw, got {config.optimizer!r}"),
+        (config.blocks >= 1, "blocks must be >= 1"),
         (config.schedule in ("multistep", "cosine", "constant"),
          f"schedule must be multistep, cosine or constant, got {config.schedule!r}"),
         (config.amp in ("auto", "bf16", "none"), f"amp must be auto, bf16 or none, got {config.amp!r}"),
