@@ -1,11 +1,15 @@
-"""Maze / prefix-sum models: shapes, iterations, return_all, parameter accounting, bad arguments."""
+"""Maze / prefix-sum models (DeepThinking recall nets): shapes, iterations, parameter counts by hand,
+the shared body's banks, DT-L, folding into a loop that runs longer, bad arguments."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from softshare import SoftshareError, TemplateBank, create_model
+from softshare.fold import fold_model, set_iterations
+from softshare.models.algorithmic import spectral_norm_of
 
 MAZE = torch.rand(2, 3, 24, 24)
 BITS = torch.rand(2, 1, 32) - 0.5
@@ -13,13 +17,18 @@ BITS = torch.rand(2, 1, 32) - 0.5
 
 def build(name: str, **kwargs):
     in_channels = 3 if name.startswith("maze") else 1
-    return create_model(name, num_classes=2, in_channels=in_channels, width=8, depth=3, **kwargs)
+    return create_model(name, num_classes=2, in_channels=in_channels, **{"width": 8, "depth": 3, **kwargs})
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["maze_ff", "maze_shared", "maze_recurrent", "prefix_ff", "prefix_shared",
                                   "prefix_recurrent"])
-def test_forward_shapes_and_iterations(name):
-    model = build(name).eval()
+@pytest.mark.parametrize("lipschitz", [False, True])
+def test_forward_shapes_and_iterations(name, lipschitz):
+    model = build(name, lipschitz=lipschitz).eval()
     x = MAZE if name.startswith("maze") else BITS
     spatial = tuple(x.shape[2:])
     assert model(x).shape == (2, 2, *spatial)
@@ -32,7 +41,7 @@ def test_forward_shapes_and_iterations(name):
 
 
 def test_recurrent_runs_more_iterations_than_trained():
-    model = build("maze_recurrent", recall=True).eval()
+    model = build("maze_recurrent").eval()
     assert model.max_iterations is None
     every = model(MAZE, 10, return_all=True)
     assert every.shape == (2, 10, 2, 24, 24)
@@ -44,83 +53,148 @@ def test_ff_and_shared_refuse_more_iterations_than_depth():
         model = build(name)
         with pytest.raises(SoftshareError, match="at most 3"):
             model(MAZE, 4)
-        with pytest.raises(SoftshareError, match=">= 1"):
-            model(MAZE, 0)
+        for bad in (0, -2, 2.5, True):
+            with pytest.raises(SoftshareError, match="positive integer"):
+                model(MAZE, bad)
 
 
 def test_continuing_a_run_matches_one_run():
     """The progressive loss runs n iterations, then k more from the state: same as n + k at once."""
-    for name in ("prefix_shared", "prefix_recurrent"):
+    for name in ("prefix_ff", "prefix_shared", "prefix_recurrent"):
         model = build(name).eval()
         _, state = model(BITS, 1, return_state=True)
         torch.testing.assert_close(model(BITS, 2, start=1, state=state), model(BITS, 3))
 
 
-def test_shared_parameter_count_by_hand():
-    w, depth, k, in_channels = 8, 3, 4, 3
-    model = create_model("maze_shared", num_classes=2, in_channels=in_channels, width=w, depth=depth,
-                         num_templates=k)
-    bank = k * w * w * 9
-    coefficients = 2 * depth * k
-    projection = in_channels * w * 9
-    head = w * (w // 2) * 9 + (w // 2) * 2 * 9
-    assert sum(p.numel() for p in model.parameters()) == bank + coefficients + projection + head
-    banks = {id(m) for m in model.modules() if isinstance(m, TemplateBank)}
-    assert len(banks) == 1  # every block's convs draw from ONE bank
-    assert [name for name, _ in model.named_children()] == ["projection", "bank", "blocks", "head"]
-    for block in model.blocks:
-        assert block.conv1.bank is model.bank and block.conv2.bank is model.bank
+# Parameter counts by hand: 3-wide convs without bias, w = 8, one input channel (prefix sums) or 3.
+def _pieces(w: int, c: int, taps: int, blocks: int, recall: bool) -> tuple[int, int, int]:
+    projection = c * w * taps
+    iteration = (w + c) * w * taps * recall + 2 * blocks * w * w * taps
+    head = w * w * taps + w * (w // 2) * taps + (w // 2) * 2 * taps  # w -> w -> w/2 -> 2, as DeepThinking
+    return projection, iteration, head
 
 
-def test_shared_coefficients_start_orthogonal():
-    model = create_model("maze_shared", in_channels=3, width=8, depth=2, num_templates=4)
-    rows = torch.stack([layer.coefficients.detach() for layer in model.bank.layers])
-    torch.testing.assert_close(rows @ rows.T, torch.eye(4), atol=1e-5, rtol=0)
+@pytest.mark.parametrize("blocks,recall", [(2, True), (1, True), (2, False)])
+def test_parameter_counts_by_hand(blocks, recall):
+    w, depth, c, taps = 8, 3, 1, 3
+    projection, iteration, head = _pieces(w, c, taps, blocks, recall)
+    kw = dict(blocks=blocks, recall=recall)
+    assert count(build("prefix_recurrent", **kw)) == projection + iteration + head
+    assert count(build("prefix_ff", **kw)) == projection + depth * iteration + head
+    k = 2
+    roles = 2 * blocks + recall
+    assert count(build("prefix_shared", num_templates=k, **kw)) == projection + k * iteration + depth * roles * k + head
+    # DT-L adds one gate per residual block per iteration (one set for the recurrent body)
+    assert count(build("prefix_recurrent", lipschitz=True, **kw)) == projection + iteration + head + blocks
+    assert count(build("prefix_ff", lipschitz=True, **kw)) == projection + depth * (iteration + blocks) + head
 
 
-def test_ff_and_recurrent_parameter_counts():
-    w, depth = 8, 3
-    shared_rest = 3 * w * 9 + w * (w // 2) * 9 + (w // 2) * 2 * 9
-    ff = create_model("maze_ff", num_classes=2, in_channels=3, width=w, depth=depth)
-    assert sum(p.numel() for p in ff.parameters()) == shared_rest + 2 * depth * w * w * 9
-    rec = create_model("maze_recurrent", num_classes=2, in_channels=3, width=w, depth=depth, recall=True)
-    recall = (w + 3) * w * 9
-    assert sum(p.numel() for p in rec.parameters()) == shared_rest + 2 * w * w * 9 + recall
+def test_maze_recurrent_count_by_hand():
+    w, c, taps = 8, 3, 9
+    projection, iteration, head = _pieces(w, c, taps, 2, True)
+    assert count(build("maze_recurrent")) == projection + iteration + head == 3 * 72 + (11 * 72 + 4 * 576) + (576 + 288 + 72) == 4248
 
 
-@pytest.mark.parametrize("k", [0, 7])
+def test_shared_body_has_one_bank_per_conv_role():
+    model = build("prefix_shared", num_templates=2)
+    assert list(model.banks) == ["recall", "conv1", "conv2", "conv3", "conv4"]
+    assert model.banks["recall"].weight_shape == (8, 9, 3) and model.banks["conv1"].weight_shape == (8, 8, 3)
+    assert len({id(m) for m in model.modules() if isinstance(m, TemplateBank)}) == 5
+    for role, bank in model.banks.items():
+        assert [layer for layer in bank.layers] == [getattr(it, role) for it in model.blocks]
+
+
+def test_shared_coefficients_start_orthogonal_at_unit_norm():
+    model = build("prefix_shared", depth=3, num_templates=3)
+    for bank in model.banks.values():
+        rows = torch.stack([layer.coefficients.detach() for layer in bank.layers])
+        torch.testing.assert_close(rows @ rows.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_spectral_norm_of_matches_numpy_svd():
+    weight = torch.randn(8, 9, 3)
+    expected = np.linalg.svd(weight.reshape(8, 27).numpy().astype(np.float64), compute_uv=False)[0]
+    assert spectral_norm_of(weight).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dt_l_divides_every_iteration_conv_by_its_spectral_norm():
+    """Scaling an iteration's conv weight does not change a DT-L net: W / sigma(W) is scale-free."""
+    torch.manual_seed(0)
+    model = build("prefix_recurrent", lipschitz=True).eval()
+    before = model(BITS, 20)
+    with torch.no_grad():
+        model.blocks[0].conv2.weight.mul_(7.0)
+        model.blocks[0].recall.weight.mul_(0.1)
+    torch.testing.assert_close(model(BITS, 20), before)
+    plain = build("prefix_recurrent").eval()
+    reference = plain(BITS, 20)
+    with torch.no_grad():
+        plain.blocks[0].conv2.weight.mul_(7.0)
+    assert not torch.allclose(plain(BITS, 20), reference)
+
+
+def test_dt_l_thoughts_stay_bounded_where_plain_ones_grow():
+    """Many more iterations than trained: the DT-L state stays on its scale, the plain one need not."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 64) - 0.5
+    for lipschitz in (True,):
+        model = build("prefix_recurrent", width=16, lipschitz=lipschitz).eval()
+        with torch.no_grad():
+            for conv in ("conv1", "conv2", "conv3", "conv4"):
+                getattr(model.blocks[0], conv).weight.mul_(4.0)  # an expanding iteration without the remedy
+            states = [s.abs().max().item() for s in model.iterate(x, 400)]
+        assert np.isfinite(states).all() and max(states) < 10 * max(states[:30])
+    model = build("prefix_recurrent", width=16).eval()
+    with torch.no_grad():
+        for conv in ("conv1", "conv2", "conv3", "conv4"):
+            getattr(model.blocks[0], conv).weight.mul_(4.0)
+        states = [s.abs().max().item() for s in model.iterate(x, 60)]
+    assert states[-1] > 100 * states[5] or not np.isfinite(states[-1])
+
+
+@pytest.mark.parametrize("k", [0, 4])
 def test_num_templates_range(k):
-    with pytest.raises(SoftshareError, match="from 1 to 6"):
+    with pytest.raises(SoftshareError, match="from 1 to 3"):
         build("maze_shared", num_templates=k)
 
 
 def test_bad_arguments():
     with pytest.raises(SoftshareError, match="only to the shared body"):
         build("maze_ff", num_templates=2)
-    with pytest.raises(SoftshareError, match="only to the recurrent body"):
-        build("prefix_shared", recall=True)
     with pytest.raises(SoftshareError, match="width must be"):
         create_model("maze_ff", width=1)
+    with pytest.raises(SoftshareError, match="blocks >= 1"):
+        build("prefix_recurrent", blocks=0)
 
 
-def test_norm_option_keeps_shapes():
-    model = build("maze_recurrent", norm=True)
-    assert model(MAZE, 5).shape == (2, 2, 24, 24)
-
-
-def test_shared_net_folds_into_a_loop_that_runs_longer():
-    """k = 1: every conv is a multiple of one template, so the blocks fold into one exact loop."""
-    from softshare.fold import fold_model, set_iterations
-
+@pytest.mark.parametrize("lipschitz", [False, True])
+def test_shared_net_folds_into_a_loop_that_runs_longer(lipschitz):
+    """k = 1: every conv of a role is a multiple of one template, so the iterations fold into one
+    exact loop, which then runs any number of iterations."""
     torch.manual_seed(0)
-    model = build("prefix_shared", num_templates=1).eval()
-    folded = fold_model(model, 0.99).model
-    assert [name for name, _ in folded.named_children()] == ["projection", "blocks", "head"]
-    assert len(folded.blocks) == 1 and folded.blocks[0].length == 3
+    model = build("prefix_shared", num_templates=1, lipschitz=lipschitz).eval()
+    result = fold_model(model, 0.99)
+    folded = result.model
+    assert result.loops == [[3]] and [name for name, _ in folded.named_children()] == ["projection", "blocks", "head"]
+    assert count(folded) < count(build("prefix_ff", lipschitz=lipschitz))
     torch.testing.assert_close(folded(BITS, return_all=True), model(BITS, return_all=True), atol=1e-6, rtol=1e-5)
-    set_iterations(folded, 7)
-    assert folded.max_iterations == 7 and folded(BITS, 7, return_all=True).shape == (2, 7, 2, 32)
+    assert folded.max_iterations is None
+    longer = folded(BITS, 9, return_all=True)
+    assert longer.shape == (2, 9, 2, 32)
+    torch.testing.assert_close(longer[:, :3], model(BITS, return_all=True), atol=1e-6, rtol=1e-5)
+    set_iterations(folded, 5)  # the explicit form still works: the loop runs 5 times, then repeats its last step
+    torch.testing.assert_close(folded(BITS, 9), longer[:, -1], atol=1e-6, rtol=1e-5)
     with pytest.raises(SoftshareError, match="only the shared body"):
         build("prefix_ff", fold={"loops": [[3]]})
     with pytest.raises(SoftshareError, match="summing to the depth 3"):
         build("prefix_shared", fold={"loops": [[1, 1]]})
+
+
+def test_shared_net_with_distinct_iterations_does_not_run_longer():
+    torch.manual_seed(0)
+    model = build("prefix_shared", num_templates=3).eval()  # orthogonal coefficients: nothing folds
+    result = fold_model(model, 0.99)
+    assert result.loops == [[1, 1, 1]] and result.model.max_iterations == 3
+    torch.testing.assert_close(result.model(BITS), model(BITS), atol=1e-6, rtol=1e-5)
+    with pytest.raises(SoftshareError, match="at most 3"):
+        result.model(BITS, 4)

@@ -73,23 +73,29 @@ def test_markdown_table_has_a_row_per_run():
 
 def test_experiment_writes_results_and_continues(tmp_path):
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32, 40], "width": 4, "depth": 2}
-    variants = ("ff", "shared_k1", "recurrent")
+    variants = ("ff", "shared_k1", "shared_k2", "recurrent")
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
     assert [(r["variant"], r["seed"]) for r in results["runs"]] == [(v, 0) for v in variants]
-    ff, shared, rec = results["summary"]
-    assert ff["reached_target"] == 0 and ff["steps_to_target"] is None
-    assert set(ff["test_at_trained"]) == {"32", "40"} and "test_at_scaled" not in ff
-    assert results["runs"][1]["folded_loops"] == [2]  # k = 1: the two blocks fold into one loop
-    assert set(shared["test_at_scaled"]) == {"32", "40"} and rec["eval_iterations"] == 512
-    for name in ("results.json", "results.md", "training_prefix-sums.png", "extrapolation_prefix-sums.png"):
+    ff, shared1, shared2, rec = results["runs"]
+    assert results["summary"][0]["reached_target"] == 0 and results["summary"][0]["steps_to_target"] is None
+    assert set(ff["test"]) == {"32", "40"} and ff["eval_iterations"] == 2  # ff cannot run longer than trained
+    # k = 1: the two iterations fold into one loop, which then runs 20x the trained iterations
+    assert shared1["fold"]["loops"] == [2] and shared1["fold"]["runs_longer"] and shared1["eval_iterations"] == 40
+    assert shared1["fold"]["acc_before"] == shared1["fold"]["acc_after"]  # folding is exact at |cos| = 1
+    assert rec["eval_iterations"] == 40 and 1 <= rec["test"]["40"]["stable_iteration"] <= 40
+    for name in ("results.json", "results.md", "training_prefix-sums.png", "extrapolation_prefix-sums.png",
+                 "iterations_prefix-sums.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "runs" / "prefix-sums-shared_k2-s0" / "lsm-last").is_dir()
     report = (tmp_path / "results.md").read_text()
-    assert "| recurrent | scaled |" in report and "| shared_k1 | scaled |" in report
+    assert "at the stable stopping rule" in report and "| shared_k1 s0 | [2] |" in report
     weights_file = tmp_path / "runs" / "prefix-sums-ff-s0" / "checkpoints" / "last" / "model.safetensors"
     before = weights_file.stat().st_mtime_ns
-    again = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
+    again = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu", jobs=2)
     assert weights_file.stat().st_mtime_ns == before  # finished runs are reused, not retrained
     assert again["summary"] == results["summary"]
+    with pytest.raises(SoftshareError, match="jobs must be a positive integer"):
+        run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu", jobs=0)
 
 
 def test_recurrence_study_checks_its_settings_before_training(tmp_path):

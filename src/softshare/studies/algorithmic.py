@@ -45,6 +45,7 @@ TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
 RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
 EVAL_VERSION = 2  # bump when the cached per-run evaluation changes meaning
+LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,11 @@ def _run_one(config: TrainConfig, variant: str, patience: int) -> dict:
     return {**record, **_evaluate(run_path, config, patience)}
 
 
+def _trained_size_exact_match(model, config: TrainConfig, device: torch.device) -> float:
+    x, y = evaluation_examples(config.to_dict(), config.train_size, config.test_count)
+    return think(model, config.task, x, y, config.depth, 100, device)["exact_match"][-1]
+
+
 def _evaluate(run_path: Path, config: TrainConfig, patience: int) -> dict:
     """Parameters, folding (shared nets) and exact match per size at the trained iterations, the
     stopping rule and the best iteration; cached in ``study-eval.json`` beside the run."""
@@ -184,6 +190,8 @@ def _evaluate(run_path: Path, config: TrainConfig, patience: int) -> dict:
                           "acc_after": after, "runs_longer": folded.model.max_iterations is None}
         evaluated = folded.model
     iterations = evaluated.max_iterations or EXTRAPOLATION_FACTOR * config.depth
+    if iterations > config.depth and _trained_size_exact_match(evaluated, config, device) < LEARNED:
+        iterations = config.depth  # it did not learn the training size: thinking longer cannot help
     result["eval_iterations"] = iterations
     result["test"], curves = {}, {}
     for size in config.test_sizes:
@@ -254,7 +262,8 @@ def markdown_report(results: dict) -> str:
              f"- seeds: {results['seeds']}; overrides of the presets: {results['overrides'] or 'none'}",
              f"- stopping rule: a prediction unchanged for {results['patience']} iterations (no labels); nets that "
              f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
-             f"iterations",
+             f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size is scored at its trained "
+             f"iterations only)",
              "- mean ± std over seeds; time to target over the seeds that reached it", ""]
     for task in dict.fromkeys(r["task"] for r in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
