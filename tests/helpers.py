@@ -163,8 +163,8 @@ def tiny(tmp_path, **fields):
     return resolve_config(overrides={**TINY, "out_dir": str(tmp_path), **fields})
 
 
-TOY = dict(train_count=100, test_count=10, test_sizes=[9, 13], width=8, depth=3, num_templates=2, epochs=1, extra_iterations=2,
-           threshold=0.5, recurrence_reg=1.0)
+TOY = dict(train_count=200, test_count=8, test_sizes=[32, 40], width=4, depth=2, num_templates=2, epochs=1,
+           recurrence_reg=1.0)
 
 
 class Foreign(nn.Module):

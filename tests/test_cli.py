@@ -163,12 +163,12 @@ def test_cli_fold_and_sweep(collinear, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_fold_cli_scores_a_maze_run_by_exact_match(tmp_path):
+def test_fold_cli_scores_an_algorithmic_run_by_exact_match(tmp_path):
     from softshare.cli import main
 
     run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
     run = tmp_path / "demo" / "runs" / "shared"
-    assert main(["fold", str(run), "--out", str(tmp_path / "folded"), "--data", "mazes", "--threshold", "1.0"]) == 0
+    assert main(["fold", str(run), "--out", str(tmp_path / "folded"), "--data", "prefix-sums", "--threshold", "1.0"]) == 0
     report = json.loads((tmp_path / "folded" / "fold_report.json").read_text())
     metrics = report["metrics"]
     assert metrics["original"]["acc"] == metrics["folded"]["acc"]  # nothing folds at 1.0: same function
@@ -270,6 +270,10 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
     written = json.loads((run / "eval-best.json").read_text())
     assert written["accuracy"] == result["accuracy"]
     assert (run / "eval-best.png").stat().st_size > 0
+    assert (run / "eval-best-mazes.png").stat().st_size > 0  # input, target and prediction per size
+    for size in ("9", "11"):
+        stable = result["stop"][size]["stable"]
+        assert 0 <= stable["exact_match"] <= 1 and 1 <= stable["mean_iteration"] <= 5
     out = tmp_path / "elsewhere" / "e.json"
     assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out)]) == 0
     assert "size" in capsys.readouterr().out
@@ -281,6 +285,10 @@ def test_eval_refuses_too_many_iterations_for_ff(tmp_path, capsys):
     train(tiny(tmp_path, name="ff", model="ff", epochs=1))
     assert main(["eval", str(tmp_path / "ff"), "--iterations", "3", "--count", "2"]) == 2
     assert "at most 2" in capsys.readouterr().err
+    for flag in ("--iterations", "--patience"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(tmp_path / "ff"), flag, "0"])
+        assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize("task, model, message", [

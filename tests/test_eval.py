@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from helpers import tiny
 from softshare import SoftshareError, create_model
 from softshare.data.tasks import maze_dataset
 from softshare.eval import evaluator_for, exact_match_by_iteration, exact_match_thinking_longer, longest_loop
+from softshare.eval.algorithmic import think
 
 
 def folded_maze_net(loops: list[int]):
@@ -43,3 +46,52 @@ def test_evaluator_for_an_algorithmic_run(tmp_path):
 def test_evaluator_for_a_classifier_needs_a_dataset():
     with pytest.raises(SoftshareError, match="does not record its dataset"):
         evaluator_for({"task": "classification"}, "cpu")
+
+
+class _Scripted(torch.nn.Module):
+    """A fake algorithmic net whose prediction per instance and iteration is scripted: state t is
+    the logits after iteration t, so the test knows every prediction and confidence in advance."""
+
+    def __init__(self, logits: torch.Tensor) -> None:  # (iterations, N, classes, L)
+        super().__init__()
+        self.logits = logits
+
+    def iterate(self, x, count):
+        for t in range(count):
+            yield self.logits[t, : len(x)]
+
+    def head(self, state):
+        return state
+
+
+def _scripted(predictions: list[list[int]], confidence: list[list[float]]) -> torch.Tensor:
+    """(iterations, N, 2, 1) logits predicting `predictions[t][n]` with softmax max `confidence[t][n]`."""
+    logits = torch.zeros(len(predictions), len(predictions[0]), 2, 1)
+    for t, row in enumerate(predictions):
+        for n, label in enumerate(row):
+            margin = math.log(confidence[t][n] / (1 - confidence[t][n]))
+            logits[t, n, label, 0] = margin
+    return logits
+
+
+def test_think_stopping_rules_against_a_scripted_net():
+    """Instance 0: wrong twice, then right: the stable rule (patience 2) stops at iteration 5, right.
+    Instance 1: right at 2 with high confidence, then wrong and stable: stable stops at 5 (wrong),
+    the confident rule picks iteration 2 (right). Instance 2 never settles: the last prediction."""
+    y = torch.tensor([[1], [1], [1]])
+    predictions = [[0, 0, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 0, 0], [1, 0, 1]]
+    confidence = [[0.6, 0.6, 0.6], [0.6, 0.99, 0.6], [0.7, 0.6, 0.6], [0.8, 0.6, 0.6], [0.9, 0.6, 0.6],
+                  [0.95, 0.7, 0.6]]
+    model = _Scripted(_scripted(predictions, confidence))
+    x = torch.zeros(3, 1, 1)
+    result = think(model, "prefix-sums", x, y, 6, 3, torch.device("cpu"), patience=2)
+    assert result["exact_match"] == pytest.approx([0, 2 / 3, 1 / 3, 2 / 3, 1 / 3, 2 / 3])
+    stable, confident = result["stop"]["stable"], result["stop"]["confident"]
+    # stops: instance 0 at 5 (pred 1 at 3, 4, 5), instance 1 at 5 (0 at 3, 4, 5), instance 2 never: 6
+    assert stable["mean_iteration"] == pytest.approx((5 + 5 + 6) / 3)
+    assert stable["exact_match"] == pytest.approx(2 / 3)  # 0 right, 1 wrong, 2's last prediction (1) right
+    # confident: instance 0 at 6 (0.95, right), instance 1 at 2 (0.99, right), instance 2 at 1 (first 0.6, wrong)
+    assert confident["mean_iteration"] == pytest.approx((6 + 2 + 1) / 3)
+    assert confident["exact_match"] == pytest.approx(2 / 3)
+    with pytest.raises(SoftshareError, match="patience must be a positive integer"):
+        think(model, "prefix-sums", x, y, 6, 2, torch.device("cpu"), patience=0)

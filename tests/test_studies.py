@@ -20,15 +20,17 @@ def test_toy_demo_writes_the_report(tmp_path):
     text = report.read_text()
     out = report.parent
     results = json.loads((out / "results.json").read_text())
-    assert set(results["exact_match"]) == {"9", "13"}
-    assert results["params"]["shared"] < results["params"]["ff"]
-    for row in results["exact_match"].values():
-        assert all(0.0 <= row[k] <= 1.0 for k in ("ff", "shared", "folded"))
-    assert "| parameters |" in text and "![LSM](lsm/" in text and "softshare train --preset" in text
-    for name in ("accuracy.png", "curves_shared.png", "curves_ff.png"):
+    ev = results["evaluations"]
+    assert set(ev) == {"recurrent", "shared", "ff"} and set(ev["ff"]["test"]) == {"32", "40"}
+    assert ev["recurrent"]["parameters"] < min(ev["shared"]["parameters"], ev["ff"]["parameters"])
+    assert ev["ff"]["eval_iterations"] == 2  # the feed-forward net cannot run past its depth
+    for evaluation in ev.values():
+        assert all(0.0 <= row["stable"] <= 1.0 for row in evaluation["test"].values())
+    assert "| parameters |" in text and "![LSM](runs/shared/lsm-last/" in text and "stopping rule" in text
+    assert "One seed (0)" in text
+    for name in ("thinking.png", "training.png"):
         assert (out / name).stat().st_size > 1000
-    assert (out / "folded" / "model.safetensors").exists()
-    assert json.loads((out / "runs" / "shared" / "config.json").read_text())["data_root"] == str(out / "data")
+    assert any((out / "runs" / "shared" / "lsm-last").glob("*.png"))
 
 
 def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
@@ -44,15 +46,6 @@ def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
         run_demo(DemoConfig(out=str(out), **TOY))
     assert (out / "report.md").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
-
-
-def test_folded_column_is_the_trained_schedule(tmp_path):
-    """At threshold 1.0 nothing folds: the folded net is the shared net with plain convs, so their
-    exact-match columns agree (extra iterations are reported apart, never mixed into them)."""
-    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), **{**TOY, "threshold": 1.0}))
-    results = json.loads((report.parent / "results.json").read_text())
-    assert all(n == 1 for loops in results["loops"] for n in loops)
-    assert all(row["folded"] == row["shared"] for row in results["exact_match"].values())
 
 
 def test_folded_layers_counts_layers_in_loops():

@@ -24,14 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     task = p.add_argument_group("algorithmic tasks (exact match per size and iteration; JSON + plot written)")
     task.add_argument("--sizes", type=positive_int, nargs="+", help="test sizes (default: the run's test_sizes)")
     task.add_argument("--iterations", type=positive_int,
-                      help="score after 1..N iterations (default: ff/shared depth, recurrent 4x trained)")
+                      help="score after 1..N iterations (default: ff/shared depth; nets that run longer, recurrent "
+                           "or folded: 20x trained)")
+    task.add_argument("--patience", type=positive_int,
+                      help="stopping rule: stop once a prediction is unchanged for this many iterations (default 10)")
     task.add_argument("--count", type=positive_int, help="instances per size (default: the run's test_count)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out") if getattr(args, k)}
+    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience")
+                    if getattr(args, k)}
     result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
                                  download=args.download, device=args.device, batch_size=args.batch_size,
                                  **task_options)
@@ -47,11 +51,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _task_table(result: dict) -> str:
-    """Exact match (%) per size at a few iteration counts, including the trained one."""
+    """Exact match (%) per size at a few iteration counts, the best one, and the stopping rules."""
     last, trained = result["iterations"][-1], result["trained_iterations"]
-    shown = sorted({1, min(trained, last), last} | {t for t in (2 * trained, 4 * trained) if t <= last})
-    rows = [[int(size), *(round(100 * acc[t - 1], 1) for t in shown)] for size, acc in result["accuracy"].items()]
-    table = format_table(["size", *(f"{t} it" for t in shown)], rows)
+    shown = sorted({min(trained, last), last} | {t for t in (4 * trained,) if t < last})
+    rows = []
+    for size, acc in result["accuracy"].items():
+        best = max(range(len(acc)), key=acc.__getitem__)
+        stop = result["stop"][size]
+        rows.append([int(size), *(round(100 * acc[t - 1], 1) for t in shown), f"{100 * acc[best]:.1f} @{best + 1}",
+                     f"{100 * stop['stable']['exact_match']:.1f} @{stop['stable']['mean_iteration']:.0f}",
+                     f"{100 * stop['confident']['exact_match']:.1f} @{stop['confident']['mean_iteration']:.0f}"])
+    table = format_table(["size", *(f"{t} it" for t in shown), "best", "stable rule", "confident rule"], rows)
+    extra = f", {result['mazes_plot']}" if "mazes_plot" in result else ""
     return (f"{result['checkpoint']} ({result['model']}, trained at size {result['train_size']} with {trained} "
-            f"iterations): exact match % on {result['count']} test instances per size\n{table}\n"
-            f"written: {result['json']}, {result['plot']}")
+            f"iterations): exact match % on {result['count']} test instances per size; the rules stop without "
+            f"labels (stable: prediction unchanged for {result['patience']} iterations; @ = mean iteration)\n"
+            f"{table}\nwritten: {result['json']}, {result['plot']}{extra}")

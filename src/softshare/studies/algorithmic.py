@@ -157,7 +157,7 @@ def _run_one(config: TrainConfig, variant: str, patience: int) -> dict:
         "curve": [(row["epoch"] * steps_per_epoch, row["train_acc"]) for row in history],
         "trained_iterations": config.depth, "train_size": config.train_size,
     }
-    return {**record, **_evaluate(run_path, config, patience)}
+    return {**record, **evaluate_run(run_path, config, patience)}
 
 
 def _trained_size_exact_match(model, config: TrainConfig, device: torch.device) -> float:
@@ -165,7 +165,7 @@ def _trained_size_exact_match(model, config: TrainConfig, device: torch.device) 
     return think(model, config.task, x, y, config.depth, 100, device)["exact_match"][-1]
 
 
-def _evaluate(run_path: Path, config: TrainConfig, patience: int) -> dict:
+def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE) -> dict:
     """Parameters, folding (shared nets) and exact match per size at the trained iterations, the
     stopping rule and the best iteration; cached in ``study-eval.json`` beside the run."""
     path = run_path / "study-eval.json"

@@ -1,15 +1,18 @@
-"""`softshare demo` / `make demo`: the whole story on generated mazes, in minutes on a CPU.
+"""`softshare demo` / `make demo`: nets that learn an algorithm and think longer, in minutes on a CPU.
 
-Generate mazes -> train a soft-shared net and its feed-forward control (same depth and width)
--> parameter counts -> Layer Similarity Matrix -> fold the shared net into a loop -> evaluate
-all three on larger mazes than trained, the folded net also with extra loop iterations ->
-`runs/demo/report.md`.
+Prefix sums (running parity of bit strings): train three nets of one recipe side by side on
+32-bit strings (a recurrent DeepThinking net, a soft-shared net and its feed-forward control),
+show their parameters and training curves, the shared net's Layer Similarity Matrix and what
+folds into a loop, then score all on strings up to 512 bits at the label-free stopping rule,
+letting the nets that can (recurrent, shared folded into a loop) think up to 20x longer than
+trained -> `runs/demo/report.md`. The seed is fixed and reported; docs/algorithmic.md says how
+the study's seeds came out.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,34 +23,33 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from ..analysis import save_lsm, sharing_stats
-from ..checkpoint import load, save_checkpoint
-from ..data.tasks import evaluation_examples, write_mazes
 from ..device import environment_description
 from ..errors import SoftshareError
-from ..eval.algorithmic import exact_match_by_iteration, exact_match_thinking_longer, longest_loop
-from ..fold import DEFAULT_THRESHOLD, fold_model
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE
+from ..fold import DEFAULT_THRESHOLD
 from ..io import rebuild_dir, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
+from ..train.run_dir import read_metrics
+from .algorithmic import evaluate_run
+
+NETS = ("recurrent", "shared", "ff")
+LABELS = {"recurrent": "recurrent", "shared": "soft-shared (folded)", "ff": "feed-forward"}
 
 
 @dataclass
 class DemoConfig:
-    """Defaults take ~3.5 minutes on 2 idle CPU cores; scale up with the flags of `softshare demo`."""
+    """Defaults: the prefix_sums_cpu recipe, about 8 minutes on 2 CPU cores; flags scale it."""
 
     out: str = "runs/demo"
-    train_size: int = 9
-    test_sizes: list[int] = field(default_factory=lambda: [9, 13, 17])
-    train_count: int = 2000
+    train_count: int = 8000
     test_count: int = 100
-    width: int = 16
-    depth: int = 16
-    num_templates: int = 8
-    epochs: int = 40
-    lr: float = 0.002
+    test_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    width: int = 32
+    depth: int = 30
+    num_templates: int = 2
+    epochs: int = 30
     recurrence_reg: float = 1.0
-    threshold: float = DEFAULT_THRESHOLD
-    extra_iterations: int = 16
+    patience: int = STOP_PATIENCE
     seed: int = 0
     device: str = "cpu"
 
@@ -61,76 +63,50 @@ def run_demo(config: DemoConfig) -> Path:
     started = time.perf_counter()
     out = Path(config.out)
     with rebuild_dir(out) as work:
-        data = work / "data"
-        _say(f"[1/6] generating mazes: {config.train_count} of size {config.train_size} for training, "
-             f"{config.test_count} per test size {config.test_sizes}")
-        write_mazes(data, "train", config.train_size, config.train_count + config.test_count, seed=config.seed)
-        for size in config.test_sizes:
-            write_mazes(data, "test", size, config.test_count, seed=config.seed)
-
-        _say(f"[2/6] training the shared and the feed-forward net side by side (width {config.width}, "
-             f"{config.depth} blocks, {config.epochs} epochs)")
-        configs = {kind: _train_config(config, kind, data, work / "runs") for kind in ("shared", "ff")}
+        configs = {kind: _train_config(config, kind, work / "runs") for kind in NETS}
+        _say(f"[1/4] training three nets on {config.train_count} {configs['shared'].train_size}-bit strings side by "
+             f"side (width {config.width}, {config.depth} iterations, {config.epochs} epochs, seed {config.seed})")
         _train_side_by_side(configs, config.device)
-        shared_config = configs["shared"]
-        shared_model, ff_model = (load(work / "runs" / kind, device=config.device) for kind in ("shared", "ff"))
 
-        _say("[3/6] parameters")
-        folded = fold_model(shared_model, config.threshold)
-        params = {"ff": sharing_stats(ff_model).total, "shared": sharing_stats(shared_model).total,
-                  "folded": folded.params_after}
-        for name, count in params.items():
-            _say(f"      {name:8s} {count:>9,}")
+        _say(f"[2/4] folding the shared net at |cos| >= {DEFAULT_THRESHOLD}, then scoring every net on "
+             f"{config.test_count} strings per size {config.test_sizes} (nets that run longer: up to "
+             f"{EXTRAPOLATION_FACTOR * config.depth} iterations)")
+        evaluations = {}
+        for kind, train_config in configs.items():
+            evaluations[kind] = evaluate_run(work / "runs" / kind, train_config, config.patience)
+            row = evaluations[kind]["test"]
+            _say(f"      {LABELS[kind]:22s} " + "  ".join(f"{s}: {100 * row[s]['stable']:5.1f}%" for s in row))
 
-        _say("[4/6] layer similarity matrix of the shared net")
-        lsm_files = save_lsm(shared_model, work / "lsm")
+        _say("[3/4] figures")
+        histories = {kind: read_metrics(work / "runs" / kind) for kind in NETS}
+        curves = {kind: json.loads((work / "runs" / kind / "study-curves.json").read_text()) for kind in NETS}
+        _plot_training(histories, configs, work / "training.png")
+        _plot_thinking(curves, evaluations, config, work / "thinking.png")
+        lsm = sorted(p.name for p in (work / "runs" / "shared" / "lsm-last").glob("*.png"))
 
-        _say(f"[5/6] folding at threshold {config.threshold}: loops {folded.loops}")
-        save_checkpoint(work / "folded", folded.model, config=shared_config.to_dict(),
-                        epoch=shared_config.epochs)
-
-        _say("[6/6] exact match on larger mazes than trained")
-        device = torch.device(config.device)
-        # think longer: the longest loop runs `extra_iterations` more times (the rest as trained)
-        thinks_longer = bool(config.extra_iterations) and longest_loop(folded.model) is not None
-        extra = config.depth + config.extra_iterations if thinks_longer else None
-        table = {}
-        for size in config.test_sizes:
-            x, y = evaluation_examples(shared_config.to_dict(), size, config.test_count, str(data))
-            row = {name: exact_match_by_iteration(model, "mazes", x, y, config.depth, 100, device)[-1]
-                   for name, model in (("ff", ff_model), ("shared", shared_model), ("folded", folded.model))}
-            if thinks_longer:
-                curve = exact_match_thinking_longer(folded.model, "mazes", x, y, config.extra_iterations, 100, device)
-                row["folded_extra"], row["folded_curve"] = curve[-1], curve
-            table[str(size)] = row
-            _say(f"      size {size:3d}: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "folded_curve"))
-
-        results = {"config": config.__dict__, "params": params, "loops": folded.loops, "exact_match": table,
-                   "extra_iterations": extra, "seconds": round(time.perf_counter() - started, 1),
-                   "hardware": environment_description(device), "torch": torch.__version__}
+        results = {"config": config.__dict__, "evaluations": evaluations,
+                   "seconds": round(time.perf_counter() - started, 1),
+                   "hardware": environment_description(config.device), "torch": torch.__version__}
         write_json(work / "results.json", results)
-        _plot_accuracy(results, work / "accuracy.png")
-        for kind in ("shared", "ff"):
-            shutil.copy(work / "runs" / kind / "curves.png", work / f"curves_{kind}.png")
-        write_text(work / "report.md", _report(results, [p.name for p in lsm_files if p.suffix == ".png"]))
+        _say("[4/4] report")
+        write_text(work / "report.md", _report(results, lsm))
     _say(f"done in {time.perf_counter() - started:.0f} s: {out / 'report.md'}")
     return out / "report.md"
 
 
-def _train_config(config: DemoConfig, kind: str, data: Path, runs: Path) -> TrainConfig:
-    overrides = dict(model=kind, width=config.width, depth=config.depth, num_templates=config.num_templates,
-                     epochs=config.epochs, lr=config.lr, train_size=config.train_size, test_sizes=config.test_sizes,
-                     train_count=config.train_count, test_count=config.test_count, seed=config.seed,
-                     data_root=str(data), out_dir=str(runs), name=kind, device=config.device,
-                     recurrence_reg=config.recurrence_reg if kind == "shared" else 0.0)
-    return resolve_config("mazes_cpu", overrides=overrides)
+def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:
+    overrides = dict(model=kind, width=config.width, depth=config.depth, epochs=config.epochs,
+                     train_count=config.train_count, test_count=config.test_count, test_sizes=config.test_sizes,
+                     seed=config.seed, out_dir=str(runs), name=kind, device=config.device)
+    if kind == "shared":
+        overrides.update(num_templates=config.num_templates, recurrence_reg=config.recurrence_reg)
+    return resolve_config("prefix_sums_cpu", overrides=overrides)
 
 
 def _train_side_by_side(configs: dict[str, TrainConfig], device: str) -> None:
-    """One `softshare train` process per net, in parallel: small nets barely use a second core
-    each, so two single-threaded runs take half the time of two two-threaded ones."""
-    threads = max(1, (os.cpu_count() or 2) // len(configs)) if device == "cpu" else None
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    """One `softshare train` process per net, in parallel, one thread each on CPU: these small nets
+    barely use a second core, so single-threaded runs side by side finish soonest."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})}
     procs = {}
     for kind, train_config in configs.items():
         config_file = Path(train_config.out_dir) / f"{kind}.json"
@@ -160,59 +136,92 @@ def _relay(kind: str, stream) -> None:
         print(f"      [{kind}] {line.rstrip()}", flush=True)
 
 
-def _plot_accuracy(results: dict, path: Path) -> None:
-    table = results["exact_match"]
-    sizes = list(table)
+def _plot_training(histories: dict[str, list[dict]], configs: dict[str, TrainConfig], path: Path) -> None:
+    """Training exact match and loss against steps, one line per net."""
+    fig = Figure(figsize=(10, 3.8), layout="tight")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for index, (kind, rows) in enumerate(histories.items()):
+        steps_per_epoch = configs[kind].train_count // configs[kind].batch_size
+        steps = [r["epoch"] * steps_per_epoch for r in rows]
+        ax_acc.plot(steps, [100 * r["train_acc"] for r in rows], color=f"C{index}", marker=".", label=LABELS[kind])
+        ax_loss.plot(steps, [r["train_loss"] for r in rows], color=f"C{index}", marker=".", label=LABELS[kind])
+    ax_acc.set(xlabel="training steps", ylabel="training exact match (%)", ylim=(-2, 102),
+               title="32-bit strings solved during training")
+    ax_loss.set(xlabel="training steps", ylabel="training loss", yscale="log", title="training loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _plot_thinking(curves: dict, evaluations: dict, config: DemoConfig, path: Path) -> None:
+    """Left: exact match at the stopping rule against size. Right: accuracy against iterations on
+    the largest size, for the nets that can run longer than trained."""
     fig = Figure(figsize=(11, 4), layout="tight")
     ax_size, ax_iter = fig.subplots(1, 2)
-    for name in ("ff", "shared", "folded", "folded_extra"):
-        if all(name in table[s] for s in sizes):
-            label = name if name != "folded_extra" else f"folded, {results['extra_iterations']} iterations"
-            ax_size.plot([int(s) for s in sizes], [table[s][name] for s in sizes], marker="o", label=label)
-    ax_size.set(xlabel="maze size (trained at %d)" % results["config"]["train_size"], ylabel="exact match",
-                title="extrapolation to larger mazes", ylim=(-0.02, 1.02))
-    for size in sizes:
-        curve = table[size].get("folded_curve")
-        if curve:
-            ax_iter.plot(range(1, len(curve) + 1), curve, label=f"size {size}")
-    ax_iter.axvline(results["config"]["depth"], color="grey", ls="--", lw=1)
-    ax_iter.set(xlabel="loop iterations (dashed: trained depth)", ylabel="exact match",
-                title="folded net: thinking longer", ylim=(-0.02, 1.02))
+    sizes = [int(s) for s in config.test_sizes]
+    for index, kind in enumerate(NETS):
+        test = evaluations[kind]["test"]
+        offset = 1 + 0.02 * (index - 1)  # keep coinciding lines apart
+        ax_size.plot([s * offset for s in sizes], [100 * test[str(s)]["stable"] for s in sizes], marker="os^"[index],
+                     color=f"C{index}", label=LABELS[kind])
+    ax_size.set_xscale("log")
+    ax_size.set_xticks(sizes, [str(s) for s in sizes])
+    ax_size.minorticks_off()
+    ax_size.set(xlabel="string length (bits; trained at 32)", ylabel="exact match at the stopping rule (%)",
+                ylim=(-2, 102), title="extrapolation")
+    largest = str(max(sizes))
+    for index, kind in enumerate(NETS):
+        curve = curves[kind][largest]
+        if len(curve) > config.depth:
+            ax_iter.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=f"C{index}", label=LABELS[kind])
+            stop = evaluations[kind]["test"][largest]
+            ax_iter.plot(stop["stable_iteration"], 100 * stop["stable"], "o", color=f"C{index}",
+                         markeredgecolor="black")
+    ax_iter.axvline(config.depth, color="grey", ls="--", lw=1, label="trained iterations")
+    ax_iter.set(xlabel="iterations", ylabel=f"exact match on {largest}-bit strings (%)", ylim=(-2, 102),
+                title="thinking longer (dot: the stopping rule, mean)")
     for ax in (ax_size, ax_iter):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
 def _report(results: dict, lsm_pngs: list[str]) -> str:
-    c, p, table = results["config"], results["params"], results["exact_match"]
-    extra = results["extra_iterations"]
-    columns = ["ff", "shared", "folded"] + (["folded_extra"] if extra else [])
-    heads = ["feed-forward", "soft-shared", "folded"] + ([f"folded, {extra} it."] if extra else [])
+    c, ev = results["config"], results["evaluations"]
+    sizes = list(ev["recurrent"]["test"])
+    fold = ev["shared"]["fold"]
+    heads = " | ".join(LABELS[k] for k in NETS)
     lines = [
         "# softshare demo report", "",
-        f"Mazes of size {c['train_size']} ({c['train_count']} for training), nets of width {c['width']} "
-        f"and {c['depth']} residual blocks; the soft-shared net draws all {2 * c['depth']} block convs from "
-        f"one bank of {c['num_templates']} templates (recurrence regulariser {c['recurrence_reg']}). "
-        f"One seed ({c['seed']}), {c['epochs']} epochs each, {results['hardware']}, "
-        f"{results['seconds']:.0f} s in all.", "",
-        "| | feed-forward | soft-shared | folded |", "| --- | ---: | ---: | ---: |",
-        f"| parameters | {p['ff']:,} | {p['shared']:,} | {p['folded']:,} |", "",
-        f"Folding at LSM >= {c['threshold']} gave loops of lengths {results['loops']} (one list per bank).", "",
-        "Exact match (every open pixel right) on unseen test mazes:", "",
-        "| maze size | " + " | ".join(heads) + " |", "| ---: |" + " ---: |" * len(columns),
+        f"Prefix sums: {c['train_count']} strings of 32 bits for training; three nets of width {c['width']} and "
+        f"{c['depth']} iterations trained with one recipe (`prefix_sums_cpu`: DeepThinking's recall iteration, "
+        f"progressive loss, Adam); the soft-shared net mixes each conv role from a bank of {c['num_templates']} "
+        f"templates (recurrence regulariser {c['recurrence_reg']}). One seed ({c['seed']}), {c['epochs']} epochs, "
+        f"{results['hardware']}, {results['seconds']:.0f} s in all. Other seeds differ: see docs/algorithmic.md.", "",
+        f"| | {heads} |", "| --- |" + " ---: |" * len(NETS),
+        "| parameters | " + " | ".join(f"{ev[k]['parameters']:,}" for k in NETS) + " |",
+        "| runs up to (iterations) | " + " | ".join(str(ev[k]["eval_iterations"]) for k in NETS) + " |", "",
+        f"Folding the shared net at |cos| >= {DEFAULT_THRESHOLD}: loops {fold['loops']}, "
+        f"{ev['shared']['parameters']:,} -> {fold['params_after']:,} parameters, exact match at 32 bits "
+        f"{100 * fold['acc_before']:.1f}% -> {100 * fold['acc_after']:.1f}%; "
+        + ("its last loop runs any number of iterations." if fold["runs_longer"] else
+           "no loop formed at its end, so it cannot run past its depth."), "",
+        f"Exact match (%) on unseen strings at the stopping rule (a prediction unchanged for {c['patience']} "
+        f"iterations; no labels), with the mean iteration it stopped at:", "",
+        "| bits | " + heads + " |", "| ---: |" + " ---: |" * len(NETS),
     ]
-    for size, row in table.items():
-        lines.append(f"| {size} | " + " | ".join(f"{row[k]:.2f}" for k in columns) + " |")
-    lines += ["", "![exact match](accuracy.png)", "", "## Layer Similarity Matrix of the soft-shared net", ""]
-    lines += [f"![LSM](lsm/{name})" for name in lsm_pngs]
-    lines += ["", "## Training curves", "", "![shared](curves_shared.png) ![ff](curves_ff.png)", "",
-              "## Go further", "", "```bash",
-              "softshare experiment algorithmic                  # ff vs shared (k=1,2,4) vs recurrent, 3 seeds",
-              "softshare train --preset fashion_mnist_cpu        # SWRN on real images: 93.6% in ~22 min on one core",
+    for size in sizes:
+        cells = " | ".join(f"{100 * ev[k]['test'][size]['stable']:.0f} ({ev[k]['test'][size]['stable_iteration']:.0f})"
+                           for k in NETS)
+        lines.append(f"| {size} | {cells} |")
+    lines += ["", "![thinking](thinking.png)", "", "## Training", "", "![training](training.png)", "",
+              "## Layer Similarity Matrices of the soft-shared net (one per conv role)", ""]
+    lines += [f"![LSM](runs/shared/lsm-last/{name})" for name in lsm_pngs]
+    lines += ["", "## Go further", "", "```bash",
+              "softshare experiment algorithmic --jobs 2        # every body, 5 seeds: the study in docs/algorithmic.md",
+              "softshare eval runs/demo/runs/recurrent          # accuracy against iterations up to 600, stopping rules",
+              "softshare train --preset fashion_mnist_cpu        # a shared WRN on real images",
               "softshare train --preset cifar10_swrn_28_10_2_cutout --data-root DIR   # the paper's recipe (GPU)",
-              "torchrun --nproc-per-node 4 -m softshare train --preset cifar100_swrn_28_10_2_cutout",
-              "softshare lsm runs/<name> && softshare fold runs/<name> --sweep --data cifar10 --out fold/",
-              "softshare demo --width 32 --depth 20 --epochs 30 --device cuda   # a bigger demo", "```", ""]
+              "```", ""]
     return "\n".join(lines)
