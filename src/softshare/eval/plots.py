@@ -50,7 +50,7 @@ def plot_maze_predictions(model: nn.Module, examples: dict[int, tuple[Tensor, Te
         right = bool(((prediction == y[0]) | ~open_pixels).all())
         row[0].imshow(x[0].permute(1, 2, 0).clamp(0, 1).numpy())
         row[1].imshow(y[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        row[2].imshow(prediction.numpy(), cmap="gray", vmin=0, vmax=1)
+        row[2].imshow((prediction * open_pixels).numpy(), cmap="gray", vmin=0, vmax=1)  # walls do not count
         row[0].set_title(f"maze {size}x{size}", fontsize=9)
         row[1].set_title("target path", fontsize=9)
         row[2].set_title(f"prediction, {iterations} iterations ({'solved' if right else 'wrong'})", fontsize=9)
