@@ -1,6 +1,15 @@
-"""Fixtures used by more than one test module (a library module's tests and the CLI's)."""
+"""Fixtures used by more than one test module (a library module's tests and the CLI's), and the
+`--device` option that runs the device-parametrised tests on a GPU:
+
+    pytest -m device --device cuda     # what benchmarks/gpu_check.py runs on a lent GPU
+
+Every test that takes the `device` fixture is marked `device`; by default it runs on the CPU,
+so CPU CI keeps running the same code paths the GPU check runs on CUDA.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -8,6 +17,39 @@ from torch import nn
 
 from helpers import RefSWRN, _collinear_swrn, _reference_file
 from softshare import create_model
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that take the `device` fixture: cpu (default), cuda or cuda:N")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: takes the `device` fixture (run on a GPU with --device cuda)")
+    spec = config.getoption("--device")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda was given but no CUDA GPU is visible")
+        # Deterministic cuBLAS needs this before the first cuBLAS handle exists (exact resume tests).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type != "cpu":
+        raise pytest.UsageError(f"--device {spec!r}: only cpu and cuda are supported")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device under test (`--device`, default cpu)."""
+    return torch.device(request.config.getoption("--device"))
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -13,6 +15,35 @@ from torch import nn
 
 from softshare import create_model
 from softshare.train.config import resolve_config
+from softshare.train.loop import StopFlag
+
+
+# -- the device-parametrised tests (`device` fixture; `pytest -m device --device cuda` on a GPU) --------
+# What "exact" means on a device: against an independent float64 CPU reference, the error relative
+# to the output's largest magnitude is below 1e-4 in fp32 (TF32 off) and 3e-2 under bf16 autocast;
+# folding is compared in float64 on the device itself (1e-10); a checkpoint round trip and an
+# interrupted-then-resumed run are bit-for-bit equal, with deterministic algorithms on
+# (`deterministic=True`: torch.use_deterministic_algorithms, cuDNN benchmark off; on CUDA also
+# CUBLAS_WORKSPACE_CONFIG=:4096:8, set by conftest.py before cuBLAS starts). docs/gpu.md.
+@contextlib.contextmanager
+def exact_kernels(device: torch.device) -> Iterator[None]:
+    """fp32 without TF32 and deterministic cuDNN algorithms on CUDA (restored on exit)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def on(device: torch.device, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """`x` on `device`, channels-last if asked."""
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class RefBank(nn.Module):
@@ -198,3 +229,20 @@ class Foreign(nn.Module):
 def foreign(dtype=torch.float64) -> Foreign:
     torch.manual_seed(0)
     return Foreign().to(dtype)
+
+
+class StopAfter(StopFlag):
+    """Behaves like a SIGINT/SIGTERM arriving after `steps` optimizer steps."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.remaining = steps
+
+    @property
+    def requested(self) -> bool:
+        self.remaining -= 1
+        return self.remaining < 0
+
+    @requested.setter
+    def requested(self, value) -> None:
+        pass
