@@ -105,5 +105,11 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
     dataset = dataset or config.get("dataset")
     if not dataset:
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")
+    if dataset == "imagefolder":  # streamed from disk: scored on its val/ split
+        from .train.imagefolder import evaluate_imagefolder
+
+        metrics = evaluate_imagefolder(load(ckpt_path), data_root or config.get("data_root"),
+                                       config.get("image_size", 224), device, batch_size)
+        return {"checkpoint": str(ckpt_path), "dataset": dataset, **metrics}
     evaluate = test_set_evaluator(dataset, data_root, download, device, batch_size)
     return {"checkpoint": str(ckpt_path), "dataset": dataset, **evaluate(load(ckpt_path))}

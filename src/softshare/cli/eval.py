@@ -40,7 +40,8 @@ def run(args) -> int:
     elif "accuracy" in result:
         print(_task_table(result))
     else:
-        print(f"{result['checkpoint']} on {result['dataset']} test set ({result['count']} images): "
+        split = "val" if result["dataset"] == "imagefolder" else "test"
+        print(f"{result['checkpoint']} on {result['dataset']} {split} set ({result['count']} images): "
               f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
               f"top-5 error {100 * result['top5_error']:.2f}%")
     return 0

@@ -2,6 +2,7 @@
 
 from . import wrn  # noqa: F401  (registers wrn_*, swrn_*)
 from . import algorithmic  # noqa: F401  (registers maze_*, prefix_*)
+from . import bottleneck  # noqa: F401  (registers resnet_*, sresnet_*, and wrn_*/swrn_* of depth 26/50/101/152)
 from .registry import create_model, list_families, list_models, register_family
 
 __all__ = ["create_model", "list_models", "list_families", "register_family"]

@@ -132,6 +132,10 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+# Depths 26/50/101/152 name the ImageNet bottleneck nets (models/bottleneck.py); none is 6n+4.
+_NOT_BOTTLENECK = r"(?!s?wrn_(?:26|50|101|152)_)"
+
+
 def _stage_loops(fold: dict | None, num_templates: int | None, num_blocks: int) -> list:
     """Per-stage loop lengths from a fold spec ``{"loops": [[...], [...], [...]]}`` (softshare.fold)."""
     if fold is None:
@@ -145,14 +149,14 @@ def _stage_loops(fold: dict | None, num_templates: int | None, num_blocks: int) 
     return loops
 
 
-@register_family("wrn", r"wrn_(\d+)_(\d+)", ["wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_28_14"],
+@register_family("wrn", _NOT_BOTTLENECK + r"wrn_(\d+)_(\d+)", ["wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_28_14"],
                  "pre-activation Wide ResNet WRN-L-w for 32x32 inputs", small_example="wrn_10_1",
                  input_size=(32, 32))
 def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     return WideResNet(depth, widen, None, num_classes, in_channels)
 
 
-@register_family("swrn", r"swrn_(\d+)_(\d+)_(\d+)",
+@register_family("swrn", _NOT_BOTTLENECK + r"swrn_(\d+)_(\d+)_(\d+)",
                  ["swrn_16_4_1", "swrn_16_8_1", "swrn_28_10_1", "swrn_28_10_2", "swrn_28_10_6", "swrn_28_14_2"],
                  "soft-shared WRN-L-w with a bank of k templates per stage", small_example="swrn_16_1_2",
                  input_size=(32, 32))

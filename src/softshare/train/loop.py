@@ -71,6 +71,14 @@ def learning_rate(config: TrainConfig, epoch: float) -> float:
     return config.lr
 
 
+def scale_lr(config: TrainConfig, world_size: int) -> TrainConfig:
+    """lr x global batch / lr_reference_batch (Goyal et al. 2017: 0.1 x batch/256 for ImageNet)."""
+    lr = config.lr * config.batch_size * world_size / config.lr_reference_batch
+    log.info("lr %.4g x global batch %d / %d = %.4g", config.lr, config.batch_size * world_size,
+             config.lr_reference_batch, lr)
+    return apply_overrides(config, {"lr": lr, "lr_reference_batch": 0}, "linear lr scaling")
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (paper recipe) or Adam, no decay on sharing coefficients.
 
@@ -146,6 +154,8 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
                              f"or pick another --name")
 
+    if config.lr_reference_batch:  # linear scaling; the saved config records the lr used (resume: no rescale)
+        config = scale_lr(config, dist.world_size)
     device = local_device(config.device, dist.local_rank)
     seed_everything(config.seed, config.deterministic)
     task: Task = make_task(config, device, dist)
@@ -231,6 +241,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
                    "images_per_s": round(count / seconds, 1)}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             metrics.update(task.evaluate(model, autocast_dtype))
+        metrics.update(task.epoch_metrics())
         improved = task.primary_metric in metrics and (best is None or metrics[task.primary_metric] > best)
         if improved:
             best = metrics[task.primary_metric]

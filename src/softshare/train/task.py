@@ -46,11 +46,19 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""
+        return {}
+
     def save_artifacts(self, run_path: Path) -> None:
         """Write task files into the run directory (e.g. the validation split). Rank 0 only."""
 
 
 def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task:
+    if config.task == "classification" and config.dataset == "imagefolder":
+        from .imagefolder import ImageFolderTask  # streamed from disk, not held in memory
+
+        return ImageFolderTask(config, device, dist)
     if config.task == "classification":
         from .classification import ClassificationTask
 
