@@ -35,6 +35,7 @@ bench: venv
 	$(PY) benchmarks/bench_sharing.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_data_algorithmic.py
+	$(PY) benchmarks/bench_imagefolder.py
 
 # On a CUDA machine (see docs/gpu.md): make gpu-check OUT=DIR [GPU_CHECK_ARGS=--dry-run]
 OUT ?= runs/gpu-check

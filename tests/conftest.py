@@ -10,12 +10,13 @@ so CPU CI keeps running the same code paths the GPU check runs on CUDA.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import RefSWRN, _collinear_swrn, _reference_file
+from helpers import RefSWRN, _collinear_swrn, _reference_file, make_imagefolder
 from softshare import create_model
 
 
@@ -71,3 +72,9 @@ def collinear() -> nn.Module:
 def model() -> nn.Module:
     torch.manual_seed(0)
     return create_model("swrn_22_1_2")  # 2 shared blocks per stage: 4 layers per bank
+
+
+@pytest.fixture(scope="session")
+def imagefolder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder: 4 classes x (48 train + 16 val) 40 px JPEGs (tests/helpers.make_imagefolder)."""
+    return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 GPU_CHECK = BENCHMARKS / "gpu_check.py"
@@ -58,6 +59,16 @@ def test_benchmark_smoke():
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_bench_imagefolder_smoke(tmp_path):
+    bench = _load_script("bench_imagefolder")
+    bench.make_jpegs(tmp_path, 8)
+    sizes = {Image.open(p).size for p in tmp_path.rglob("*.JPEG")}
+    assert sizes == {(500, 375), (375, 500)}
+    results = bench.measure(tmp_path, rounds=1, workers=0, batch=4)
+    assert set(results) == {"decode_only", "train_transform", "val_transform", "dataloader_0_workers"}
+    assert all(v > 0 for v in results.values())
 
 
 # -- benchmarks/gpu_check.py --------------------------------------------------------------------

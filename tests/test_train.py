@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import StopAfter, foreign
+from helpers import StopAfter, foreign, train_on_two_ranks
 from softshare import SharedLayer, create_model, param_groups, share
 from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
@@ -112,24 +110,7 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
 
 
 def test_two_process_ddp_with_gloo(tmp_path):
-    script = tmp_path / "ddp_job.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, torch
-        from softshare.train.config import resolve_config
-        from softshare.train.loop import train
-        config = resolve_config("digits_tiny", overrides={TINY!r} | {{"out_dir": {str(tmp_path)!r}, "name": "ddp",
-                                                                      "epochs": 3}})
-        result = train(config)
-        rank = int(os.environ["RANK"])
-        torch.save({{k: v.clone() for k, v in result.model.state_dict().items()}}, {str(tmp_path)!r} + f"/w{{rank}}.pt")
-        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(str(result.run_dir))
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
-    assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+    train_on_two_ranks(tmp_path, {**TINY, "out_dir": str(tmp_path), "name": "ddp", "epochs": 3}, "digits_tiny")
     assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # one writer: no duplicated rows
