@@ -4,7 +4,7 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check -c constraints.tx
 FMNIST  := /usr/share/datasets/fashion-mnist
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow bench venv clean data-fashion-mnist
+.PHONY: demo test test-slow bench gpu-check venv clean data-fashion-mnist
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -35,6 +35,12 @@ bench: venv
 	$(PY) benchmarks/bench_sharing.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_data_algorithmic.py
+	$(PY) benchmarks/bench_imagefolder.py
+
+# On a CUDA machine (see docs/gpu.md): make gpu-check OUT=DIR [GPU_CHECK_ARGS=--dry-run]
+OUT ?= runs/gpu-check
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venv runs build src/*.egg-info .pytest_cache

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
+import subprocess
 import sys
+import textwrap
 import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from softshare import create_model
 from softshare.train.config import resolve_config
+from softshare.train.loop import StopFlag
+
+
+# -- the device-parametrised tests (`device` fixture; `pytest -m device --device cuda` on a GPU) --------
+# What "exact" means on a device: against an independent float64 CPU reference, the error relative
+# to the output's largest magnitude is below 1e-4 in fp32 (TF32 off) and 3e-2 under bf16 autocast;
+# folding is compared in float64 on the device itself (1e-10); a checkpoint round trip and an
+# interrupted-then-resumed run are bit-for-bit equal, with deterministic algorithms on
+# (`deterministic=True`: torch.use_deterministic_algorithms, cuDNN benchmark off; on CUDA also
+# CUBLAS_WORKSPACE_CONFIG=:4096:8, set by conftest.py before cuBLAS starts). docs/gpu.md.
+@contextlib.contextmanager
+def exact_kernels(device: torch.device) -> Iterator[None]:
+    """fp32 without TF32 and deterministic cuDNN algorithms on CUDA (restored on exit)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def on(device: torch.device, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """`x` on `device`, channels-last if asked."""
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 class RefBank(nn.Module):
@@ -198,3 +234,95 @@ class Foreign(nn.Module):
 def foreign(dtype=torch.float64) -> Foreign:
     torch.manual_seed(0)
     return Foreign().to(dtype)
+
+
+class StopAfter(StopFlag):
+    """Behaves like a SIGINT/SIGTERM arriving after `steps` optimizer steps."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.remaining = steps
+
+    @property
+    def requested(self) -> bool:
+        self.remaining -= 1
+        return self.remaining < 0
+
+    @requested.setter
+    def requested(self, value) -> None:
+        pass
+
+
+# -- ImageFolders generated for the tests (--dataset imagefolder) -----------------------------------
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def source_images(per_class: int, classes=(1, 7, 8, 3)) -> dict[int, np.ndarray]:
+    """28x28 grey images per class: Fashion-MNIST (trouser, sneaker, bag, dress) where installed, else digits."""
+    if (FASHION / "train-images-idx3-ubyte.gz").exists():
+        with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8)
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = np.stack([np.asarray(Image.fromarray((im * 16).clip(0, 255).astype(np.uint8)).resize((28, 28)))
+                      for im in digits.images])
+        y = digits.target
+    return {c: x[np.flatnonzero(y == c)[:per_class]] for c in classes}
+
+
+def make_imagefolder(root: Path, train: int = 48, val: int = 16, size: int = 40) -> Path:
+    """4 classes x (train + val) RGB JPEGs (quality 90), `size` px square."""
+    for c, images in source_images(train + val).items():
+        for split, part in (("train", images[:train]), ("val", images[train:])):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(part):
+                Image.fromarray(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(
+                    folder / f"img_{i:03d}.JPEG", quality=90)
+    return root
+
+
+def add_bad_files(root: Path) -> dict[str, str]:
+    """Real ImageNet's troubles: CMYK and PNG files named .JPEG, grey JPEGs (all decodable), and
+    a truncated JPEG, garbage and an empty file (not). Returns name -> 'ok' | 'bad'."""
+    good = root / "train" / "class_1" / "img_000.JPEG"
+    data = good.read_bytes()
+    rgb = Image.open(good).convert("RGB")
+    kinds = {}
+    for split in ("train", "val"):
+        folder = root / split / "class_3"
+        rgb.convert("CMYK").save(folder / "cmyk.JPEG", format="JPEG", quality=95)
+        rgb.save(folder / "png_named.JPEG", format="PNG")
+        rgb.convert("L").save(folder / "grey.JPEG", quality=95)
+        (folder / "truncated.JPEG").write_bytes(data[: len(data) // 2])
+        (folder / "garbage.JPEG").write_bytes(os.urandom(3000))
+        (folder / "empty.JPEG").write_bytes(b"")
+        for name, kind in (("cmyk", "ok"), ("png_named", "ok"), ("grey", "ok"), ("truncated", "bad"),
+                           ("garbage", "bad"), ("empty", "bad")):
+            kinds[f"{split}/class_3/{name}.JPEG"] = kind
+    return kinds
+
+
+def train_on_two_ranks(tmp_path: Path, overrides: dict, preset: str | None = None) -> None:
+    """`train(resolve_config(preset, overrides))` in 2 processes over gloo (torchrun --standalone);
+    both ranks must end with identical weights. Rank r writes the run directory it got to rank{r}.txt."""
+    script = tmp_path / "ddp_job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from softshare.train.config import resolve_config
+        from softshare.train.loop import train
+        result = train(resolve_config({preset!r}, overrides={overrides!r}))
+        rank = int(os.environ["RANK"])
+        torch.save({{k: v.clone() for k, v in result.model.state_dict().items()}}, {str(tmp_path)!r} + f"/w{{rank}}.pt")
+        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(str(result.run_dir))
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
+    assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []

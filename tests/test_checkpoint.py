@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import exact_kernels, on
 import softshare
 from softshare.checkpoint import (
     Checkpoint,
@@ -47,14 +48,17 @@ def test_round_trip_same_outputs(tmp_path, name):
     assert torch.equal(loaded(X), model(X))
 
 
-def test_round_trip_channels_last(tmp_path):
-    model = softshare.to_channels_last(_model())
+def test_round_trip_channels_last_is_bitwise_on_device(tmp_path, device):
+    model = softshare.to_channels_last(_model().to(device))
     path = save_checkpoint(tmp_path / "ck", model)
-    loaded = softshare.to_channels_last(load(path))
-    assert torch.equal(loaded(X), model(X))
-    target = softshare.to_channels_last(softshare.create_model("swrn_16_1_2").eval())
-    load_into(target, path)
-    assert torch.equal(target(X), model(X))
+    loaded = softshare.to_channels_last(load(path, device=device))
+    assert all(p.device.type == device.type for p in loaded.parameters())
+    x = on(device, X, channels_last=True)
+    with exact_kernels(device), torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        target = softshare.to_channels_last(softshare.create_model("swrn_16_1_2").eval().to(device))
+        load_into(target, path)
+        assert torch.equal(target(x), model(x))
 
 
 def test_meta_and_paths(saved, tmp_path):

@@ -334,3 +334,13 @@ def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp
         assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "algorithmic", "--lambdas", "1"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-root", "/nonexistent/imagenet"], "does not exist"),
+    ([], "needs --data-root"),
+])
+def test_train_imagefolder_bad_root_is_one_line_exit_2(tmp_path, args, message):
+    out = run_cli("train", "--dataset", "imagefolder", "--model", "resnet_26", "--out-dir", str(tmp_path), *args)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import _collinear_swrn
+from helpers import _collinear_swrn, exact_kernels
 from softshare import SharedConv1d, SoftshareError, TemplateBank, create_model, share
 from softshare.fold import (
     LoopBlock,
@@ -46,14 +47,18 @@ def _swrn_28_1_params(stage_blocks) -> int:
     return total
 
 
-def test_exact_fold_at_threshold_one_matches_original(collinear, inputs):
-    result = fold_model(collinear, 1.0)
+def test_exact_fold_at_threshold_one_matches_original(collinear, inputs, device):
+    """float64 on the device under test (`--device`)."""
+    model = copy.deepcopy(collinear).to(device)
+    result = fold_model(model, 1.0)
     assert result.loops == [[3], [2, 1], [1, 1, 1]]
     assert [(g.container, g.blocks) for g in result.groups if g.length > 1] == [
         ("stages.0.blocks", [1, 2, 3]), ("stages.1.blocks", [1, 2])]
     assert not any(isinstance(m, type(collinear.stages[0].bank)) for m in result.model.modules())
-    with torch.no_grad():
-        expected, got = collinear(inputs), result.model(inputs)
+    folded, x = result.model.to(device), inputs.to(device)
+    with exact_kernels(device), torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert got.device.type == device.type
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert not result.model.training
     # the scales recover the construction: c_t / c_0 are the scales used, signs included

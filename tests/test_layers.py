@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call
 
+from helpers import exact_kernels, on
 import softshare
 from softshare.layers.fast_mix import BankMixer
 from softshare import (
@@ -36,9 +37,9 @@ from softshare import (
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 
 
-def mixed(layer) -> torch.Tensor:
-    """The layer's weight mixed independently of the library."""
-    return torch.einsum("k,k...->...", layer.coefficients, layer.bank.templates)
+def mixed(layer, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The layer's weight mixed independently of the library (in `dtype` if given)."""
+    return torch.einsum("k,k...->...", layer.coefficients.to(dtype), layer.bank.templates.to(dtype))
 
 
 def reference_conv(layer, weight: torch.Tensor) -> nn.Module:
@@ -620,3 +621,64 @@ def test_to_channels_last_leaves_conv1d_and_linear_banks_alone():
     to_channels_last(model)
     assert model[0].bank.templates.is_contiguous() and model[0].weight.is_contiguous()
     assert model[1].bank.templates.is_contiguous()
+
+
+# -- on the device under test (`--device`; benchmarks/gpu_check.py runs these on CUDA) -----------
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # max |error| / max |float64 CPU reference|
+
+
+def scaled_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.detach().double().cpu() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_conv_on_device_matches_conv_on_mixed_weight(device, precision, channels_last):
+    torch.manual_seed(0)
+    bank = TemplateBank(3, (32, 16, 3, 3))
+    layers = nn.ModuleList([SharedConv2d(bank, padding=1, bias=True), SharedConv2d(bank, stride=2, padding=1)])
+    random_coefficients(*layers)
+    with torch.no_grad():
+        layers[0].bias.normal_()
+        x = torch.randn(4, 16, 12, 12)
+        expected = [F.conv2d(x.double(), mixed(layer, torch.float64),
+                             None if layer.bias is None else layer.bias.double(), layer.stride, layer.padding)
+                    for layer in layers]
+    layers.to(device)
+    if channels_last:
+        to_channels_last(layers)
+    with exact_kernels(device), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        got = [layer(on(device, x, channels_last)) for layer in layers]
+    for out, ref in zip(got, expected):
+        assert out.device.type == device.type
+        assert out.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert scaled_error(out, ref) < TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bank_gradients_on_device_match_reference(device, channels_last):
+    torch.manual_seed(1)
+    bank = TemplateBank(2, (8, 8, 3, 3))
+    layers = nn.ModuleList([SharedConv2d(bank, padding=1) for _ in range(3)])
+    init_coefficients(layers)
+    x = torch.randn(2, 8, 10, 10)
+    templates = bank.templates.detach().double().requires_grad_()
+    coefficients = [layer.coefficients.detach().double().requires_grad_() for layer in layers]
+    h = x.double()
+    for c in coefficients:
+        h = torch.tanh(F.conv2d(h, torch.einsum("k,k...->...", c, templates), padding=1))
+    h.pow(2).sum().backward()
+
+    layers.to(device)
+    if channels_last:
+        to_channels_last(layers)
+    h = on(device, x, channels_last)
+    with exact_kernels(device):
+        for layer in layers:
+            h = torch.tanh(layer(h))
+        h.pow(2).sum().backward()
+    assert bank.templates.grad.device.type == device.type
+    assert bank.templates.grad.stride() == bank.templates.stride()  # the templates' own layout
+    assert scaled_error(bank.templates.grad, templates.grad) < TOLERANCE["fp32"]
+    for layer, c in zip(layers, coefficients):
+        assert scaled_error(layer.coefficients.grad, c.grad) < TOLERANCE["fp32"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import foreign
+from helpers import StopAfter, foreign, train_on_two_ranks
 from softshare import SharedLayer, create_model, param_groups, share
 from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.train.config import PRESETS, resolve_config
-from softshare.train.loop import StopFlag, TrainingDiverged, train
+from softshare.train.loop import TrainingDiverged, train
 
 TINY = dict(dataset="digits", model="swrn_16_1_2", val_size=0, batch_size=64, lr=0.05, schedule="cosine",
             crop_padding=1, flip=False, device="cpu")
@@ -46,33 +45,46 @@ def test_digits_learns_well_above_chance(tmp_path):
     assert split["evaluated_on"] == "test" and len(split["train_indices"]) == 1437
 
 
-class StopAfter(StopFlag):
-    """Behaves like a SIGINT arriving after `steps` optimizer steps."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.remaining = steps
-
-    @property
-    def requested(self) -> bool:
-        self.remaining -= 1
-        return self.remaining < 0
-
-    @requested.setter
-    def requested(self, value) -> None:
-        pass
+@pytest.fixture
+def restore_global_flags():
+    """train() sets torch-wide determinism/cuDNN flags; put them back for the tests that follow."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
-    straight = train(tiny_config(tmp_path / "a", epochs=2, deterministic=True))
-    stopped = train(tiny_config(tmp_path / "b", epochs=2, deterministic=True), stop=StopAfter(30))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_short_training_bf16_channels_last(device, tmp_path, compiled, monkeypatch, restore_global_flags):
+    if compiled and device.type == "cpu":
+        # Inductor's C++ build takes ~1 min on 2 cores; aot_eager traces the same graphs (dynamo and
+        # AOT autograd through the bank) without code generation. CUDA runs the real inductor.
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    result = train(tiny_config(tmp_path, device=str(device), epochs=2, eval_every=1, amp="bf16",
+                               channels_last=True, compile=compiled))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert result.final_metrics["val_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert all(p.device.type == device.type for p in result.model.parameters())
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert ("CUDA" in info["device"]) == (device.type == "cuda")
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(device, tmp_path, restore_global_flags):
+    """Bit-identical on any device with deterministic algorithms on (amp auto: bf16 autocast on
+    CUDA, fp32 on CPU)."""
+    config = functools.partial(tiny_config, epochs=2, deterministic=True, device=str(device))
+    straight = train(config(tmp_path / "a"))
+    stopped = train(config(tmp_path / "b"), stop=StopAfter(30))
     assert stopped.interrupted  # 22 batches per epoch: stopped in epoch 2, step 8
     state = load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last").train_state
     assert (state["epoch"], state["batch"]) == (1, 9)
-    resumed = train(tiny_config(tmp_path / "b", epochs=2, deterministic=True), resume="auto")
+    resumed = train(config(tmp_path / "b"), resume="auto")
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
     rows = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
@@ -98,24 +110,7 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
 
 
 def test_two_process_ddp_with_gloo(tmp_path):
-    script = tmp_path / "ddp_job.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, torch
-        from softshare.train.config import resolve_config
-        from softshare.train.loop import train
-        config = resolve_config("digits_tiny", overrides={TINY!r} | {{"out_dir": {str(tmp_path)!r}, "name": "ddp",
-                                                                      "epochs": 3}})
-        result = train(config)
-        rank = int(os.environ["RANK"])
-        torch.save({{k: v.clone() for k, v in result.model.state_dict().items()}}, {str(tmp_path)!r} + f"/w{{rank}}.pt")
-        open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w").write(str(result.run_dir))
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
-    assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+    train_on_two_ranks(tmp_path, {**TINY, "out_dir": str(tmp_path), "name": "ddp", "epochs": 3}, "digits_tiny")
     assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # one writer: no duplicated rows

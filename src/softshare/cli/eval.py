@@ -1,10 +1,11 @@
-"""`softshare eval`: score a trained model on its test set."""
+"""`softshare eval`: score a trained model on its test set (an ImageFolder run: on its val/ split)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..data.imagefolder import IMAGEFOLDER
 from ..eval import evaluate_checkpoint
 from ._common import format_table, positive_int
 
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     elif "accuracy" in result:
         print(_task_table(result))
     else:
-        print(f"{result['checkpoint']} on {result['dataset']} test set ({result['count']} images): "
+        split = "val" if result["dataset"] == IMAGEFOLDER else "test"
+        print(f"{result['checkpoint']} on {result['dataset']} {split} set ({result['count']} images): "
               f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
               f"top-5 error {100 * result['top5_error']:.2f}%")
     return 0

@@ -1,4 +1,5 @@
-"""Classifier evaluation: loss and top-1/top-5 error over a loader of (x, y) batches."""
+"""Classifier evaluation: loss and top-1/top-5 error over a loader of (x, y) batches, on the test
+split of an in-memory dataset or the `val/` split of an ImageFolder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import BatchLoader, ImageDataset, load_dataset
+from ..data.imagefolder import ImageFolderLoader, default_workers, scan_split
 from ..device import resolve_device
 from ..errors import SoftshareError
 
@@ -65,6 +67,30 @@ def test_set_evaluator(dataset: str, data_root: str | None = None, download: boo
     def evaluate(model: nn.Module) -> dict[str, float]:
         _check_fits(model, data)
         return evaluate_classifier(model.to(dev), loader.iterate(0))
+
+    return evaluate
+
+
+def imagefolder_evaluator(data_root: str | None, image_size: int = 224, device: str = "auto",
+                          batch_size: int = 500, workers: int = -1) -> Callable[[nn.Module], dict]:
+    """``evaluate(model) -> metrics`` on the `val/` split of an ImageFolder (one process), plus
+    `skipped_files` and `skipped` (the unreadable files left out)."""
+    if not data_root:
+        raise SoftshareError("evaluating on an ImageFolder needs --data-root DIR (with train/ and val/)")
+    classes = scan_split(data_root, "train").classes
+    dev = resolve_device(device)
+    loader = ImageFolderLoader(scan_split(data_root, "val", classes), train=False, batch_size=batch_size,
+                               size=image_size, workers=workers if workers >= 0 else default_workers(),
+                               persistent=False, device=dev)
+
+    def evaluate(model: nn.Module) -> dict:
+        built = getattr(model, "softshare_config", {}).get("num_classes")
+        if built != len(classes):
+            raise SoftshareError(f"the model was built for {built} classes; {data_root} has {len(classes)}: pass "
+                                 f"the ImageFolder it was trained on")
+        metrics = evaluate_classifier(model.to(dev), loader.iterate(0))
+        skipped = sorted(set(loader.skips.take()))
+        return {**metrics, "skipped_files": len(skipped), "skipped": skipped}
 
     return evaluate
 

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from torch import nn
 
 from ..checkpoint import find_checkpoint, load, load_checkpoint
+from ..data.imagefolder import IMAGEFOLDER
 from ..data.tasks import evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
 from .algorithmic import evaluate_task_checkpoint, exact_match_by_iteration
-from .classification import test_set_evaluator
+from .classification import imagefolder_evaluator, test_set_evaluator
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
@@ -28,7 +29,8 @@ def evaluator_for(config: dict | None, device: str = "auto", dataset: str | None
                   batch_size: int | None = None) -> Evaluator:
     """``evaluate(model) -> metrics`` (accuracy under "acc") on the test set of the run with `config`.
 
-    Image classification: the test split of `dataset` (default: the run's). An algorithmic task:
+    Image classification: the test split of `dataset` (default: the run's), or the `val/` split of
+    an ImageFolder (`imagefolder` with the run's or the given `data_root`). An algorithmic task:
     exact match on its test set at the training size, after every iteration the model runs (its
     trained count; more for a folded net whose loops were set to run longer); `dataset`, if
     given, must name that task.
@@ -41,6 +43,8 @@ def evaluator_for(config: dict | None, device: str = "auto", dataset: str | None
             raise SoftshareError("the run does not record its dataset; pass --data NAME")
         if data_root is None and dataset == config.get("dataset"):
             data_root = config.get("data_root")
+        if dataset == IMAGEFOLDER:  # streamed from disk: scored on its val/ split
+            return imagefolder_evaluator(data_root, config.get("image_size", 224), device, batch_size or 500)
         return test_set_evaluator(dataset, data_root, download, device, batch_size or 500)
     if dataset is not None and dataset != task:
         raise SoftshareError(f"this run was trained on {task}; evaluate it with --data {task}")

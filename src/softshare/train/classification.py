@@ -1,9 +1,11 @@
-"""Image classification as a Task: datasets in memory, on-device augmentation, cross-entropy."""
+"""Image classification as a Task: what every image classifier shares (cross-entropy, validation
+metrics), and the datasets held in memory with on-device augmentation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,33 @@ from ..models import create_model
 from .task import Task
 
 
-class ClassificationTask(Task):
+class ImageClassifierTask(Task):
+    """What every image classifier's Task shares: a `train_loader` of (x, y) batches, cross-entropy
+    with label smoothing, and validation metrics from `classifier_sums`."""
+
     primary_metric = "val_acc"
+    train_loader: Any
+
+    def batches_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch[1])
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+        return loss, (logits.argmax(1) == y).sum()
+
+    @staticmethod
+    def val_metrics(sums: torch.Tensor) -> dict[str, float]:
+        metrics = summarise(sums)
+        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_top5_error": metrics["top5_error"]}
+
+
+class ClassificationTask(ImageClassifierTask):
+    """An image dataset held in memory (`data.load_dataset`), augmented on the device."""
 
     def __init__(self, config, device, dist) -> None:
         super().__init__(config, device, dist)
@@ -46,24 +73,11 @@ class ClassificationTask(Task):
         return create_model(self.config.model, num_classes=self.data.num_classes,
                             in_channels=self.data.train_images.shape[1], **self.config.model_args)
 
-    def batches_per_epoch(self) -> int:
-        return len(self.train_loader)
-
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.train_loader.iterate(epoch, start_batch=start_batch)
 
-    def batch_size_of(self, batch) -> int:
-        return len(batch[1])
-
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
-        return loss, (logits.argmax(1) == y).sum()
-
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        metrics = summarise(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype))
-        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_top5_error": metrics["top5_error"]}
+        return self.val_metrics(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype))
 
     def save_artifacts(self, run_path: Path) -> None:
         write_json(run_path / "split.json", {

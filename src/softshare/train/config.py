@@ -44,6 +44,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     lr_gamma: float = 0.2
     warmup_epochs: float = 0.0
+    lr_reference_batch: int = 0  # > 0: lr is for this global batch, scaled linearly to batch_size x processes
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     recurrence_reg: float = 0.0  # weight of the pull towards collinear coefficients
@@ -51,6 +52,9 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0  # side of the Cutout hole; 0 = off
+    # ImageFolder (--dataset imagefolder): random-resized crop to image_size (train), resize + centre crop (val)
+    image_size: int = 224
+    workers: int = -1  # DataLoader worker processes per rank; -1: this node's cores / ranks, at most 16
     # algorithmic tasks
     train_size: int = 9  # maze side or bit-string length seen in training
     test_sizes: list[int] = field(default_factory=list)
@@ -102,6 +106,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                               val_size=0, epochs=10, batch_size=128, optimizer="sgd", lr=0.1,
                               weight_decay=5e-4, schedule="cosine", warmup_epochs=0.5,
                               label_smoothing=0.1, crop_padding=2, flip=True, cutout=0),
+    # ImageNet (an ImageFolder: --data-root DIR with train/ and val/): the standard 90-epoch ResNet recipe
+    # (Goyal et al. 2017): lr 0.1 per 256 images scaled to the global batch, 5 warm-up epochs, x0.1 at 30/60/80,
+    # wd 1e-4 (none on coefficients); bf16 + channels-last on CUDA. --label-smoothing 0.1 is optional.
+    **{f"imagenet_{m}": dict(task="classification", dataset="imagefolder", model=m, epochs=90, batch_size=256,
+                             optimizer="sgd", lr=0.1, lr_reference_batch=256, momentum=0.9, nesterov=True,
+                             weight_decay=1e-4, schedule="multistep", lr_milestones=[30, 60, 80], lr_gamma=0.1,
+                             warmup_epochs=5.0, label_smoothing=0.0, flip=True, crop_padding=0, cutout=0,
+                             image_size=224, amp="auto", channels_last=True)
+       for m in ("swrn_50_2_2", "wrn_50_2", "swrn_50_2_1", "resnet_50", "sresnet_50_2")},
     # seconds-scale smoke run on scikit-learn's bundled digits
     "digits_tiny": dict(task="classification", dataset="digits", model="swrn_16_1_2", val_size=0,
                         epochs=12, batch_size=64, lr=0.05, schedule="cosine", crop_padding=1,
@@ -238,6 +251,8 @@ def validate(config: TrainConfig) -> None:
         (config.task != "classification" or not re.fullmatch(r"ff|shared|recurrent|(maze|prefix)_\w+", config.model),
          f"model {config.model!r} solves the algorithmic tasks; train it with --task mazes or --task prefix-sums"),
         (config.recurrence_reg >= 0, "recurrence_reg must be >= 0"),
+        (config.image_size >= 8 and config.workers >= -1 and config.lr_reference_batch >= 0,
+         "image_size must be >= 8, workers >= -1 (auto) and lr_reference_batch >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..analysis import recurrence_penalty
 from ..analysis.lsm import record_lsm
 from ..checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
 from ..layers import to_channels_last
@@ -28,6 +29,7 @@ from .algorithmic import AlgorithmicTask
 from .classification import ClassificationTask
 from .config import TrainConfig, apply_overrides
 from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, barrier, cleanup, init_distributed
+from .imagefolder import ImageFolderTask
 from .optim import build_optimizer
 from .run_dir import RunDir, local_device
 from .task import Task
@@ -59,6 +61,14 @@ def learning_rate(config: TrainConfig, epoch: float) -> float:
         span = max(config.epochs - config.warmup_epochs, 1e-9)
         return 0.5 * config.lr * (1 + math.cos(math.pi * min((epoch - config.warmup_epochs) / span, 1.0)))
     return config.lr
+
+
+def scale_lr(config: TrainConfig, world_size: int) -> TrainConfig:
+    """lr x global batch / lr_reference_batch (Goyal et al. 2017: 0.1 x batch/256 for ImageNet)."""
+    lr = config.lr * config.batch_size * world_size / config.lr_reference_batch
+    log.info("lr %.4g x global batch %d / %d = %.4g", config.lr, config.batch_size * world_size,
+             config.lr_reference_batch, lr)
+    return apply_overrides(config, {"lr": lr, "lr_reference_batch": 0}, "linear lr scaling")
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -104,8 +114,12 @@ class StopFlag:
 
 
 def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task:
-    """The Task for ``config.task``: image classification, or mazes / prefix sums."""
-    task_class = ClassificationTask if config.task == "classification" else AlgorithmicTask
+    """The Task for ``config.task``: image classification (an ImageFolder streamed from disk, or a
+    dataset held in memory), or mazes / prefix sums."""
+    if config.task != "classification":
+        task_class = AlgorithmicTask
+    else:
+        task_class = ImageFolderTask if config.dataset == IMAGEFOLDER else ClassificationTask
     return task_class(config, device, dist)
 
 
@@ -129,6 +143,8 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
                              f"or pick another --name")
 
+    if config.lr_reference_batch:  # linear scaling; the saved config records the lr used (resume: no rescale)
+        config = scale_lr(config, dist.world_size)
     device = local_device(config.device, dist.local_rank)
     seed_everything(config.seed, config.deterministic)
     task: Task = make_task(config, device, dist)
@@ -212,6 +228,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
                    "images_per_s": round(count / seconds, 1)}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             metrics.update(task.evaluate(model, autocast_dtype))
+        metrics.update(task.epoch_metrics())
         improved = task.primary_metric in metrics and (best is None or metrics[task.primary_metric] > best)
         if improved:
             best = metrics[task.primary_metric]

@@ -46,5 +46,9 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""
+        return {}
+
     def save_artifacts(self, run_path: Path) -> None:
         """Write task files into the run directory (e.g. the validation split). Rank 0 only."""
