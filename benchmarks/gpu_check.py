@@ -372,7 +372,9 @@ def part_cifar_sanity(ctx: Context) -> dict:
 def _algorithmic_config(ctx: Context, preset: str, out: Path, **extra):
     overrides: dict[str, Any] = {"device": str(ctx.device), "out_dir": str(out), **extra}
     if ctx.dry_run:
-        overrides.update(width=8, depth=4, train_count=64, test_count=16, batch_size=16)
+        # tiny, and without the presets' multi-epoch warm-up, so two epochs show the loss falling
+        overrides.update(width=8, depth=4, train_count=256, test_count=16, batch_size=16, warmup_epochs=0.0,
+                         val_size=16, lr=1e-2)
     return resolve_config(preset, overrides=overrides)
 
 

@@ -378,5 +378,6 @@ def plot_iterations(results: dict, task: str, path: Path) -> None:
     ax.set(xlabel="iterations", ylabel=f"exact match at size {size} (%)", ylim=(-2, 102),
            title=f"{task}: thinking longer (dots: where the stopping rule stops, on average)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if runs:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
