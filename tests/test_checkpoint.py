@@ -144,9 +144,15 @@ def test_failure_mid_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
+def test_foreign_model_saves_and_load_names_load_into(tmp_path):
+    save_checkpoint(tmp_path / "foreign", nn.Linear(2, 2))
+    meta = json.loads((tmp_path / "foreign" / "meta.json").read_text())
+    assert meta["model"] == {"name": None, "class": "torch.nn.modules.linear.Linear"} and meta["banks"] == []
+    with pytest.raises(SoftshareError, match=r"cannot rebuild by name.*softshare.load_into\(model"):
+        load(tmp_path / "foreign")
+
+
 def test_save_errors(tmp_path):
-    with pytest.raises(SoftshareError, match="no softshare_config.*create_model"):
-        save_checkpoint(tmp_path / "ck", nn.Linear(2, 2))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.txt").write_text("keep me")
     with pytest.raises(SoftshareError, match="refusing to replace"):

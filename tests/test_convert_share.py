@@ -41,8 +41,37 @@ def test_foreign_model_parameter_count():
     assert n_params(foreign()) == ORIGINAL_PARAMS
 
 
-def test_default_shares_every_conv_one_bank_per_shape():
+def test_default_shares_only_groups_that_get_smaller():
+    # k=2: only the three (8, 8, 3, 3) convs are more layers of one shape than templates
     model = share(foreign(), 2)
+    assert shared_names(model) == ["block1.0", "block1.2", "block2.0"]
+    assert n_params(model) == ORIGINAL_PARAMS - 3 * 576 + (2 * 576 + 3 * 2) == 3728
+    assert type(model.stem) is nn.Conv2d and type(model.seq) is nn.Conv1d
+    plan = model.softshare_share_plan
+    assert (plan.params_before, plan.params_after) == (ORIGINAL_PARAMS, 3728)
+    assert [(g.weight_shape, len(g.layers), g.shared) for g in plan.groups] == [
+        ((8, 3, 3, 3), 1, False), ((8, 8, 3, 3), 3, True), ((16, 8, 3, 3), 1, False),
+        ((16, 16, 1, 1), 1, False), ((16, 16, 3), 1, False)]
+
+
+def test_dry_run_changes_nothing_and_predicts_the_count():
+    model = foreign()
+    before = copy.deepcopy(model.state_dict())
+    plan = share(model, 2, dry_run=True)
+    assert shared_names(model) == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert plan.params_after == n_params(share(foreign(), 2)) == 3728
+    assert "1 of 5 groups" in plan.summary() and "+" not in plan.summary().splitlines()[0].split("(")[-1]
+
+
+def test_no_group_that_saves_is_an_error_naming_the_fix():
+    model = foreign()
+    with pytest.raises(SoftshareError, match="allow_growth=True"):
+        share(model, 3)  # the largest group has 3 layers: a bank of 3 templates saves nothing
+    assert shared_names(model) == []
+
+
+def test_allow_growth_shares_every_conv_one_bank_per_shape():
+    model = share(foreign(), 2, allow_growth=True)
     assert shared_names(model) == CONVS
     assert type(model.seq) is SharedConv1d and type(model.block1[0]) is SharedConv2d
     assert type(model.fc) is nn.Linear
@@ -83,13 +112,13 @@ def test_share_converts_in_place_keeps_dtype_and_trains():
 
 
 def test_glob_pattern_selection():
-    model = share(foreign(), 3, select="block1.*")
+    model = share(foreign(), 1, select="block1.*")
     assert shared_names(model) == ["block1.0", "block1.2"]
     assert model.block1[0].bank is model.block1[2].bank
     assert type(model.block2[0]) is nn.Conv2d
-    assert n_params(model) == ORIGINAL_PARAMS - 2 * 576 + 3 * 576 + 2 * 3
+    assert n_params(model) == ORIGINAL_PARAMS - 2 * 576 + 576 + 2 * 1
 
-    model = share(foreign(), 2, select=["stem", "fc"])  # several patterns; Linear only when selected
+    model = share(foreign(), 2, select=["stem", "fc"], allow_growth=True)  # several patterns; Linear only when selected
     assert shared_names(model) == ["stem", "fc"]
     assert type(model.fc) is SharedLinear and model.fc.bank is not model.stem.bank
     assert n_params(model) == ORIGINAL_PARAMS - 216 - 160 + (2 * 216 + 2) + (2 * 160 + 2)
@@ -105,7 +134,7 @@ def test_predicate_selection():
 
 
 def test_explicit_group_splits_banks_of_one_shape():
-    model = share(foreign(), 2, group=lambda name, m: name.split(".")[0])
+    model = share(foreign(), 2, group=lambda name, m: name.split(".")[0], allow_growth=True)
     assert model.block1[0].bank is model.block1[2].bank
     assert model.block2[0].bank is not model.block1[0].bank
     assert len(named_banks(model)) == 6
@@ -115,7 +144,7 @@ def test_explicit_group_splits_banks_of_one_shape():
 def test_init_from_weights_with_k_at_least_group_size_keeps_outputs():
     original = foreign()
     weights = {name: original.get_submodule(name).weight.detach().clone() for name in CONVS}
-    model = share(copy.deepcopy(original), 3, init_from_weights=True)
+    model = share(copy.deepcopy(original), 3, init_from_weights=True, allow_growth=True)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
     for name, bank, users in named_banks(model):
@@ -137,15 +166,13 @@ def test_init_from_weights_with_fewer_templates_is_best_rank_k_approximation():
                        for n in group])
     torch.testing.assert_close(got, best, rtol=1e-10, atol=1e-10)
     assert math.isclose((got - stacked).norm().item(), s[2].item(), rel_tol=1e-9)
-    # singleton groups (k = 2 > 1 layer) are exact
-    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
-    torch.testing.assert_close(model.block2[2](x), original.block2[2](x), rtol=1e-12, atol=1e-12)
+    assert type(model.block2[2]) is nn.Conv2d  # a single layer is not shared
 
 
 def test_module_used_twice_is_converted_once():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     model = nn.Sequential(conv, nn.ReLU(), conv)
-    share(model, 2)
+    share(model, 2, allow_growth=True)
     assert isinstance(model[0], SharedConv2d) and model[0] is model[2]
     assert model[0].bank.layers == [model[0]]
 
@@ -153,7 +180,7 @@ def test_module_used_twice_is_converted_once():
 def test_share_errors():
     with pytest.raises(SoftshareError, match="selected no Conv1d/Conv2d/Linear"):
         share(foreign(), 2, select="nothing*")
-    with pytest.raises(SoftshareError, match="num_templates must be >= 1"):
+    with pytest.raises(SoftshareError, match="num_templates must be an integer >= 1"):
         share(foreign(), 0)
     with pytest.raises(SoftshareError, match="not the model itself"):
         share(nn.Conv2d(3, 3, 3), 2)

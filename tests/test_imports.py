@@ -21,7 +21,7 @@ ALLOWED = {
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},
     "fold": BASE | {"layers", "models", "analysis"},
-    "checkpoint": BASE | {"models"},
+    "checkpoint": BASE | {"layers", "models"},
     "data": BASE,
     "convert": BASE | {"layers", "models", "checkpoint", "data"},
     "eval": BASE | {"layers", "models", "checkpoint", "data"},

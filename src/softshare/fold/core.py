@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..analysis import FoldSite, sharing_stats
 from ..errors import SoftshareError
 from ..layers import LoopBlock, loop_blocks
+from ..layers.structure import count_parameters
 from ..models import create_model, list_families
 from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction, pairwise_similarity
 
@@ -64,10 +65,6 @@ class FoldResult:
         return {"threshold": self.threshold, "loops": self.loops, "params_before": self.params_before,
                 "params_after": self.params_after, "params_unshared": self.params_unshared,
                 "groups": [g.to_dict() for g in self.groups]}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # shared tensors counted once
 
 
 def plan_loops(model: nn.Module, threshold: float) -> list[list[int]]:
