@@ -156,7 +156,7 @@ def test_models_that_cannot_fold():
         fold_model(create_model("wrn_16_1"), 0.9)
     with pytest.raises(SoftshareError, match="nothing is shared"):
         create_model("swrn_10_1_2")  # one block per stage: refused rather than silently unshared
-    converted = share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 2)
+    converted = share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 1)
     blocks = nn.ModuleList([nn.Sequential(converted[1]), nn.Sequential(converted[2])])
     with pytest.raises(SoftshareError, match="not built by softshare.create_model"):
         fold_model(blocks, 0.9)

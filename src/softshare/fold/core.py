@@ -103,11 +103,13 @@ def _build_folded(model: nn.Module, loops: list[list[int]]) -> nn.Module:
     config = getattr(model, "softshare_config", None)
     if not isinstance(config, dict) or "name" not in config:
         raise SoftshareError(f"{type(model).__name__} was not built by softshare.create_model, so its folded "
-                             "architecture cannot be rebuilt; folding needs a registered model family")
+                             "architecture cannot be rebuilt; softshare.tie(model, threshold) ties its agreeing layers "
+                             "without rebuilding (any model with banks)")
     family = next((f for f in list_families() if f.pattern.fullmatch(config["name"])), None)
     if family is None or "fold" not in inspect.signature(family.builder).parameters:
         raise SoftshareError(f"model {config['name']!r} belongs to a family that does not support folding "
-                             "into loops (its builder takes no `fold` argument)")
+                             "into loops (its builder takes no `fold` argument); softshare.tie(model, threshold) ties "
+                             "its agreeing layers instead")
     folded = create_model(**{**config, "fold": {"loops": loops}})
     reference = next(model.parameters())
     return folded.to(device=reference.device, dtype=reference.dtype)
