@@ -226,3 +226,9 @@ def test_register_family_validates_small_example():
 
 def test_blocks_are_basic_blocks():
     assert all(isinstance(b, BasicBlock) for b in _blocks(create_model("swrn_16_1_1")))
+
+
+def test_pretrained_is_one_clear_error():
+    with pytest.raises(SoftshareError, match="no pretrained weights"):
+        create_model("swrn_16_1_2", pretrained=True)
+    assert create_model("swrn_16_1_2", pretrained=False).softshare_config["name"] == "swrn_16_1_2"
