@@ -253,3 +253,18 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
 def test_unknown_logger_is_one_line(tmp_path):
     with pytest.raises(SoftshareError, match="unknown logger 'mlflow'"):
         train(tiny_config(tmp_path, epochs=1, logger=["mlflow"]))
+
+
+def test_curves_figure_names_the_split_in_percent_with_whole_epochs():
+    from softshare.train.run_dir import curves_figure
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.0001 * e, "val_acc": 0.0002 * e,
+             "train_recurrence_penalty": 0.1 / e} for e in (1, 2, 3)]
+    fig = curves_figure(rows, "run", "test")
+    loss, acc, penalty = fig.axes
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["train", "test"]
+    assert acc.get_ylabel() == "accuracy (%)" and acc.lines[1].get_ydata()[-1] == pytest.approx(0.06)
+    low, high = acc.get_ylim()
+    assert low <= 0 and high >= 100  # a maze net at 0.06% is shown as the near-zero it is
+    assert all(float(t).is_integer() for t in loss.get_xticks())
+    assert penalty.get_title() == "recurrence penalty" and loss.get_ylabel() == "task loss"

@@ -250,7 +250,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             run.append_metrics(metrics, keep_epochs_below=epoch + 1)
             for sink in sinks:
                 sink.write(run.read_metrics())
-            run.plot_curves()
+            run.plot_curves(getattr(task, "eval_split", None) or ("test" if config.val_size == 0 else "validation"))
             log.info("epoch %d/%d  %s", epoch + 1, config.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
