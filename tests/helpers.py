@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from softshare import create_model
+from softshare import create_model, share
 from softshare.train.config import resolve_config
 from softshare.train.loop import StopFlag
 
@@ -326,3 +326,31 @@ def train_on_two_ranks(tmp_path: Path, overrides: dict, preset: str | None = Non
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+
+
+def plain_net() -> nn.Module:
+    """A foreign net: 6 convs of one shape (with biases) and a head."""
+    torch.manual_seed(0)
+    body = [nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(6)]
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+BODY = [f"{i}.0" for i in range(1, 7)]
+
+
+def collinear_net() -> nn.Module:
+    """plain_net shared with k=3, coefficients set so that body convs 1-3 are collinear
+    (scales 1, -2, 0.5 of one direction), 4-5 collinear (3, 1 of another), 6 alone."""
+    model = share(plain_net(), 3)
+    u = torch.tensor([1.0, 2.0, 2.0]) / 3
+    v = torch.tensor([2.0, -1.0, 2.0]) / 3
+    w = torch.tensor([0.3, 0.1, -0.2])
+    with torch.no_grad():
+        for name, vector in zip(BODY, [u, -2 * u, 0.5 * u, 3 * v, v, w]):
+            model.get_submodule(name).coefficients.copy_(vector)
+    return model.eval()
+
+
+def shared_swrn() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("swrn_16_1_2", num_classes=4).eval()

@@ -143,3 +143,11 @@ def test_penalty_is_zero_exactly_when_foldable_pairs_are_collinear():
     assert abs(recurrence_penalty(model).item()) < 1e-6
     penalty = recurrence_penalty(create_model("swrn_22_1_4"))
     penalty.backward()  # differentiable: it can be added to the loss
+
+
+def test_lsm_labels_thin_out_only_when_they_would_overlap():
+    from softshare.analysis.lsm import _label_step
+
+    assert _label_step(4, 3.2, 7.0) == 1
+    assert _label_step(32, 5.0, 7.0) == 1  # 11 pt cells hold 7 pt labels
+    assert _label_step(64, 5.0, 7.0) == 2 and _label_step(128, 5.0, 7.0) == 3

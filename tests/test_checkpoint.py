@@ -10,6 +10,8 @@ from torch import nn
 
 from helpers import exact_kernels, on
 import softshare
+from helpers import plain_net, shared_swrn
+from softshare import named_banks, share, tie, unshare
 from softshare.checkpoint import (
     Checkpoint,
     find_checkpoint,
@@ -144,9 +146,15 @@ def test_failure_mid_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
+def test_foreign_model_saves_and_load_names_load_into(tmp_path):
+    save_checkpoint(tmp_path / "foreign", nn.Linear(2, 2))
+    meta = json.loads((tmp_path / "foreign" / "meta.json").read_text())
+    assert meta["model"] == {"name": None, "class": "torch.nn.modules.linear.Linear"} and meta["banks"] == []
+    with pytest.raises(SoftshareError, match=r"cannot rebuild by name.*softshare.load_into\(model"):
+        load(tmp_path / "foreign")
+
+
 def test_save_errors(tmp_path):
-    with pytest.raises(SoftshareError, match="no softshare_config.*create_model"):
-        save_checkpoint(tmp_path / "ck", nn.Linear(2, 2))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.txt").write_text("keep me")
     with pytest.raises(SoftshareError, match="refusing to replace"):
@@ -213,3 +221,31 @@ def test_other_architecture_lists_mismatches(saved):
         load_into(softshare.create_model("wrn_16_1"), path)
     with pytest.raises(SoftshareError, match=r"mismatches \(.*fc.weight: checkpoint \(10, 64\) vs model \(5, 64\)"):
         load_into(softshare.create_model("swrn_16_1_2", num_classes=5), path)
+
+
+# -- checkpoints of foreign models --------------------------------------------------------------
+def test_foreign_checkpoint_loads_into_a_freshly_built_plain_model(tmp_path):
+    model = share(plain_net(), 2).eval()
+    x = torch.randn(2, 3, 6, 6)
+    save_checkpoint(tmp_path / "ck", model)
+    with pytest.raises(SoftshareError, match=r"load_into\(model"):
+        load(tmp_path / "ck")
+    fresh = plain_net()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1)  # whatever the fresh model holds is replaced
+    load_into(fresh, tmp_path / "ck")
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_tied_and_unshared_checkpoints_rebuild_their_structure(tmp_path):
+    x = torch.randn(2, 3, 12, 12)
+    tied = tie(shared_swrn(), 0.5).model
+    save_checkpoint(tmp_path / "tied", tied)
+    torch.testing.assert_close(load(tmp_path / "tied")(x), tied(x), rtol=0, atol=0)
+    plain = unshare(shared_swrn())
+    save_checkpoint(tmp_path / "plain", plain)
+    loaded = load(tmp_path / "plain")
+    assert not named_banks(loaded)
+    torch.testing.assert_close(loaded(x), plain(x), rtol=0, atol=0)

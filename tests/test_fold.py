@@ -156,7 +156,7 @@ def test_models_that_cannot_fold():
         fold_model(create_model("wrn_16_1"), 0.9)
     with pytest.raises(SoftshareError, match="nothing is shared"):
         create_model("swrn_10_1_2")  # one block per stage: refused rather than silently unshared
-    converted = share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 2)
+    converted = share(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 1)
     blocks = nn.ModuleList([nn.Sequential(converted[1]), nn.Sequential(converted[2])])
     with pytest.raises(SoftshareError, match="not built by softshare.create_model"):
         fold_model(blocks, 0.9)
@@ -254,3 +254,16 @@ def test_fold_core_handles_other_block_shapes(monkeypatch):
     x = torch.randn(2, 1, 9, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_sweep_figure_is_one_axis_in_percent_with_a_sane_range(collinear):
+    from softshare.fold.report import sweep_figure
+
+    accuracies = iter([0.9660, 0.9640])
+    rows = sweep(collinear, [1.0, 0.5], lambda model: {"acc": next(accuracies)})
+    fig = sweep_figure(rows, 1000, {"acc": 0.9665}, "acc")
+    assert len(fig.axes) == 1
+    low, high = fig.axes[0].get_ylim()
+    assert high - low >= 10 and low >= 0 and high <= 100  # one test image is not a cliff
+    assert fig.axes[0].get_ylabel() == "accuracy, % (acc)"
+    assert {t.get_text() for t in fig.axes[0].texts} == {"1", "0.5"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import signal
@@ -168,7 +169,8 @@ def test_lsm_every_on_a_model_without_banks_fails_before_training(tmp_path):
 
 # -- optimizer groups -----------------------------------------------------------------------
 def test_param_groups_put_exactly_the_coefficients_in_no_decay():
-    model = nn.ModuleDict({"swrn": create_model("swrn_16_1_2"), "foreign": share(foreign(torch.float32), 2)})
+    model = nn.ModuleDict({"swrn": create_model("swrn_16_1_2"),
+                           "foreign": share(foreign(torch.float32), 2, allow_growth=True)})
     model["foreign"].fc.weight.requires_grad_(False)  # frozen parameters go nowhere
     groups = param_groups(model, 5e-4)
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
@@ -183,3 +185,67 @@ def test_param_groups_put_exactly_the_coefficients_in_no_decay():
     plain = param_groups(create_model("wrn_10_1"), 1e-4)
     assert len(plain) == 1 and plain[0]["weight_decay"] == 1e-4
     torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # accepted by an optimizer as is
+
+
+def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from softshare import load
+    from softshare.analysis import recurrence_penalty
+
+    config = tiny_config(tmp_path, epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.01, ema_decay=0.9,
+                         recurrence_reg=0.5, logger=["jsonl", "csv", "tensorboard"])
+    with caplog.at_level("INFO", logger="softshare.train"):
+        result = train(config)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the penalty is logged as itself, the loss is the task loss alone
+    assert all(0 <= r["train_recurrence_penalty"] <= 1 for r in rows)
+    assert rows[-1]["train_recurrence_penalty"] == pytest.approx(
+        float(recurrence_penalty(result.model)), abs=0.2)  # last-epoch mean vs final value
+    # EMA: evaluated, and its weights saved apart from the model's
+    assert {"ema_val_acc", "ema_val_loss"} <= rows[-1].keys()
+    ema = load(run / "checkpoints" / "ema")
+    model_weights = load_file(run / "checkpoints" / "last" / "model.safetensors")
+    ema_weights = load_file(run / "checkpoints" / "ema" / "model.safetensors")
+    assert model_weights.keys() == ema_weights.keys()
+    assert any(not torch.equal(model_weights[k], ema_weights[k]) for k in model_weights)
+    assert type(ema) is type(result.model)
+    # CSV: the same rows and columns as metrics.jsonl
+    with open(run / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["train_loss"]) for r in table] == [r["train_loss"] for r in rows]
+    # TensorBoard: a scalar per metric, step = epoch
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("acc/val")] == [
+        (r["epoch"], pytest.approx(r["val_acc"])) for r in rows]
+    assert "recurrence_penalty/train" in events.Tags()["scalars"]
+    # no terminal here: progress came as log lines with rate and ETA
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/2: ")]
+    assert lines and "batch/s" in lines[0] and "ETA" in lines[0]
+    # AdamW: decoupled decay on weights, none on the sharing coefficients
+    groups = load_checkpoint(run / "checkpoints" / "last").train_state["optimizer"]["param_groups"]
+    assert all(g["decoupled_weight_decay"] for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]
+
+
+def test_unknown_logger_is_one_line(tmp_path):
+    with pytest.raises(SoftshareError, match="unknown logger 'mlflow'"):
+        train(tiny_config(tmp_path, epochs=1, logger=["mlflow"]))
+
+
+def test_curves_figure_names_the_split_in_percent_with_whole_epochs():
+    from softshare.train.run_dir import curves_figure
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "train_acc": 0.0001 * e, "val_acc": 0.0002 * e,
+             "train_recurrence_penalty": 0.1 / e} for e in (1, 2, 3)]
+    fig = curves_figure(rows, "run", "test")
+    loss, acc, penalty = fig.axes
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["train", "test"]
+    assert acc.get_ylabel() == "accuracy (%)" and acc.lines[1].get_ydata()[-1] == pytest.approx(0.06)
+    low, high = acc.get_ylim()
+    assert low <= 0 and high >= 100  # a maze net at 0.06% is shown as the near-zero it is
+    assert all(float(t).is_integer() for t in loss.get_xticks())
+    assert penalty.get_title() == "recurrence penalty" and loss.get_ylabel() == "task loss"

@@ -6,9 +6,9 @@ A layer's weight is a learned mix of templates from a bank shared with other lay
 
 from .analysis import LayerSimilarity, layer_similarity, plot_lsm, recurrence_penalty, save_lsm
 from .checkpoint import Checkpoint, find_checkpoint, load, load_checkpoint, load_into, save_checkpoint
-from .convert import share
+from .convert import SharePlan, share, unshare
 from .errors import SoftshareError
-from .fold import fold_model
+from .fold import TieResult, fold_model, tie
 from .layers import (
     SharedConv1d,
     SharedConv2d,
@@ -39,6 +39,10 @@ __all__ = [
     "register_family",
     "param_groups",
     "share",
+    "unshare",
+    "SharePlan",
+    "tie",
+    "TieResult",
     "layer_similarity",
     "LayerSimilarity",
     "load",

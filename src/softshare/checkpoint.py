@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .errors import SoftshareError
 from .io import atomic_path
+from .layers.structure import describe_banks, match_banks
 from .models import create_model
 from .version import __version__
 from .wrappers import unwrap_model
@@ -110,12 +111,9 @@ def save_checkpoint(
     directory = Path(directory)
     model = unwrap_model(model)
     model_config = getattr(model, "softshare_config", None)
-    if not isinstance(model_config, Mapping):
-        raise SoftshareError(
-            f"cannot save {type(model).__name__} to {directory}: it has no softshare_config, so the checkpoint "
-            f"could not rebuild it; build it with softshare.create_model(...) or set "
-            f"model.softshare_config = {{'name': ..., 'num_classes': ..., 'in_channels': ...}}"
-        )
+    if not isinstance(model_config, Mapping):  # a foreign model: load_into() rebuilds it
+        cls = type(model)
+        model_config = {"name": None, "class": f"{cls.__module__}.{cls.__qualname__}"}
     replaceable = directory.is_dir() and (not any(directory.iterdir()) or (directory / MODEL_FILE).exists()
                                           or (directory / META_FILE).exists())
     if directory.exists() and not replaceable:
@@ -125,7 +123,7 @@ def save_checkpoint(
     meta = {"format": FORMAT, "version": VERSION, "model": dict(model_config),
             "config": None if config is None else dict(config), "epoch": epoch, "step": step,
             "metrics": dict(metrics or {}), "best_metric": best_metric, "softshare_version": __version__,
-            "torch_version": torch.__version__, "aliases": aliases}
+            "torch_version": torch.__version__, "aliases": aliases, "banks": describe_banks(model)}
     try:
         meta_text = json.dumps(meta, indent=2, allow_nan=True) + "\n"
     except (TypeError, ValueError) as err:
@@ -177,7 +175,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise SoftshareError(f"checkpoint {directory} has format version {version}, newer than this softshare "
                              f"reads ({VERSION}); upgrade softshare")
     model = meta.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+    foreign = isinstance(model, dict) and model.get("name") is None and isinstance(model.get("class"), str)
+    if not isinstance(model, dict) or not (isinstance(model.get("name"), str) or foreign):
         raise SoftshareError(f"{meta_path} does not say which model it holds ('model' must be a dict with "
                              f"a 'name'); {fix}")
     if not isinstance(meta.get("aliases", {}), dict):
@@ -240,7 +239,7 @@ def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
         parts = [f"{len(items)} {what} ({'; '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
                  for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("shape mismatches", shapes)) if items]
-        theirs = checkpoint.meta["model"].get("name")
+        theirs = checkpoint.meta["model"].get("name") or checkpoint.meta["model"].get("class")
         ours = (getattr(model, "softshare_config", None) or {}).get("name", type(model).__name__)
         raise SoftshareError(f"checkpoint {checkpoint.path} ({theirs}) does not fit this model ({ours}): "
                              f"{', '.join(parts)}; load it with softshare.load(path) to rebuild its own "
@@ -249,9 +248,21 @@ def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint's weights strictly into an existing model (resume); returns the checkpoint."""
+    """Load a checkpoint's weights strictly into an existing model; returns the checkpoint.
+
+    The way to load a model softshare cannot rebuild by name (timm, transformers, your own):
+    build it as before `share()` and pass it here. Its layers are first rewritten to the bank
+    structure the checkpoint was saved with (what `share`, `tie` or `unshare` left), so a plain
+    model gets its banks back; a model that already matches is left as it is (resume). A model
+    of a registered architecture is rewritten only when it is the saved one (same config).
+    """
     checkpoint = load_checkpoint(path, map_location)
-    _load_strict(unwrap_model(model), checkpoint)
+    model = unwrap_model(model)
+    saved = checkpoint.meta["model"]
+    # only the saved architecture is rewritten (older checkpoints have no "banks": as it is)
+    if "banks" in checkpoint.meta and (saved["name"] is None or getattr(model, "softshare_config", None) == saved):
+        match_banks(model, checkpoint.meta["banks"])
+    _load_strict(model, checkpoint)
     return checkpoint
 
 
@@ -259,6 +270,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
     checkpoint = load_checkpoint(path, train_state=False)
     config = checkpoint.meta["model"]
+    if config["name"] is None:
+        raise SoftshareError(f"checkpoint {checkpoint.path} holds a {config['class']}, which softshare cannot "
+                             f"rebuild by name; build the model as you did before share() and call "
+                             f"softshare.load_into(model, {str(checkpoint.path)!r})")
     try:
         model = create_model(**config)
     except SoftshareError as err:
@@ -267,5 +282,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Modu
     except TypeError as err:
         raise SoftshareError(f"cannot rebuild the model of checkpoint {checkpoint.path} from {config}: {err}; "
                              f"this softshare's create_model does not accept these arguments, upgrade it") from err
+    if "banks" in checkpoint.meta:  # saved after tie() or unshare(): the registered architecture changed
+        match_banks(model, checkpoint.meta["banks"])
     _load_strict(model, checkpoint)
     return model.to(device).eval()

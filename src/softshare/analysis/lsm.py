@@ -9,6 +9,7 @@ glance), and keep a per-epoch history during training to watch the recurrence em
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -57,21 +58,25 @@ def _annotation_size(n: int) -> float | None:
     return 9.0 if n <= 10 else 7.0 if n <= 18 else 5.0
 
 
-def _draw(ax, similarity: LayerSimilarity, labels: bool, annotate: float | None):
-    """Heatmap of one bank's matrix on `ax` (fixed colour scale); returns the image."""
+def _label_step(n: int, side_inches: float, font_pt: float) -> int:
+    """Label every k-th layer so that labels of `font_pt` never overlap on a `side_inches` axis."""
+    cell_pt = 72.0 * side_inches / max(n, 1)
+    return max(1, math.ceil(1.15 * font_pt / cell_pt))
+
+
+def _draw(ax, similarity: LayerSimilarity, x_labels: bool, y_labels: bool, annotate: float | None,
+          label_step: int = 1, font_pt: float = 8.0):
+    """Heatmap of one bank's matrix on `ax` (fixed colour scale); returns the image. Layer names
+    label every `label_step`-th row/column (ticks stay on every layer)."""
     matrix = similarity.matrix.numpy()
     n = len(similarity.layers)
     image = ax.imshow(matrix, cmap=_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    if labels:
-        names = short_layer_names(similarity.layers)
-        tick_size = 8 if n <= 18 else 6  # cells are 0.42 in wide at any n: room for 6 pt
-        ax.set_xticklabels(names, rotation=90, fontsize=tick_size)
-        ax.set_yticklabels(names, fontsize=tick_size)
-    else:
-        ax.set_xticklabels([])
-        ax.set_yticklabels([])
+    names = short_layer_names(similarity.layers)
+    shown = [name if i % label_step == 0 else "" for i, name in enumerate(names)]
+    ax.set_xticklabels(shown if x_labels else [], rotation=90, fontsize=font_pt)
+    ax.set_yticklabels(shown if y_labels else [], fontsize=font_pt)
     if annotate:
         for i in range(n):
             for j in range(n):
@@ -91,7 +96,7 @@ def plot_lsm(similarities: Sequence[LayerSimilarity], out_dir: str | os.PathLike
         side = max(3.5, 0.42 * n + 2.0)
         fig = Figure(figsize=(side + 1.0, side))
         ax = fig.add_subplot()
-        image = _draw(ax, similarity, labels=True, annotate=_annotation_size(n))
+        image = _draw(ax, similarity, x_labels=True, y_labels=True, annotate=_annotation_size(n))  # 0.42 in a cell
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="|cos(a_i, a_j)|")
         ax.set_title(f"{title}: {similarity.bank}" if title else f"layer similarity, {similarity.bank}",
                      fontsize=10)
@@ -164,7 +169,7 @@ def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8) -> Path:
     banks = [bank["bank"] for bank in records[-1]["banks"]]
     rows, cols = len(banks), len(records)
     n_max = max(len(bank["layers"]) for record in records for bank in record["banks"])
-    tile = max(1.8, min(0.3 * n_max + 0.8, 3.2))
+    tile = max(1.8, min(0.3 * n_max + 0.8, 3.2 if n_max <= 16 else 5.0))
     fig = Figure(figsize=(tile * cols + 1.6, tile * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
@@ -179,10 +184,10 @@ def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8) -> Path:
             matrix = torch.tensor(bank["matrix"], dtype=torch.float64)
             similarity = LayerSimilarity(bank["bank"], bank["layers"], matrix)
             n = len(bank["layers"])
-            image = _draw(ax, similarity, labels=col == 0, annotate=6.0 if n <= 8 else None)
+            image = _draw(ax, similarity, x_labels=row == rows - 1, y_labels=col == 0, annotate=6.0 if n <= 8 else None,
+                          label_step=_label_step(n, tile, 7.0), font_pt=7.0)
             if col == 0:
                 ax.set_ylabel(name, fontsize=9)
-                ax.set_xticklabels([])
             if row == 0:
                 ax.set_title(f"epoch {record['epoch']}", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="|cos(a_i, a_j)|")

@@ -15,6 +15,7 @@ import pkgutil
 import sys
 
 from ..errors import SoftshareError
+from ..version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="softshare",
         description="Implicitly recurrent CNNs through soft parameter sharing.",
     )
+    parser.add_argument("--version", action="version", version=f"softshare {__version__}")
     subparsers = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     modules = [importlib.import_module(f"{__name__}.{info.name}")
                for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,17 @@ nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
 nonnegative_float = _number(float, lambda v: v >= 0, "a non-negative number")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def json_object(text: str) -> dict:
+    """A JSON object argument, e.g. ``--model-args '{"num_templates": 4}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_templates\": 4}}', got {text!r}")
+    return value
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

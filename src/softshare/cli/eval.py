@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 from ..data.imagefolder import IMAGEFOLDER
 from ..eval import evaluate_checkpoint
-from ._common import format_table, positive_int
+from ._common import format_table, log_to_stdout, positive_int
 
 ORDER = 35
 
@@ -37,9 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience")
                     if getattr(args, k)}
-    result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
-                                 download=args.download, device=args.device, batch_size=args.batch_size,
-                                 **task_options)
+    # progress lines on long test sets, unless stdout is for the JSON
+    with contextlib.nullcontext() if args.json else log_to_stdout("softshare.eval"):
+        result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
+                                     download=args.download, device=args.device, batch_size=args.batch_size,
+                                     **task_options)
     if args.json:
         print(json.dumps(result, indent=2))
     elif "accuracy" in result:

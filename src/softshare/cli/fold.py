@@ -10,7 +10,7 @@ from ..errors import SoftshareError
 from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
-from ._common import _number, positive_int
+from ._common import _number, log_to_stdout, positive_int
 
 ORDER = 50
 
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     before = dict(evaluate(model)) if evaluate else None
     out = Path(args.out)
     if args.sweep:
-        rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
+        with log_to_stdout("softshare.fold"):  # a line per threshold folded (and evaluated)
+            rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
         written = write_sweep(rows, out, count_parameters(model), before)
         print(sweep_table(rows, count_parameters(model), pick_metric(before)))
         print("wrote " + ", ".join(map(str, written)))

@@ -8,7 +8,7 @@ import torch
 
 from ..analysis import sharing_stats
 from ..models import create_model
-from ._common import format_table, one_line_errors, positive_int
+from ._common import format_table, json_object, one_line_errors, positive_int
 
 ORDER = 20
 
@@ -21,12 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model name, e.g. swrn_28_10_2 (see `softshare models`)")
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--in-channels", type=positive_int, default=3)
+    p.add_argument("--model-args", type=json_object, default={}, metavar="JSON",
+                   help="extra create_model arguments, e.g. '{\"width\": 16, \"num_templates\": 2}'")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
-        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
+                             **args.model_args)
     stats = sharing_stats(model)
     rows = [(b.name, b.num_layers, b.num_templates, list(b.weight_shape).__repr__(), b.params, b.unshared_params)
             for b in stats.banks]

@@ -20,10 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "checkpoints/{last,best}. Several GPUs: torchrun --nproc-per-node N -m softshare train ...",
         epilog="presets: " + ", ".join(PRESETS))
     p.add_argument("--preset", help="named configuration (see the list below)")
-    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML or JSON file of config fields")
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML or JSON file of config fields; it may name a `preset:` to build on")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="continue a run: a run directory or checkpoint, or 'auto' for this run's last checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (the fields of its task) and exit")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = resolve_config(args.preset, args.config_file, overrides_from_args(args))
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(config.task_dict(), indent=2))
         return 0
     with log_to_stdout("softshare.train"):
         result = train(config, resume=args.resume)

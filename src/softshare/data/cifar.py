@@ -89,7 +89,7 @@ def unpickle_batch(data: bytes, where: str) -> dict:
 def _missing(spec: CifarSpec, root: Path) -> SoftshareError:
     return SoftshareError(
         f"{spec.title} not found in {root}: put the folder {spec.folder}/ (with {', '.join(spec.files)}) "
-        f"or the archive {spec.archive} from {spec.url} there, or pass download=True")
+        f"or the archive {spec.archive} from {spec.url} there, or pass download=True (--download on the command line)")
 
 
 def _read_folder(spec: CifarSpec, folder: Path) -> Iterator[tuple[str, str, bytes]]:
@@ -97,7 +97,7 @@ def _read_folder(spec: CifarSpec, folder: Path) -> Iterator[tuple[str, str, byte
         path = folder / name
         if not path.is_file():
             raise SoftshareError(f"{path} is missing; extract {spec.archive} from {spec.url} into "
-                                 f"{folder.parent} again (or delete {folder} and pass download=True)")
+                                 f"{folder.parent} again (or delete {folder} and pass download=True, or --download)")
         yield name, str(path), path.read_bytes()
 
 
@@ -111,7 +111,7 @@ def _read_archive(spec: CifarSpec, archive: Path) -> Iterator[tuple[str, str, by
                     yield wanted.pop(member.name), f"{archive}:{member.name}", tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise SoftshareError(f"{archive} is corrupt or truncated ({e}); delete it and download "
-                             f"{spec.url} again (or pass download=True)") from e
+                             f"{spec.url} again (or pass download=True, or --download)") from e
     if wanted:
         raise SoftshareError(f"{archive} lacks {', '.join(sorted(wanted))}; it is not {spec.archive} "
                              f"from {spec.url}: replace it with the original")

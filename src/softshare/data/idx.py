@@ -120,7 +120,7 @@ def _missing(spec: IdxSpec, root: Path) -> SoftshareError:
     debian = (f", install Debian's {spec.debian_package} (files in {', '.join(spec.system_dirs)})"
               if spec.debian_package else "")
     return SoftshareError(f"{spec.title} not found: put {', '.join(FILES.values())} (from {spec.url}) in "
-                          f"{root / spec.folder}{debian}, or pass download=True")
+                          f"{root / spec.folder}{debian}, or pass download=True (--download on the command line)")
 
 
 def load_idx_dataset(name: str, root: Path, download: bool = False, pad_to_32: bool = True) -> ImageDataset:

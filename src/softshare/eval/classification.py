@@ -3,6 +3,7 @@ split of an in-memory dataset or the `val/` split of an ImageFolder."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,6 +14,9 @@ from ..data import BatchLoader, ImageDataset, load_dataset
 from ..data.imagefolder import ImageFolderLoader, default_workers, scan_split
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..progress import progress
+
+log = logging.getLogger("softshare.eval")
 
 
 @torch.no_grad()
@@ -34,7 +38,7 @@ def classifier_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     was_training = model.training
     model.eval()
     sums = None
-    for x, y in batches:
+    for x, y in progress(batches, "evaluating", unit="batch", log=log):
         if sums is None:
             sums = torch.zeros(4, dtype=torch.float64, device=y.device)
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):

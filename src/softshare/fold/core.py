@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..analysis import FoldSite, sharing_stats
 from ..errors import SoftshareError
 from ..layers import LoopBlock, loop_blocks
+from ..layers.structure import count_parameters
 from ..models import create_model, list_families
 from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction, pairwise_similarity
 
@@ -66,10 +67,6 @@ class FoldResult:
                 "groups": [g.to_dict() for g in self.groups]}
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # shared tensors counted once
-
-
 def plan_loops(model: nn.Module, threshold: float) -> list[list[int]]:
     """The loop lengths per site that `fold_model` would build, without building anything."""
     return [find_groups(site.coefficients(), threshold) for site in foldable_sites(model)]
@@ -106,11 +103,13 @@ def _build_folded(model: nn.Module, loops: list[list[int]]) -> nn.Module:
     config = getattr(model, "softshare_config", None)
     if not isinstance(config, dict) or "name" not in config:
         raise SoftshareError(f"{type(model).__name__} was not built by softshare.create_model, so its folded "
-                             "architecture cannot be rebuilt; folding needs a registered model family")
+                             "architecture cannot be rebuilt; softshare.tie(model, threshold) ties its agreeing layers "
+                             "without rebuilding (any model with banks)")
     family = next((f for f in list_families() if f.pattern.fullmatch(config["name"])), None)
     if family is None or "fold" not in inspect.signature(family.builder).parameters:
         raise SoftshareError(f"model {config['name']!r} belongs to a family that does not support folding "
-                             "into loops (its builder takes no `fold` argument)")
+                             "into loops (its builder takes no `fold` argument); softshare.tie(model, threshold) ties "
+                             "its agreeing layers instead")
     folded = create_model(**{**config, "fold": {"loops": loops}})
     reference = next(model.parameters())
     return folded.to(device=reference.device, dtype=reference.dtype)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from torch import nn
 
 from ..io import save_figure, write_json, write_text
+from ..progress import progress
 from .core import FoldResult, count_parameters, fold_model, plan_loops
 from .plan import check_threshold
+
+log = logging.getLogger("softshare.fold")
 
 Evaluator = Callable[[nn.Module], Mapping[str, float]]
 DEFAULT_THRESHOLDS = (1.0, 0.999, 0.99, 0.98, 0.95, 0.9, 0.8)
@@ -85,7 +90,7 @@ def sweep(model: nn.Module, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         check_threshold(threshold)
     done: dict[str, tuple[int, dict | None]] = {}
     rows = []
-    for threshold in thresholds:
+    for threshold in progress(thresholds, "fold sweep", unit="threshold", log=log, every_s=10.0):
         loops = plan_loops(model, threshold)
         key = json.dumps(loops)
         if key not in done:
@@ -132,26 +137,56 @@ def sweep_table(rows: Sequence[SweepRow], params_before: int, metric: str | None
 
 def _plot_sweep(rows: Sequence[SweepRow], path: Path, params_before: int,
                 metrics_before: Mapping[str, float] | None, metric: str | None) -> Path:
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    return save_figure(sweep_figure(rows, params_before, metrics_before, metric), path, dpi=110)
+
+
+def sweep_figure(rows: Sequence[SweepRow], params_before: int, metrics_before: Mapping[str, float] | None,
+                 metric: str | None) -> Figure:
+    """One axis. Evaluated: the trade-off itself, accuracy (%) against parameters, each point
+    labelled with its threshold(s) and the original model starred; the accuracy range spans at
+    least 10 points so one test example is not a cliff. Otherwise: parameters per threshold."""
+    fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    positions = range(len(rows))  # evenly spaced: 1.0 and 0.999 would overlap on a linear axis
-    ax.plot(positions, [row.params for row in rows], "o-", color="tab:blue", label="parameters (folded)")
-    ax.axhline(params_before, color="tab:blue", ls="--", lw=1, label="parameters (original)")
-    ax.set_xticks(list(positions), [f"{row.threshold:g}" for row in rows])
-    ax.set_xlabel("similarity threshold (looser to the right)")
-    ax.set_ylabel("parameters", color="tab:blue")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    handles = ax.get_legend_handles_labels()
-    if metric and any(row.metrics and metric in row.metrics for row in rows):
-        twin = ax.twinx()
-        points = [(i, row.metrics[metric]) for i, row in enumerate(rows) if row.metrics and metric in row.metrics]
-        twin.plot(*zip(*points), "s-", color="tab:red", label=f"{metric} (folded)")
+    evaluated = [row for row in rows if metric and row.metrics and metric in row.metrics]
+    if evaluated:
+        scale, unit = (100.0, "%") if metric.endswith("acc") else (1.0, "")
+        points: dict[tuple[int, float], list[str]] = {}  # thresholds folding to the same net coincide
+        for row in evaluated:
+            points.setdefault((row.params, row.metrics[metric] * scale), []).append(f"{row.threshold:g}")
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, "o", color="tab:blue", label="folded (label: |cos| threshold)")
+        for i, ((x, y), thresholds) in enumerate(sorted(points.items())):  # neighbours: above, below
+            label = ", ".join(thresholds) if len(thresholds) <= 2 else f"{thresholds[-1]} to {thresholds[0]}"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(0, 7 if i % 2 else -13), ha="center",
+                        fontsize=8)
+        values = list(ys)
         if metrics_before and metric in metrics_before:
-            twin.axhline(metrics_before[metric], color="tab:red", ls=":", lw=1, label=f"{metric} (original)")
-        twin.set_ylabel(metric, color="tab:red")
-        twin_handles = twin.get_legend_handles_labels()
-        handles = (handles[0] + twin_handles[0], handles[1] + twin_handles[1])
-    ax.legend(*handles, loc="lower left", fontsize=8)
+            before = metrics_before[metric] * scale
+            ax.plot([params_before], [before], "*", ms=13, color="tab:red", label="original (shared)")
+            values.append(before)
+        span = max(max(values) - min(values), 10.0 if scale == 100 else 0.0)
+        middle = (max(values) + min(values)) / 2
+        low, high = middle - 0.6 * span, middle + 0.6 * span
+        if scale == 100:  # slide the window inside [0, 100] rather than cut it
+            low, high = low - max(high - 100.0, 0.0), min(high, 100.0)
+            low, high = max(low, 0.0), min(high + max(-low, 0.0), 100.0)
+        if high > low:
+            ax.set_ylim(low, high)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"accuracy, % ({metric})" if unit else metric)
+        ax.set_xlim(0, max(max(xs), params_before) * 1.15)
+    else:
+        positions = range(len(rows))  # evenly spaced: 1.0 and 0.999 would overlap on a linear axis
+        ax.plot(positions, [row.params for row in rows], "o-", color="tab:blue", label="folded")
+        ax.axhline(params_before, color="tab:red", ls="--", lw=1, label="original (shared)")
+        ax.set_xticks(list(positions), [f"{row.threshold:g}" for row in rows])
+        ax.set_xlabel("|cos| threshold (looser to the right)")
+        ax.set_ylabel("parameters")
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    if evaluated:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     ax.set_title("folding soft-shared blocks into loops")
-    return save_figure(fig, path, dpi=110)
+    return fig

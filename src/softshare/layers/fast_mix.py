@@ -53,8 +53,8 @@ class BankMixer:
         (the next forward pass) triggers a new one. So the weights are always as fresh as a
         forward pass, even after changes the cache cannot see (``param.data`` edits).
         """
-        if torch.compiler.is_compiling() or _functional_transform_active():
-            return bank.mix(layer.coefficients)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functional_transform_active():
+            return bank.mix(layer.coefficients)  # exporters and transforms see plain ops, no cache
         key = _cache_key(bank)
         cache = self._cache
         if cache is None or cache.key != key or id(layer) not in cache.weights:
@@ -69,7 +69,9 @@ class BankMixer:
         coefficients = [layer.coefficients for layer in layers]
         token = next(_TOKENS)
         params = [bank.templates, *coefficients]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # The custom backward pays off in training only; in eval mode plain ops keep the graph
+        # exportable (jit.trace, ONNX) even with gradients on.
+        if bank.training and torch.is_grad_enabled() and any(p.requires_grad for p in params):
             weights = _MixAll.apply(weakref.ref(self), token, bank.templates, *coefficients)
         else:
             weights = bank.mix(torch.stack(coefficients)).unbind(0)

@@ -63,8 +63,12 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     """Build a registered model, e.g. ``create_model("swrn_28_10_2", num_classes=100)``.
 
     The returned module carries ``softshare_config`` (name and arguments) so checkpoints can
-    rebuild it.
+    rebuild it. ``pretrained=True`` (timm's spelling) is refused: softshare ships no trained
+    weights; a trained run loads with `softshare.load`.
     """
+    if kwargs.pop("pretrained", False):
+        raise SoftshareError(f"softshare ships no pretrained weights for {name!r}; train it (softshare train) "
+                             f"and load the run with softshare.load('runs/<name>'), or drop pretrained=True")
     for family in _FAMILIES.values():
         match = family.pattern.fullmatch(name)
         if match:

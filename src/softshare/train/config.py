@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import SoftshareError, unknown_name
+from .config_help import FIELD_CHOICES, FIELD_HELP, FIELD_TASKS, applies
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     recurrence_reg: float = 0.0  # weight of the pull towards collinear coefficients
+    ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
     # augmentation (image tasks)
     crop_padding: int = 4
     flip: bool = True
@@ -79,12 +81,17 @@ class TrainConfig:
     eval_every: int = 1
     lsm_every: int = 0
     checkpoint_every: int = 1
+    logger: list[str] = field(default_factory=lambda: ["jsonl"])  # + csv | tensorboard | wandb
 
     def run_name(self) -> str:
         return self.name or f"{self.task}-{self.dataset if self.task == 'classification' else ''}-{self.model}".replace("--", "-")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def task_dict(self) -> dict:
+        """The fields that mean something for this config's task (what --print-config shows)."""
+        return {k: v for k, v in self.to_dict().items() if applies(k, self.task)}
 
 
 _PAPER_CIFAR = dict(task="classification", epochs=200, batch_size=128, optimizer="sgd", lr=0.1,
@@ -116,7 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              image_size=224, amp="auto", channels_last=True)
        for m in ("swrn_50_2_2", "wrn_50_2", "swrn_50_2_1", "resnet_50", "sresnet_50_2")},
     # seconds-scale smoke run on scikit-learn's bundled digits
-    "digits_tiny": dict(task="classification", dataset="digits", model="swrn_16_1_2", val_size=0,
+    "digits_tiny": dict(task="classification", dataset="digits", model="swrn_22_1_2", val_size=0,
                         epochs=12, batch_size=64, lr=0.05, schedule="cosine", crop_padding=1,
                         flip=False, weight_decay=5e-4),
 }
@@ -214,12 +221,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < file < flags."""
+    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < file < flags.
+
+    The file may name a ``preset:`` of its own (used unless `preset` is given)."""
+    file_values = load_config_file(config_file) if config_file else {}
+    if "preset" in file_values:  # a file may build on a preset; --preset on the command line wins
+        named = file_values.pop("preset")
+        if not isinstance(named, str):
+            raise SoftshareError(f"config file {config_file}: preset must be a preset name, got {named!r}")
+        preset = preset or named
     if preset and preset not in PRESETS:
         raise unknown_name("preset", preset, PRESETS)
     layers = [(PRESETS[preset], f"preset {preset}")] if preset else []
     if config_file:
-        layers.append((load_config_file(config_file), str(config_file)))
+        layers.append((file_values, str(config_file)))
     if overrides:
         layers.append((overrides, "command line"))
     config = TrainConfig()
@@ -268,7 +283,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         args = typing.get_args(hint)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=f"(default: {default})")
+        tasks = FIELD_TASKS.get(f.name)
+        where = f" [{', '.join(tasks)}]" if tasks else ""
+        help_text = f"{FIELD_HELP[f.name]}{where} (default: {default})".replace("%", "%%")
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_text)
+        if f.name in FIELD_CHOICES:
+            kwargs["choices"] = FIELD_CHOICES[f.name]
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is list:

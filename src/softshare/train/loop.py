@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..analysis import recurrence_penalty
 from ..analysis.lsm import record_lsm
@@ -25,11 +24,13 @@ from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
 from ..layers import to_channels_last
+from ..progress import Progress
 from .algorithmic import AlgorithmicTask
 from .classification import ClassificationTask
 from .config import TrainConfig, apply_overrides
 from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, barrier, cleanup, init_distributed
 from .imagefolder import ImageFolderTask
+from .loggers import make_sinks
 from .optim import build_optimizer
 from .run_dir import RunDir, local_device
 from .task import Task
@@ -153,12 +154,15 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         to_channels_last(model)
     optimizer = build_optimizer(config, model)
     autocast_dtype = amp_dtype(config, device)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+           if config.ema_decay else None)
 
     start_epoch, start_batch, best, epoch_sums = 0, 0, None, None
     if checkpoint is not None:
-        start_epoch, start_batch, best, epoch_sums = _restore(checkpoint, model, optimizer, device)
+        start_epoch, start_batch, best, epoch_sums = _restore(checkpoint, model, optimizer, device, ema)
 
     run = RunDir(run_path) if dist.is_main else None
+    sinks = make_sinks(config.logger, run_path, config.to_dict()) if run is not None else []
     if run is not None:
         run.write_info(config.to_dict(), device, dist.world_size)
         task.save_artifacts(run.path)
@@ -181,20 +185,25 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
     metrics: dict = {}
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        # [sum of loss * n, correct, n] over this rank's batches of the epoch, on the host
-        sums = epoch_sums if epoch_sums is not None else torch.zeros(3, dtype=torch.float64)
+        # [sum of task loss * n, correct, n, sum of recurrence penalty * n] over this rank's
+        # batches of the epoch, on the host (checkpoints before the penalty column hold 3)
+        sums = torch.zeros(4, dtype=torch.float64)
+        if epoch_sums is not None:
+            sums[:len(epoch_sums)] = epoch_sums
         epoch_sums, started = None, time.perf_counter()
-        bar = tqdm(total=per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not (dist.is_main and sys.stderr.isatty()), leave=False, unit="batch")
+        bar = Progress(per_epoch, f"epoch {epoch + 1}/{config.epochs}", unit="batch", initial=start_batch,
+                       log=log, enabled=dist.is_main)
         for index, batch in enumerate(task.train_batches(epoch, start_batch), start=start_batch):
             lr = learning_rate(config, epoch + index / per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 loss, correct = task.loss(train_model, batch)
-                if config.recurrence_reg:
-                    loss = loss + config.recurrence_reg * recurrence_penalty(model)
-            loss_value = loss.item()
+                penalty = recurrence_penalty(model) if config.recurrence_reg else None
+            loss_value = loss.item()  # the task loss alone: comparable with the validation loss
+            penalty_value = penalty.item() if penalty is not None else 0.0
+            if penalty is not None:
+                loss = loss + config.recurrence_reg * penalty
             if not math.isfinite(loss_value):
                 last = run_path / "checkpoints" / "last"
                 raise TrainingDiverged(
@@ -205,16 +214,20 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             n = task.batch_size_of(batch)
-            sums += torch.tensor([loss_value * n, float(correct), float(n)], dtype=torch.float64)
+            sums += torch.tensor([loss_value * n, float(correct), float(n), penalty_value * n], dtype=torch.float64)
+            loss_sum, correct_sum, count, _ = sums.tolist()
+            bar.set(loss=f"{loss_sum / count:.3f}", acc=f"{correct_sum / count:.3f}",
+                    img_s=f"{count * dist.world_size / (time.perf_counter() - started):.0f}")
             bar.update()
-            loss_sum, correct_sum, count = sums.tolist()
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct_sum / count:.3f}",
-                            img_s=f"{count * dist.world_size / (time.perf_counter() - started):.0f}")
             if any_rank(stop.requested, dist, device):
                 bar.close()
+                for sink in sinks:
+                    sink.close()
                 if run is not None:
-                    _save(run, model, config, optimizer, epoch, index + 1, best, metrics, sums, "last")
+                    _save(run, model, config, optimizer, epoch, index + 1, best, metrics, sums, "last", ema)
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, index + 1)
                 return TrainResult(model, run_path if run else None, epoch, metrics, best, interrupted=True)
         bar.close()
@@ -222,28 +235,35 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
         seconds = time.perf_counter() - started
 
         average_buffers(model, dist)
-        loss_sum, correct_sum, count = all_reduce_sum(sums.to(device), dist).tolist()
+        loss_sum, correct_sum, count, penalty_sum = all_reduce_sum(sums.to(device), dist).tolist()
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct_sum / count,
+                   **({"train_recurrence_penalty": penalty_sum / count} if config.recurrence_reg else {}),
                    "lr": learning_rate(config, epoch), "seconds": round(seconds, 2),
                    "images_per_s": round(count / seconds, 1)}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             metrics.update(task.evaluate(model, autocast_dtype))
+            if ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, autocast_dtype).items()})
         metrics.update(task.epoch_metrics())
         improved = task.primary_metric in metrics and (best is None or metrics[task.primary_metric] > best)
         if improved:
             best = metrics[task.primary_metric]
         if run is not None:
             run.append_metrics(metrics, keep_epochs_below=epoch + 1)
-            run.plot_curves()
+            for sink in sinks:
+                sink.write(run.read_metrics())
+            run.plot_curves(getattr(task, "eval_split", None) or ("test" if config.val_size == 0 else "validation"))
             log.info("epoch %d/%d  %s", epoch + 1, config.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-                _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "last")
+                _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "last", ema)
             if improved:
                 _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "best")
             if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
                     record_lsm(model, run.path, epoch + 1)
         barrier(dist)
+    for sink in sinks:
+        sink.close()
     if run is not None:
         run.close()
     return TrainResult(model, run_path if run else None, config.epochs, metrics, best)
@@ -259,7 +279,8 @@ def _checkpoint_to_resume(resume: str | None, run_path: Path):
     return load_checkpoint(last if last.exists() else find_checkpoint(resume))
 
 
-def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+             ema: AveragedModel | None = None):
     if checkpoint.train_state is None:
         raise SoftshareError(f"checkpoint {checkpoint.path} holds weights only (no optimizer state) and cannot "
                              f"be resumed; start a new run from it instead")
@@ -269,6 +290,8 @@ def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, dev
         raise SoftshareError(f"checkpoint {checkpoint.path} does not fit this model: {str(err).splitlines()[0]}") from None
     state = checkpoint.train_state
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "ema" in state:  # a run that had no EMA yet starts it from here
+        ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng_cpu"])
     if device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -277,13 +300,19 @@ def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, dev
     return state["epoch"], state["batch"], state.get("best_metric"), sums
 
 
-def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, metrics, sums, which: str) -> None:
-    """Checkpoint at `epoch` completed epochs plus `batch` batches of the next one."""
+def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, metrics, sums, which: str,
+          ema: AveragedModel | None = None) -> None:
+    """Checkpoint at `epoch` completed epochs plus `batch` batches of the next one; with `ema`,
+    its state goes into the training state and its weights into checkpoints/ema."""
     state = {"epoch": epoch, "batch": batch, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
              "best_metric": best}
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
     if sums is not None:
         state["epoch_sums"] = sums
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+        save_checkpoint(run.checkpoints / "ema", ema.module, config=config.to_dict(), epoch=epoch, step=batch,
+                        metrics={k: v for k, v in metrics.items() if k.startswith("ema_")})
     save_checkpoint(run.checkpoints / which, model, config=config.to_dict(), epoch=epoch, step=batch,
                     metrics=metrics, best_metric=best, train_state=state)

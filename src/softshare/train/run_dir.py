@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..device import device_description, resolve_device
 from ..errors import SoftshareError
@@ -86,26 +87,12 @@ class RunDir:
         with atomic_path(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot_curves(self) -> None:
-        """Loss and accuracy per epoch, train and validation, refreshed every epoch."""
+    def plot_curves(self, eval_split: str = "validation") -> None:
+        """Per epoch: task loss, accuracy in percent, and the recurrence penalty when it was on;
+        training and `eval_split` ("validation" or "test") apart, EMA weights dashed."""
         rows = self.read_metrics()
-        if not rows:
-            return
-        epochs = [r["epoch"] for r in rows]
-        fig = Figure(figsize=(10, 4), layout="tight")
-        ax_loss, ax_acc = fig.subplots(1, 2)
-        for key, label, ax in (("train_loss", "train", ax_loss), ("val_loss", "eval", ax_loss),
-                               ("train_acc", "train", ax_acc), ("val_acc", "eval", ax_acc)):
-            points = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=label)
-        ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-        for ax in (ax_loss, ax_acc):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(self.path.name)
-        save_figure(fig, self.path / "curves.png")
+        if rows:
+            save_figure(curves_figure(rows, self.path.name, eval_split), self.path / "curves.png", dpi=110)
 
 
 def read_metrics(run_path: str | os.PathLike) -> list[dict]:
@@ -122,3 +109,39 @@ def local_device(spec: str, local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+def curves_figure(rows: list[dict], title: str, eval_split: str = "validation") -> Figure:
+    """The figure of `RunDir.plot_curves` (see there) from metrics rows."""
+    has_penalty = any(r.get("train_recurrence_penalty") is not None for r in rows)
+    fig = Figure(figsize=(13 if has_penalty else 9.5, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3 if has_penalty else 2)
+    series = [("train_loss", "train", axes[0], "-", 1), ("val_loss", eval_split, axes[0], "-", 1),
+              ("ema_val_loss", f"{eval_split}, EMA weights", axes[0], "--", 1),
+              ("train_acc", "train", axes[1], "-", 100), ("val_acc", eval_split, axes[1], "-", 100),
+              ("ema_val_acc", f"{eval_split}, EMA weights", axes[1], "--", 100)]
+    if has_penalty:
+        series.append(("train_recurrence_penalty", "train", axes[2], "-", 1))
+    colours = {"train": "tab:blue", eval_split: "tab:orange", f"{eval_split}, EMA weights": "tab:green"}
+    accuracies = []
+    for key, label, ax, style, scale in series:
+        points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, marker="o", ms=3, label=label, color=colours[label])
+            if scale == 100:
+                accuracies += [value for _, value in points]
+    axes[0].set(xlabel="epoch", ylabel="task loss", title="loss (without the regulariser)")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    if accuracies:  # never a zoom that makes one example look like a cliff: at least 10 points shown
+        low = max(0.0, min(min(accuracies) - 2, 90.0))
+        axes[1].set_ylim(low - 0.5 if low else -1, 100.5)
+    if has_penalty:
+        axes[2].set(xlabel="epoch", ylabel="mean 1 - cos\u00b2", title="recurrence penalty", ylim=(0, None))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+

@@ -1,0 +1,79 @@
+"""`softshare share BUILDER`: what share() does to any model, and optionally the converted checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_checkpoint
+from ..convert import share
+from ..errors import SoftshareError
+from ..layers.structure import count_parameters
+from ..models import create_model
+from ._common import json_object, one_line_errors, positive_int
+
+ORDER = 25
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "share", help="convert any model to soft sharing: the plan, parameters before/after",
+        description="Build a model (a registered name, or module:callable such as "
+                    "torchvision.models:resnet18 or mypkg.nets:build), and print what share() does: "
+                    "groups of same-shape layers, which ones become a bank of k templates, and the "
+                    "parameters before and after. Only groups that get smaller are shared unless "
+                    "--allow-growth. With --out, the converted model is saved as a checkpoint "
+                    "(load it with softshare.load_into(model, DIR) after building the same model).")
+    one_line_errors(p)
+    p.add_argument("model", help="registered model name, or MODULE:CALLABLE returning an nn.Module")
+    p.add_argument("-k", "--num-templates", type=positive_int, default=2, help="templates per bank (default: 2)")
+    p.add_argument("--select", nargs="+", metavar="GLOB",
+                   help="layers to consider, glob patterns on module names (default: every Conv1d/Conv2d)")
+    p.add_argument("--model-args", type=json_object, default={}, metavar="JSON",
+                   help="keyword arguments for the builder, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--allow-growth", action="store_true",
+                   help="also share groups whose bank would not be smaller than their layers")
+    p.add_argument("--init-from-weights", action="store_true",
+                   help="start the banks from the model's weights (truncated SVD) instead of at random")
+    p.add_argument("--out", metavar="DIR", help="save the converted model as a checkpoint directory here")
+    p.set_defaults(func=run)
+
+
+def build(spec: str, kwargs: dict) -> nn.Module:
+    """A registered model name, or ``module:callable`` imported and called with `kwargs`."""
+    if ":" not in spec:
+        return create_model(spec, **kwargs)
+    module_name, _, attr = spec.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SoftshareError(f"cannot import {spec} ({err}); give MODULE:CALLABLE of an installed module, "
+                             f"e.g. torchvision.models:resnet18") from None
+    try:
+        model = builder(**kwargs)
+    except TypeError as err:
+        raise SoftshareError(f"{spec}(**{kwargs}) failed: {err}; fix --model-args") from None
+    if not isinstance(model, nn.Module):
+        raise SoftshareError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is None and args.init_from_weights:
+        raise SoftshareError("--init-from-weights only matters with --out (the plan does not depend on it)")
+    device = "cpu" if args.out else "meta"  # a plan needs shapes only: no memory, no init
+    with torch.device(device):
+        model = build(args.model, args.model_args)
+    plan = share(model, args.num_templates, select=args.select, allow_growth=args.allow_growth, dry_run=True)
+    print(plan.summary())
+    if args.out:
+        share(model, args.num_templates, select=args.select, init_from_weights=args.init_from_weights,
+              allow_growth=args.allow_growth)
+        save_checkpoint(args.out, model)
+        how = (f"softshare.load({args.out!r})" if ":" not in args.model else
+               f"softshare.load_into(model, {args.out!r}) on the model built again")
+        print(f"saved {args.out} ({count_parameters(model):,} parameters): load it with {how}")
+    return 0

@@ -1,0 +1,94 @@
+"""What each TrainConfig field means, its choices and the tasks it applies to.
+
+`train --help` and `--print-config` are generated from these tables, and a test checks that
+every field has an entry, so a new field cannot appear undocumented. Validation of the values
+stays in `config.validate`.
+"""
+
+from __future__ import annotations
+
+ALL_TASKS = ("classification", "mazes", "prefix-sums")
+IMAGE = ("classification",)
+ALGORITHMIC = ("mazes", "prefix-sums")
+
+# field -> one-line help
+FIELD_HELP: dict[str, str] = {
+    "task": "what to learn: image classification or an algorithmic task",
+    "model": "registered model name (softshare models), e.g. swrn_28_10_2; algorithmic: ff, shared, recurrent",
+    "model_args": "extra create_model arguments as JSON, e.g. '{\"num_templates\": 4}'",
+    "dataset": "image dataset (cifar10, cifar100, fashion_mnist, mnist, digits...), or imagefolder: "
+               "--data-root DIR with train/ and val/ class folders (ImageNet)",
+    "data_root": "directory holding the dataset files or the task's data files (default: the dataset's usual "
+                 "place; algorithmic: generate)",
+    "download": "download the dataset if it is missing",
+    "val_size": "training examples held out for validation (default: the dataset's, or test_count); "
+                "0: train on all, evaluate on test",
+    "epochs": "passes over the training set",
+    "batch_size": "examples per step (per process under torchrun)",
+    "optimizer": "sgd (Nesterov momentum, the paper's), adam (weight decay as L2 in the gradient, as "
+                 "DeepThinking), or adamw (torch AdamW: decoupled weight decay)",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum for SGD",
+    "weight_decay": "L2 / decoupled weight decay; never applied to sharing coefficients",
+    "schedule": "learning-rate schedule after warmup",
+    "lr_milestones": "epochs where the multistep schedule multiplies lr by lr_gamma",
+    "lr_gamma": "multistep decay factor",
+    "warmup_epochs": "linear warmup length in epochs (fractions allowed)",
+    "lr_reference_batch": "lr is for this global batch and is scaled linearly to batch_size x processes "
+                          "(ImageNet: 256); 0 = lr as given",
+    "label_smoothing": "cross-entropy label smoothing",
+    "grad_clip": "clip the gradient norm to this; 0 = off",
+    "recurrence_reg": "weight of the pull towards collinear coefficients (logged apart from the task loss)",
+    "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+                 "0 = off. Evaluated (ema_* metrics) and saved in checkpoints/ema",
+    "crop_padding": "random-crop padding in pixels; 0 = no crop",
+    "flip": "random horizontal flips",
+    "cutout": "side of the Cutout hole in pixels; 0 = off",
+    "image_size": "imagefolder: side of the random-resized training crop and of the centre-cropped val images",
+    "workers": "imagefolder: DataLoader worker processes per rank; -1 = this node's cores / ranks, at most 16",
+    "train_size": "maze side or bit-string length seen in training",
+    "test_sizes": "sizes to evaluate on (larger than trained: extrapolation)",
+    "train_count": "training examples to generate",
+    "test_count": "test examples per size",
+    "width": "channels of the algorithmic nets",
+    "depth": "residual blocks (ff/shared) or iterations (recurrent)",
+    "num_templates": "templates in the bank of the shared algorithmic net",
+    "alpha": "progressive-loss mix (0 = plain full-depth loss)",
+    "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
+    "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
+    "lr_throttle": "iteration weights learn at lr / depth (DeepThinking's maze recipe)",
+    "name": "run name, the run directory is out_dir/name; empty: made from task, dataset and model",
+    "out_dir": "parent directory of run directories",
+    "seed": "random seed (data order, augmentation, initialisation)",
+    "deterministic": "deterministic kernels (slower)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "amp": "mixed precision: auto (bf16 on CUDA, off on CPU), bf16 or none",
+    "channels_last": "channels-last memory format (fastest on CPU fp32 and CUDA bf16)",
+    "compile": "torch.compile the model",
+    "eval_every": "evaluate every N epochs (and after the last)",
+    "lsm_every": "record the Layer Similarity Matrix every N epochs; 0 = off",
+    "checkpoint_every": "save checkpoints/last every N epochs (and after the last)",
+    "logger": "metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb",
+}
+
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ALL_TASKS,
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("multistep", "cosine", "constant"),
+    "amp": ("auto", "bf16", "none"),
+    "logger": ("jsonl", "csv", "tensorboard", "wandb"),
+}
+
+# fields that mean something for some tasks only (the rest apply to all)
+FIELD_TASKS: dict[str, tuple[str, ...]] = {
+    **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "label_smoothing",
+                                "image_size", "workers")},
+    **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count", "width", "depth",
+                                      "num_templates", "alpha", "blocks", "lipschitz", "lr_throttle")},
+}
+
+
+def applies(field: str, task: str) -> bool:
+    """Whether `field` means anything for `task` (what --print-config shows)."""
+    return task in FIELD_TASKS.get(field, ALL_TASKS)
