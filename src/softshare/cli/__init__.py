@@ -15,10 +15,11 @@ import pkgutil
 import sys
 
 from ..errors import SoftshareError
+from ._common import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="softshare",
         description="Implicitly recurrent CNNs through soft parameter sharing.",
     )

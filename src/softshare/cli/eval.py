@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..eval import evaluate_checkpoint
-from ._common import format_table, positive_int
+from ._common import add_overwrite, format_table, positive_int
 
 ORDER = 35
 
@@ -27,11 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="score after 1..N iterations (default: ff/shared depth, recurrent 4x trained)")
     task.add_argument("--count", type=positive_int, help="instances per size (default: the run's test_count)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
+    add_overwrite(task, "the --out file (and the .png beside it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out") if getattr(args, k)}
+    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "overwrite")
+                    if getattr(args, k)}
     result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,
                                  download=args.download, device=args.device, batch_size=args.batch_size,
                                  **task_options)

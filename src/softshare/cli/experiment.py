@@ -11,6 +11,7 @@ import argparse
 from ..fold import DEFAULT_THRESHOLD
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
+from ..io import check_output, mark_output
 from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 70
@@ -61,10 +62,17 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>])")
 
 
+def _claim(out: str, kind: str) -> str:
+    """A rerun continues its own earlier (or interrupted) study; nothing else is written into."""
+    check_output(out, kind, flag=None, legacy=("results.json",)).mkdir(parents=True, exist_ok=True)
+    mark_output(out, kind)
+    return out
+
+
 def run_algorithmic(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_count", args.train_count),
                                    ("test_count", args.test_count)) if v is not None}
-    out = args.out or f"runs/experiment-algorithmic-{args.scale}"
+    out = _claim(args.out or f"runs/experiment-algorithmic-{args.scale}", "experiment algorithmic")
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
                        args.device)
@@ -73,7 +81,7 @@ def run_algorithmic(args: argparse.Namespace) -> int:
 
 
 def run_recurrence(args: argparse.Namespace) -> int:
-    out = args.out or "runs/experiment-recurrence"
+    out = _claim(args.out or "runs/experiment-recurrence", "experiment recurrence")
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
     print(f"done: {out}/results.md")

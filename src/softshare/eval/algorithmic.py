@@ -19,7 +19,7 @@ from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import write_json
+from ..io import check_output, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations
 from .plots import plot_accuracy_vs_iterations
 
@@ -66,13 +66,18 @@ def default_iterations(model: nn.Module, trained: int) -> int:
 
 def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
-                             data_root: str | None = None, out: str | None = None) -> dict:
+                             data_root: str | None = None, out: str | None = None, overwrite: bool = False) -> dict:
     """Exact match per test size after each of 1..`iterations` iterations; writes JSON and a plot.
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plot beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`).
+    plot beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
+    holding anything but an earlier eval result is refused unless `overwrite`.
     """
+    if out:  # before any work: never clobber a user's file (or the plot beside a new result)
+        check_output(out, "eval", overwrite=overwrite, directory=False)
+        if not Path(out).exists():
+            check_output(Path(out).with_suffix(".png"), "eval plot", overwrite=overwrite, directory=False)
     ckpt_path = find_checkpoint(path)
     meta = load_checkpoint(ckpt_path, train_state=False).meta
     config = meta.get("config") or {}
@@ -89,7 +94,7 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     for size in sizes:
         x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
         accuracy[str(size)] = exact_match_by_iteration(model, config["task"], x, y, iterations, batch_size, dev)
-    result = {"checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
+    result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
               "count": count, "iterations": list(range(1, iterations + 1)), "accuracy": accuracy}
     json_path = Path(out) if out else _default_eval_path(ckpt_path)

@@ -27,7 +27,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import exact_match_by_iteration, exact_match_thinking_longer, longest_loop
 from ..fold import DEFAULT_THRESHOLD, fold_model
-from ..io import rebuild_dir, save_figure, write_json, write_text
+from ..io import check_output, rebuild_dir, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 
 
@@ -56,11 +56,13 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Run every step into `config.out`; a failed or interrupted demo leaves the previous output."""
+def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
+    """Run every step into `config.out`; a failed or interrupted demo leaves the previous output.
+
+    `config.out` must be new, empty or an earlier demo's output, unless `overwrite`."""
     started = time.perf_counter()
-    out = Path(config.out)
-    with rebuild_dir(out) as work:
+    out = check_output(config.out, "demo", overwrite=overwrite, legacy=("report.md", "results.json"))
+    with rebuild_dir(out, "demo") as work:
         data = work / "data"
         _say(f"[1/6] generating mazes: {config.train_count} of size {config.train_size} for training, "
              f"{config.test_count} per test size {config.test_sizes}")
