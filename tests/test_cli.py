@@ -326,14 +326,14 @@ def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp
     calls = []
     monkeypatch.setattr(job, "run_study", lambda *args: calls.append(("recurrence", *args)))
     monkeypatch.setattr(job, "run_experiment", lambda *args: calls.append(("algorithmic", *args)))
-    out = str(tmp_path)
+    out, other = str(tmp_path / "rec"), str(tmp_path / "alg")  # one study's output is not the other's
     assert main(["experiment", "recurrence", "--tasks", "mazes", "--lambdas", "0", "1", "--seeds", "0", "2",
                  "--epochs", "1", "--device", "cpu", "--out", out]) == 0
     assert main(["experiment", "algorithmic", "--scale", "gpu", "--tasks", "mazes", "--variants", "ff",
-                 "--seeds", "4", "--epochs", "2", "--train-count", "30", "--test-count", "5", "--out", out,
-                     "--jobs", "2", "--patience", "7"]) == 0
+                 "--seeds", "4", "--epochs", "2", "--train-count", "30", "--test-count", "5", "--out", other,
+                 "--jobs", "2", "--patience", "7"]) == 0
     assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1),
-                     ("algorithmic", out, "gpu", ("mazes",), ("ff",), (4,),
+                     ("algorithmic", other, "gpu", ("mazes",), ("ff",), (4,),
                       {"epochs": 2, "train_count": 30, "test_count": 5}, "auto", 2, 7)]
     capsys.readouterr()
     for argv in (["--scale", "gpu"], ["--variants", "ff"], ["--train-count", "5"], ["--tasks", "prefix-sums"]):

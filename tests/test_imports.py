@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softshare"
 # What each part of softshare may import (besides itself); see docs/DESIGN.md, "Layout".
 BASE = {"errors", "io", "version", "wrappers", "device", "progress"}
 ALLOWED = {
-    "errors": set(), "io": set(), "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "errors": set(), "io": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
     "layers": {"errors"},
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},

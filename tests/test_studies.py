@@ -38,6 +38,7 @@ def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "report.md").write_text("previous")
+    (out / "results.json").write_text("{}")  # an earlier demo's output (older versions wrote no marker)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -47,6 +48,7 @@ def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):
         run_demo(DemoConfig(out=str(out), **TOY))
     assert (out / "report.md").read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]
 
 
 def test_folded_layers_counts_layers_in_loops():

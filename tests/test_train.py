@@ -20,6 +20,7 @@ from softshare import SharedLayer, create_model, param_groups, share
 from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.train.config import PRESETS, resolve_config
+from softshare.train.loggers import make_sinks
 from softshare.train.loop import TrainingDiverged, train
 
 TINY = dict(dataset="digits", model="swrn_16_1_2", val_size=0, batch_size=64, lr=0.05, schedule="cosine",
@@ -232,8 +233,11 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
 
 
 def test_unknown_logger_is_one_line(tmp_path):
+    with pytest.raises(SoftshareError, match="logger must be jsonl, csv, tensorboard or wandb, got 'mlflow'"):
+        train(tiny_config(tmp_path, epochs=1, logger=["mlflow"]))  # refused when the config is resolved
+    assert not any(tmp_path.iterdir())
     with pytest.raises(SoftshareError, match="unknown logger 'mlflow'"):
-        train(tiny_config(tmp_path, epochs=1, logger=["mlflow"]))
+        make_sinks(["csv", "mlflow"], tmp_path, {})  # called directly
 
 
 def test_curves_figure_names_the_split_in_percent_with_whole_epochs():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import SoftshareError
-from .io import atomic_path
+from .io import atomic_path, crash_point
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
 from .version import __version__
@@ -73,12 +74,24 @@ def dedupe_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], d
 
 
 def _reason(err: Exception) -> str:
-    """A one-line cause from torch.load's multi-paragraph errors."""
+    """A one-line cause from torch.load's multi-paragraph errors (never its advice to unpickle)."""
     text = str(err)
-    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    unsupported = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
     if unsupported:
-        return f"it pickles {unsupported[1]}, which weights_only loading refuses"
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        return f"it pickles {unsupported[1]}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first and "weights_only" not in first else type(err).__name__
+
+
+def is_refused_pickle(err: Exception) -> bool:
+    """Whether torch.load(weights_only=True) refused the file for holding code or arbitrary objects."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+
+
+def refused_pickle_message(path: Path, err: Exception, fix: str) -> str:
+    """One line for a pickle holding code or objects: what it is, and a safe way forward."""
+    return (f"{path} holds code or objects softshare will not load ({_reason(err)}); softshare never runs "
+            f"pickled code, so it was not written by softshare or was tampered with. {fix}")
 
 
 def _save_train_state(train_state: Mapping[str, Any], path: Path) -> None:
@@ -87,7 +100,8 @@ def _save_train_state(train_state: Mapping[str, Any], path: Path) -> None:
     try:
         torch.load(path, weights_only=True, mmap=True)
     except Exception as err:  # UnpicklingError naming the offending global
-        raise SoftshareError(f"train_state cannot be read back with torch.load(weights_only=True) ({_reason(err)}); "
+        raise SoftshareError(f"train_state cannot be read back with torch.load(weights_only=True) ({_reason(err)}, "
+                             f"which weights_only loading refuses); "
                              f"store tensors, numbers, strings and lists/dicts of them (e.g. RNG states "
                              f"as tensors)") from err
 
@@ -132,8 +146,10 @@ def save_checkpoint(
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(tensors, tmp / MODEL_FILE)
+        crash_point("weights", directory)
         if train_state is not None:
             _save_train_state(train_state, tmp / STATE_FILE)
+            crash_point("state", directory)
         (tmp / META_FILE).write_text(meta_text)
     return directory
 
@@ -179,8 +195,16 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if not isinstance(model, dict) or not (isinstance(model.get("name"), str) or foreign):
         raise SoftshareError(f"{meta_path} does not say which model it holds ('model' must be a dict with "
                              f"a 'name'); {fix}")
-    if not isinstance(meta.get("aliases", {}), dict):
-        raise SoftshareError(f"{meta_path} has invalid 'aliases'; {fix}")
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise SoftshareError(f"{meta_path} has invalid 'aliases' (must map state-dict keys to stored keys, "
+                             f"all strings); {fix}")
+    banks = meta.get("banks", [])
+    if not isinstance(banks, list) or not all(isinstance(b, dict) for b in banks):
+        raise SoftshareError(f"{meta_path} has invalid 'banks' (must be a list of bank descriptions); {fix}")
+    if meta.get("config") is not None and not isinstance(meta["config"], dict):
+        raise SoftshareError(f"{meta_path} has an invalid 'config' (must be a dict of training settings or "
+                             f"null); {fix}")
     return meta
 
 
@@ -206,10 +230,18 @@ def _read_train_state(directory: Path, map_location: str | torch.device) -> dict
     if not state_path.exists():
         return None
     try:
-        return torch.load(state_path, map_location=map_location, weights_only=True)
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, disallowed global: all mean "unusable file"
+        if is_refused_pickle(err):
+            raise SoftshareError(refused_pickle_message(
+                state_path, err, f"The weights in {MODEL_FILE} stay usable (eval, lsm and fold never read "
+                f"{STATE_FILE}); delete {STATE_FILE} to keep only them, or restore it from a backup")) from err
         raise SoftshareError(f"{state_path} is truncated or corrupt ({_reason(err)}); delete it to start "
                              f"the training state afresh, or restore it from a backup") from err
+    if not isinstance(state, dict):
+        raise SoftshareError(f"{state_path} does not hold softshare training state (a dict); delete it, "
+                             f"or restore it from a backup")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
@@ -227,8 +259,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # -- loading into models ------------------------------------------------------------------------
-def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """load_state_dict(strict=True), but a mismatch becomes one readable SoftshareError."""
+def _load_strict(model: nn.Module, checkpoint: Checkpoint, dry_run: bool = False) -> None:
+    """load_state_dict(strict=True), but a mismatch becomes one readable SoftshareError
+    (`dry_run`: only check keys and shapes, e.g. against a model on the meta device)."""
     expected = model.state_dict()
     given = checkpoint.state_dict
     missing = [k for k in expected if k not in given]
@@ -239,12 +272,17 @@ def _load_strict(model: nn.Module, checkpoint: Checkpoint) -> None:
         parts = [f"{len(items)} {what} ({'; '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
                  for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("shape mismatches", shapes)) if items]
+        if dry_run:  # the model was built from the checkpoint's own meta.json
+            raise SoftshareError(f"checkpoint {checkpoint.path}: its {META_FILE} describes a model its {MODEL_FILE} "
+                                 f"does not hold ({', '.join(parts)}); the files do not belong together: re-save "
+                                 f"the checkpoint or restore it from a backup")
         theirs = checkpoint.meta["model"].get("name") or checkpoint.meta["model"].get("class")
         ours = (getattr(model, "softshare_config", None) or {}).get("name", type(model).__name__)
         raise SoftshareError(f"checkpoint {checkpoint.path} ({theirs}) does not fit this model ({ours}): "
                              f"{', '.join(parts)}; load it with softshare.load(path) to rebuild its own "
                              f"architecture, or build the model with the checkpoint's settings")
-    model.load_state_dict(given, strict=True)
+    if not dry_run:
+        model.load_state_dict(given, strict=True)
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -266,23 +304,46 @@ def load_into(model: nn.Module, path: str | os.PathLike, map_location: str | tor
     return checkpoint
 
 
+def _corrupt_meta(path: Path, err: Exception) -> SoftshareError:
+    return SoftshareError(f"cannot rebuild the model of checkpoint {path} from its {META_FILE} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); the "
+                          f"file is corrupt or from an incompatible softshare")
+
+
+def build_model_for(checkpoint: Checkpoint) -> nn.Module:
+    """Rebuild the architecture `checkpoint` describes, after proving on the meta device that
+    it matches the stored tensors: sizes in meta.json never cause an allocation by themselves."""
+    config = checkpoint.meta["model"]
+    path = checkpoint.path
+    if config["name"] is None:
+        raise SoftshareError(f"checkpoint {path} holds a {config['class']}, which softshare cannot rebuild by "
+                             f"name; build the model as you did before share() and call "
+                             f"softshare.load_into(model, {str(path)!r})")
+
+    def build() -> nn.Module:
+        try:
+            model = create_model(**config)
+        except SoftshareError as err:
+            raise SoftshareError(f"cannot rebuild the model of checkpoint {path}: {err}; import the module that "
+                                 f"registers it first, or upgrade softshare") from err
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise _corrupt_meta(path, err) from err
+        if "banks" in checkpoint.meta:  # saved after tie() or unshare(): the registered architecture changed
+            try:
+                match_banks(model, checkpoint.meta["banks"])
+            except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, AttributeError) as err:
+                raise _corrupt_meta(path, err) from err
+        return model
+
+    with torch.device("meta"):
+        skeleton = build()
+    _load_strict(skeleton, checkpoint, dry_run=True)
+    return build()
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
     checkpoint = load_checkpoint(path, train_state=False)
-    config = checkpoint.meta["model"]
-    if config["name"] is None:
-        raise SoftshareError(f"checkpoint {checkpoint.path} holds a {config['class']}, which softshare cannot "
-                             f"rebuild by name; build the model as you did before share() and call "
-                             f"softshare.load_into(model, {str(checkpoint.path)!r})")
-    try:
-        model = create_model(**config)
-    except SoftshareError as err:
-        raise SoftshareError(f"cannot rebuild the model of checkpoint {checkpoint.path}: {err}; import the "
-                             f"module that registers it first, or upgrade softshare") from err
-    except TypeError as err:
-        raise SoftshareError(f"cannot rebuild the model of checkpoint {checkpoint.path} from {config}: {err}; "
-                             f"this softshare's create_model does not accept these arguments, upgrade it") from err
-    if "banks" in checkpoint.meta:  # saved after tie() or unshare(): the registered architecture changed
-        match_banks(model, checkpoint.meta["banks"])
+    model = build_model_for(checkpoint)
     _load_strict(model, checkpoint)
     return model.to(device).eval()

@@ -16,10 +16,11 @@ import sys
 
 from ..errors import SoftshareError
 from ..version import __version__
+from ._common import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="softshare",
         description="Implicitly recurrent CNNs through soft parameter sharing.",
     )

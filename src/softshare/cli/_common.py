@@ -41,14 +41,20 @@ def json_object(text: str) -> dict:
     return value
 
 
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make `parser` report a bad argument in one line (no usage dump) and exit with code 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line plus a pointer to --help (no usage dump), exit code 2.
 
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+    Subparsers inherit the class (argparse builds them with ``type(parent)``)."""
 
-    parser.error = error
-    return parser
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    """The one flag that lets a job replace something at its output path that it did not write."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} even if it holds something softshare did not write there "
+                             f"(the old content stays intact until the new output is complete)")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -6,6 +6,7 @@ import argparse
 
 from ..checkpoint import load_checkpoint
 from ..convert import convert_author
+from ._common import add_overwrite
 
 ORDER = 80
 
@@ -19,11 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth.tar or model_best.pth.tar")
     p.add_argument("--model", required=True, help="architecture of the file, e.g. swrn_28_10_2 (wrn_L_w if unshared)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (load it with softshare.load)")
+    add_overwrite(p, "--out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert_author(args.checkpoint, args.model, args.out)
+    out = convert_author(args.checkpoint, args.model, args.out, overwrite=args.overwrite)
     meta = load_checkpoint(out).meta
     epoch = f" (epoch {meta['epoch']})" if meta["epoch"] is not None else ""
     print(f"converted {args.checkpoint}{epoch} to {out}: {args.model}, "

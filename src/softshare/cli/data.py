@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data.tasks import check_maze_args, generate_prefix_sums, image_side, save_prefix_sums, write_mazes
+from ..data.tasks import (check_maze_args, check_prefix_sum_args, generate_prefix_sums, image_side, maze_dir,
+                          prefix_sum_dir, save_prefix_sums, write_mazes)
+from ..errors import SoftshareError
+from ..io import check_output
+from ._common import add_overwrite
 
 ORDER = 60
 
@@ -29,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which split; each has its own random stream (default: train)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     m.add_argument("--out", default="data", help="data root directory (default: ./data)")
+    add_overwrite(m, "the set's directory under --out")
     m.set_defaults(func=run)
 
     s = tasks.add_parser("prefix-sums", help="bit strings and their running parity",
@@ -38,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="number of strings; at most 2^length below length 24 (default: 10000)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--out", default="data", help="data root directory (default: ./data)")
+    add_overwrite(s, "the set's directory under --out")
     s.set_defaults(func=run)
 
 
@@ -45,8 +52,16 @@ def run(args: argparse.Namespace) -> int:
     return _mazes(args) if args.task == "mazes" else _prefix_sums(args)
 
 
+def _check_target(root: str, target: Path, files: tuple[str, ...], overwrite: bool) -> None:
+    """Before generating: the root must be a directory and the set's folder new or an earlier set."""
+    if Path(root).exists() and not Path(root).is_dir():
+        raise SoftshareError(f"--out {root} is a file; the data root must be a directory: choose another --out")
+    check_output(target, "data", overwrite=overwrite, legacy=files)
+
+
 def _mazes(args: argparse.Namespace) -> int:
     check_maze_args(args.count, args.size, args.seed, args.split)  # fail before any output exists
+    _check_target(args.out, maze_dir(args.out, args.split, args.size), ("inputs.npy", "solutions.npy"), args.overwrite)
     began = time.perf_counter()
     with tqdm(total=args.count, unit="maze", desc=f"mazes {args.size}", leave=False,
               disable=not sys.stderr.isatty()) as bar:
@@ -59,6 +74,9 @@ def _mazes(args: argparse.Namespace) -> int:
 
 
 def _prefix_sums(args: argparse.Namespace) -> int:
+    check_prefix_sum_args(args.count, args.length, args.seed)
+    _check_target(args.out, prefix_sum_dir(args.out, args.length),
+                  (f"{args.length}_data.npy", f"{args.length}_targets.npy"), args.overwrite)
     bits, targets = generate_prefix_sums(args.count, args.length, args.seed)
     path = save_prefix_sums(args.out, args.length, bits, targets)
     print(f"wrote {args.count:,} bit strings of length {args.length} to {path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..studies.demo import DemoConfig, run_demo
-from ._common import nonnegative_float, nonnegative_int, positive_int
+from ._common import add_overwrite, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 90
 
@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "side by side, draw the shared net's LSM, fold it into a loop and score all "
                                           "on strings up to 512 bits at the label-free stopping rule; writes "
                                           "OUT/report.md. Defaults: about 8 minutes on 2 CPU cores.")
-    p.add_argument("--out", default=d.out)
+    p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); only an earlier demo's "
+                                                 f"output there is replaced")
+    add_overwrite(p, "--out")
     p.add_argument("--train-count", type=positive_int, default=d.train_count)
     p.add_argument("--test-count", type=positive_int, default=d.test_count, help="strings per test size")
     p.add_argument("--test-sizes", type=positive_int, nargs="+", default=d.test_sizes, help="string lengths")
@@ -35,5 +37,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fields = DemoConfig.__dataclass_fields__
-    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}), overwrite=args.overwrite)
     return 0

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
+from ..io import check_output, mark_output, output_kind
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
 from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
@@ -69,10 +71,30 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>])")
 
 
+def _claim(out: str, kind: str) -> str:
+    """A rerun continues its own earlier (or interrupted) study; nothing else is written into."""
+    if _unmarked_study(Path(out)):  # begun before studies marked their output: it is ours to continue
+        mark_output(out, kind)
+    check_output(out, kind, flag=None, legacy=("results.json",)).mkdir(parents=True, exist_ok=True)
+    mark_output(out, kind)
+    return out
+
+
+def _unmarked_study(path: Path) -> bool:
+    """A study directory written before output markers: only runs/ (every entry a softshare run
+    directory) and the study's results files, and no marker of any kind."""
+    if not path.is_dir() or path.is_symlink() or output_kind(path) is not None or not (path / "runs").is_dir():
+        return False
+    allowed = {"runs", "results.json", "results.md"}
+    if any(p.name not in allowed and p.suffix != ".png" for p in path.iterdir()):
+        return False
+    return all(p.is_dir() and (p / "config.json").is_file() for p in (path / "runs").iterdir())
+
+
 def run_algorithmic(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_count", args.train_count),
                                    ("test_count", args.test_count)) if v is not None}
-    out = args.out or f"runs/experiment-algorithmic-{args.scale}"
+    out = _claim(args.out or f"runs/experiment-algorithmic-{args.scale}", "experiment algorithmic")
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
                        args.device, args.jobs, args.patience)
@@ -81,7 +103,7 @@ def run_algorithmic(args: argparse.Namespace) -> int:
 
 
 def run_recurrence(args: argparse.Namespace) -> int:
-    out = args.out or "runs/experiment-recurrence"
+    out = _claim(args.out or "runs/experiment-recurrence", "experiment recurrence")
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
     print(f"done: {out}/results.md")

@@ -10,7 +10,8 @@ from ..errors import SoftshareError
 from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
-from ._common import _number, log_to_stdout, positive_int
+from ..io import atomic_path, check_output, mark_output
+from ._common import _number, add_overwrite, log_to_stdout, positive_int
 
 ORDER = 50
 
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output: the folded checkpoint and its report (with --sweep: the sweep table and curve)")
+    add_overwrite(p, "--out")
     p.add_argument("--threshold", type=threshold, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold in (0, 1] (default {DEFAULT_THRESHOLD})")
     p.add_argument("--sweep", action="store_true",
@@ -45,15 +47,17 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations and not args.data:
         raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
     source = find_checkpoint(args.path)
+    out = check_output(args.out, "fold", overwrite=args.overwrite, protect=[source])
     model = load(source)
     meta = load_checkpoint(source, train_state=False).meta
     evaluate = evaluator_for(meta.get("config"), args.device, dataset=args.data) if args.data else None
     before = dict(evaluate(model)) if evaluate else None
-    out = Path(args.out)
     if args.sweep:
         with log_to_stdout("softshare.fold"):  # a line per threshold folded (and evaluated)
             rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
-        written = write_sweep(rows, out, count_parameters(model), before)
+        with atomic_path(out) as tmp:  # the whole output appears at once, replacing the old one
+            written = [out / p.relative_to(tmp) for p in write_sweep(rows, tmp, count_parameters(model), before)]
+            mark_output(tmp, "fold")
         print(sweep_table(rows, count_parameters(model), pick_metric(before)))
         print("wrote " + ", ".join(map(str, written)))
         return 0
@@ -67,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
             set_iterations(result.model, count)
             metrics[f"folded, loops run {count} times"] = dict(evaluate(result.model))
         set_iterations(result.model, None)
-    save_checkpoint(out, result.model, config=meta.get("config"), epoch=meta.get("epoch"),
-                    metrics=metrics.get("folded"))
-    written = write_fold_report(result, out, source=str(source), metrics=metrics)
+    with atomic_path(out) as tmp:  # the whole output appears at once, replacing the old one
+        save_checkpoint(tmp, result.model, config=meta.get("config"), epoch=meta.get("epoch"),
+                        metrics=metrics.get("folded"))
+        written = [out / p.relative_to(tmp) for p in write_fold_report(result, tmp, source=str(source), metrics=metrics)]
+        mark_output(tmp, "fold")
     print(f"loops per site at threshold {args.threshold}: {result.loops}")
     print(f"parameters: {result.params_before:,} -> {result.params_after:,}")
     for label, values in metrics.items():

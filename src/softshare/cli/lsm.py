@@ -8,7 +8,8 @@ from pathlib import Path
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ._common import format_table
+from ..io import check_output, mark_output
+from ._common import add_overwrite, format_table
 
 ORDER = 40
 
@@ -22,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT",
                    help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
     p.add_argument("--out", metavar="DIR", help="output directory (default for a run directory: RUN/lsm)")
+    add_overwrite(p, "--out")
     p.set_defaults(func=run)
 
 
@@ -31,8 +33,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and not is_run:
         raise SoftshareError(f"{path} is a checkpoint, not a run directory; say where the figures go with --out DIR")
     out = Path(args.out) if args.out else path / LSM_DIR
+    if out != path / LSM_DIR:  # the run's own lsm/ is this job's place; anywhere else must be new or ours
+        check_output(out, "lsm", overwrite=args.overwrite, legacy=("lsm.json",))
     model = load(path)
+    if out.exists() and not out.is_dir():
+        raise SoftshareError(f"{out} is a file; the LSM figures go into a directory: remove it or pass --out DIR")
     written = save_lsm(model, out)
+    mark_output(out, "lsm")
     if is_run and read_lsm_history(path):
         written.append(plot_lsm_history(path))
     for similarity in layer_similarity(model):

@@ -8,7 +8,7 @@ import torch
 
 from ..analysis import sharing_stats
 from ..models import create_model
-from ._common import format_table, json_object, one_line_errors, positive_int
+from ._common import format_table, json_object, positive_int
 
 ORDER = 20
 
@@ -17,7 +17,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("params", help="parameter table per template bank, and the saving",
                               description="Show each bank's layers, templates and parameters, and the total "
                                           "against the same architecture without sharing.")
-    one_line_errors(p)
     p.add_argument("model", help="model name, e.g. swrn_28_10_2 (see `softshare models`)")
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--in-channels", type=positive_int, default=3)

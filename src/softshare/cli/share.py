@@ -11,9 +11,10 @@ from torch import nn
 from ..checkpoint import save_checkpoint
 from ..convert import share
 from ..errors import SoftshareError
+from ..io import atomic_path, check_output, mark_output
 from ..layers.structure import count_parameters
 from ..models import create_model
-from ._common import json_object, one_line_errors, positive_int
+from ._common import add_overwrite, json_object, positive_int
 
 ORDER = 25
 
@@ -27,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "parameters before and after. Only groups that get smaller are shared unless "
                     "--allow-growth. With --out, the converted model is saved as a checkpoint "
                     "(load it with softshare.load_into(model, DIR) after building the same model).")
-    one_line_errors(p)
     p.add_argument("model", help="registered model name, or MODULE:CALLABLE returning an nn.Module")
     p.add_argument("-k", "--num-templates", type=positive_int, default=2, help="templates per bank (default: 2)")
     p.add_argument("--select", nargs="+", metavar="GLOB",
@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also share groups whose bank would not be smaller than their layers")
     p.add_argument("--init-from-weights", action="store_true",
                    help="start the banks from the model's weights (truncated SVD) instead of at random")
-    p.add_argument("--out", metavar="DIR", help="save the converted model as a checkpoint directory here")
+    p.add_argument("--out", metavar="DIR", help="save the converted model as a checkpoint directory here (new, "
+                                                 "or an earlier `softshare share` output)")
+    add_overwrite(p, "--out")
     p.set_defaults(func=run)
 
 
@@ -64,6 +66,8 @@ def build(spec: str, kwargs: dict) -> nn.Module:
 def run(args: argparse.Namespace) -> int:
     if args.out is None and args.init_from_weights:
         raise SoftshareError("--init-from-weights only matters with --out (the plan does not depend on it)")
+    if args.out:  # before any work: never replace what the user has there
+        check_output(args.out, "share", overwrite=args.overwrite)
     device = "cpu" if args.out else "meta"  # a plan needs shapes only: no memory, no init
     with torch.device(device):
         model = build(args.model, args.model_args)
@@ -72,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         share(model, args.num_templates, select=args.select, init_from_weights=args.init_from_weights,
               allow_growth=args.allow_growth)
-        save_checkpoint(args.out, model)
+        with atomic_path(args.out) as tmp:  # the old output stays until the new one is complete
+            save_checkpoint(tmp, model)
+            mark_output(tmp, "share")
         how = (f"softshare.load({args.out!r})" if ":" not in args.model else
                f"softshare.load_into(model, {args.out!r}) on the model built again")
         print(f"saved {args.out} ({count_parameters(model):,} parameters): load it with {how}")

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..checkpoint import dedupe_state_dict, save_checkpoint
 from ..data.unpickle import NUMPY_GLOBALS, AllowListUnpickler
 from ..errors import SoftshareError
+from ..io import atomic_path, check_output, mark_output
 from ..models import create_model
 
 
@@ -33,11 +34,34 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _checked_rebuild(rebuild: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A tensor rebuild that first proves the view lies inside its storage.
+
+    A crafted file can describe a huge tensor over a tiny storage (e.g. stride 0): the view is
+    free, but the first copy would allocate terabytes. Sizes and strides are checked first.
+    """
+    def rebuild_checked(storage: Any, storage_offset: int, size: tuple, stride: tuple, *args: Any) -> Tensor:
+        untyped = getattr(storage, "_untyped_storage", storage)  # TypedStorage wraps the bytes
+        numel = untyped.nbytes() // max(getattr(storage, "dtype", torch.uint8).itemsize, 1)
+        dims = (*size, *stride, storage_offset)
+        if not all(isinstance(d, int) and d >= 0 for d in dims) or len(size) != len(stride):
+            raise pickle.UnpicklingError(f"a tensor has invalid size {size}, stride {stride} or offset {storage_offset}")
+        count = 1
+        for d in size:
+            count *= d
+        last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride)) if count else storage_offset
+        if count and (count > numel or last >= numel):
+            raise pickle.UnpicklingError(f"a tensor of size {tuple(size)} (stride {tuple(stride)}) does not fit its "
+                                         f"storage of {numel:,} elements")
+        return rebuild(storage, storage_offset, size, stride, *args)
+    return rebuild_checked
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     **NUMPY_GLOBALS,
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _checked_rebuild(torch._utils._rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _checked_rebuild(torch._utils._rebuild_tensor_v2),
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("_codecs", "encode"): _latin1_bytes,
 }
@@ -178,11 +202,13 @@ def convert_state_dict(author_state: dict[str, Any], target: dict[str, Tensor]) 
     return converted
 
 
-def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathLike) -> Path:
+def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Convert a reference-implementation checkpoint into a softshare checkpoint directory `out`.
 
     The class count and input channels come from the file; the architecture from `model_name`.
+    `out` must be new, empty or an earlier conversion, unless `overwrite`.
     """
+    out = check_output(out, "convert-author", overwrite=overwrite, protect=[path])
     raw = read_author_checkpoint(path)
     state = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
     classifier, stem = state.get("classifier.weight"), state.get("conv_3x3.weight")
@@ -199,4 +225,7 @@ def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathL
         raise SoftshareError(f"{path} does not fit {model_name}: {err}; {hint}") from err
     model.load_state_dict(converted, strict=True)
     epoch = raw.get("epoch")
-    return save_checkpoint(out, model, epoch=epoch if isinstance(epoch, int) else None)
+    with atomic_path(out) as tmp:
+        save_checkpoint(tmp, model, epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None)
+        mark_output(tmp, "convert-author")
+    return out

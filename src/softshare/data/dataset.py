@@ -74,9 +74,11 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     the split is reproducible from (n, val_size, seed) alone. `val_size=0` gives every index
     to training and an empty validation set.
     """
+    if n < 1:
+        raise SoftshareError("the dataset has no training images; check its files")
     if not 0 <= val_size < n:
-        raise SoftshareError(f"val_size must be between 0 and {n - 1} for {n} training images, "
-                             f"got {val_size}")
+        raise SoftshareError(f"val_size must be from 0 to {n - 1} for {n} training images (0 trains on all and "
+                             f"evaluates on the test set), got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 

@@ -74,6 +74,9 @@ def read_idx(path: Path) -> np.ndarray:
                              f"expected 000008xx); delete it and fetch it again")
     header = 4 + 4 * raw[3]
     dims = struct.unpack(f">{raw[3]}i", raw[4:header]) if len(raw) >= header else None
+    if dims is not None and any(d < 0 for d in dims):
+        raise SoftshareError(f"{path} is corrupt: its header has negative dimensions {dims}; delete it and fetch "
+                             f"it again")
     if dims is None or len(raw) - header != math.prod(dims):
         raise SoftshareError(f"{path} is truncated or corrupt: its header promises dims {dims} but "
                              f"{max(len(raw) - header, 0)} data bytes follow; delete it and fetch it again")

@@ -19,7 +19,7 @@ from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import write_json
+from ..io import check_output, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations
 from .plots import plot_accuracy_vs_iterations, plot_maze_predictions
 
@@ -127,22 +127,29 @@ def default_iterations(model: nn.Module, trained: int) -> int:
 def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
                              data_root: str | None = None, out: str | None = None,
-                             patience: int = STOP_PATIENCE) -> dict:
+                             patience: int = STOP_PATIENCE, overwrite: bool = False) -> dict:
     """Exact match per test size after each of 1..`iterations` iterations and at the stopping
     rules (`think`); writes JSON and a plot (for mazes also input/target/prediction figures).
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`).
+    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
+    holding anything but an earlier eval result is refused unless `overwrite`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
+    if out:  # before any work: never clobber a user's file (or the plot beside a new result)
+        check_output(out, "eval", overwrite=overwrite, directory=False)
+        if not Path(out).exists():
+            check_output(Path(out).with_suffix(".png"), "eval plot", overwrite=overwrite, directory=False)
     ckpt_path = find_checkpoint(path)
     meta = load_checkpoint(ckpt_path, train_state=False).meta
     config = meta.get("config") or {}
     if config.get("task") not in IN_CHANNELS:
         raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
+    if out and config["task"] == "mazes" and not Path(out).exists():  # the maze figure beside a new result
+        check_output(_mazes_plot_path(Path(out)), "eval plot", overwrite=overwrite, directory=False)
     dev = resolve_device(device)
     model = load(ckpt_path, device=dev)
     trained = config["depth"]
@@ -156,7 +163,8 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
         thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
         accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
         examples[size] = (x[:1], y[:1])
-    result = {"checkpoint": str(ckpt_path), "task": config["task"], "model": meta["model"]["name"],
+    result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "task": config["task"],
+              "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
               "count": count, "iterations": list(range(1, iterations + 1)), "patience": patience,
               "accuracy": accuracy, "stop": stop}
@@ -165,10 +173,14 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     plots = {"plot": json_path.with_suffix(".png")}
     plot_accuracy_vs_iterations(result, plots["plot"])
     if config["task"] == "mazes":
-        plots["mazes_plot"] = json_path.with_name(json_path.stem + "-mazes.png")
+        plots["mazes_plot"] = _mazes_plot_path(json_path)
         shown = min(trained, iterations)
         plot_maze_predictions(model, examples, shown, plots["mazes_plot"], dev)
     return {**result, "json": str(json_path), **{k: str(v) for k, v in plots.items()}}
+
+
+def _mazes_plot_path(json_path: Path) -> Path:
+    return json_path.with_name(json_path.stem + "-mazes.png")
 
 
 def _default_eval_path(ckpt_path: Path) -> Path:

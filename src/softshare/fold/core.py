@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..analysis import FoldSite, sharing_stats
@@ -78,6 +79,10 @@ def fold_model(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> FoldRe
     At threshold 1.0 on exactly collinear coefficients the folded model computes the same
     function (up to rounding); below it, each layer is replaced by its projection c_t u.
     """
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise SoftshareError(f"the model has non-finite weights ({bad} holds NaN or inf), so no layers can be "
+                             f"compared or folded; fold a checkpoint from before training diverged")
     sites = foldable_sites(model)
     loops = [find_groups(site.coefficients(), threshold) for site in sites]
     folded = _build_folded(model, loops)

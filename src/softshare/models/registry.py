@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,42 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+# Integers in a model name (depth, width, templates...) above this are typos, not models: a
+# WRN of depth 10^17 would loop for ever building its blocks, even on the meta device.
+MAX_NAME_INT = 1000
+MAX_CLASSES = 1_000_000
+MAX_IN_CHANNELS = 4096
+
+
+def find_family(name: str) -> tuple[ModelFamily, list[int]]:
+    """The family a model name belongs to and the integers in it; absurd sizes are refused."""
+    for family in _FAMILIES.values():
+        match = family.pattern.fullmatch(name)
+        if match:
+            args = [int(g) for g in match.groups()]
+            if any(a > MAX_NAME_INT for a in args):
+                raise SoftshareError(f"model {name!r} asks for sizes of {max(args):,}; numbers in a model name "
+                                     f"are at most {MAX_NAME_INT:,} (e.g. swrn_28_10_2)")
+            return family, args
+    families = ", ".join(f"{f.name} ({f.pattern.pattern})" for f in _FAMILIES.values())
+    err = unknown_name("model", name, list_models())
+    raise SoftshareError(f"{err}. Families: {families}")
+
+
+def check_model_args(name: str, kwargs: dict) -> None:
+    """Refuse keyword arguments `name`'s builder does not take, before anything is built."""
+    family, _ = find_family(name)
+    params = inspect.signature(family.builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = list(params)[family.pattern.groups:]  # the first parameters take the integers of the name
+    accepted = [k for k in named if k not in ("num_classes", "in_channels")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise SoftshareError(f"model {name} does not take {', '.join(map(repr, unknown))}; its model arguments are: "
+                             f"{', '.join(accepted) or 'none'}")
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create_model("swrn_28_10_2", num_classes=100)``.
 
@@ -69,14 +106,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     if kwargs.pop("pretrained", False):
         raise SoftshareError(f"softshare ships no pretrained weights for {name!r}; train it (softshare train) "
                              f"and load the run with softshare.load('runs/<name>'), or drop pretrained=True")
-    for family in _FAMILIES.values():
-        match = family.pattern.fullmatch(name)
-        if match:
-            args = [int(g) for g in match.groups()]
-            model = family.builder(*args, num_classes=num_classes, in_channels=in_channels, **kwargs)
-            model.softshare_config = {"name": name, "num_classes": num_classes,
-                                      "in_channels": in_channels, **kwargs}
-            return model
-    families = ", ".join(f"{f.name} ({f.pattern.pattern})" for f in _FAMILIES.values())
-    err = unknown_name("model", name, list_models())
-    raise SoftshareError(f"{err}. Families: {families}")
+    family, args = find_family(name)
+    for what, value, limit in (("num_classes", num_classes, MAX_CLASSES), ("in_channels", in_channels, MAX_IN_CHANNELS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise SoftshareError(f"{what} must be an integer from 1 to {limit:,}, got {value!r}")
+    model = family.builder(*args, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.softshare_config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs}
+    return model

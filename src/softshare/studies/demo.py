@@ -27,7 +27,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import rebuild_dir, save_figure, write_json, write_text
+from ..io import check_output, rebuild_dir, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 from ..train.run_dir import read_metrics
 from .algorithmic import evaluate_run
@@ -58,12 +58,15 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Run every step into `config.out`; a failed or interrupted demo leaves the previous output."""
+def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
+    """Run every step into `config.out`; a failed or interrupted demo leaves the previous output.
+
+    `config.out` must be new, empty or an earlier demo's output, unless `overwrite`."""
     started = time.perf_counter()
-    out = Path(config.out)
-    with rebuild_dir(out) as work:
-        configs = {kind: _train_config(config, kind, work / "runs") for kind in NETS}
+    out = check_output(config.out, "demo", overwrite=overwrite, legacy=("report.md", "results.json"))
+    # resolved (and validated) before anything is written; the output is built in place at `out`
+    configs = {kind: _train_config(config, kind, out / "runs") for kind in NETS}
+    with rebuild_dir(out, "demo") as work:
         _say(f"[1/4] training three nets on {config.train_count} {configs['shared'].train_size}-bit strings side by "
              f"side (width {config.width}, {config.depth} iterations, {config.epochs} epochs, seed {config.seed})")
         _train_side_by_side(configs, config.device)

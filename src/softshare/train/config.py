@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -247,31 +248,57 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
     return config
 
 
+def _range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False):
+    """(predicate, description) of a closed/open interval; None = unbounded on that side."""
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) \
+            and (hi is None or (v < hi if hi_open else v <= hi))
+    def num(x: float) -> str:
+        return f"{int(x):,}" if x == int(x) else f"{x:g}"
+    if lo is not None and hi is not None:
+        what = f"in {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+    else:
+        what = f"{'>' if lo_open else '>='} {num(lo)}"
+    return ok, what
+
+
+_COUNT = 100_000_000  # more than any dataset here; larger is a typo (and an allocation of that size)
+# Every numeric field's allowed values (lists: each element). Floats must also be finite.
+RANGES: dict[str, tuple] = {
+    "val_size": _range(0, _COUNT), "epochs": _range(1, 1_000_000), "batch_size": _range(1, 1 << 20),
+    "lr": _range(0, None, lo_open=True), "momentum": _range(0, 1, hi_open=True),
+    "weight_decay": _range(0, None), "lr_milestones": _range(0, 1_000_000), "lr_gamma": _range(0, 1, lo_open=True),
+    "warmup_epochs": _range(0, 1_000_000), "lr_reference_batch": _range(0, 1 << 24),
+    "label_smoothing": _range(0, 1), "grad_clip": _range(0, None),
+    "recurrence_reg": _range(0, None), "ema_decay": _range(0, 1, hi_open=True),
+    "crop_padding": _range(0, 64), "cutout": _range(0, 1024), "image_size": _range(8, 4096),
+    "workers": _range(-1, 256),
+    "train_size": _range(1, 10_000), "test_sizes": _range(1, 10_000), "train_count": _range(1, _COUNT),
+    "test_count": _range(1, _COUNT), "width": _range(1, 4096), "depth": _range(1, 10_000),
+    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "blocks": _range(1, 1000), "seed": _range(0, 2 ** 63 - 1),
+    "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
+}
+# The allowed values of the fields with choices are config_help.FIELD_CHOICES (also the CLI's choices).
+
+
 def validate(config: TrainConfig) -> None:
-    checks = [
-        (config.epochs >= 1, "epochs must be >= 1"),
-        (config.batch_size >= 1, "batch_size must be >= 1"),
-        (config.lr > 0, "lr must be > 0"),
-        (config.weight_decay >= 0, "weight_decay must be >= 0"),
-        (config.optimizer in ("sgd", "adam", "adamw"), f"optimizer must be sgd, adam or adamw, got {config.optimizer!r}"),
-        (config.blocks >= 1, "blocks must be >= 1"),
-        (config.schedule in ("multistep", "cosine", "constant"),
-         f"schedule must be multistep, cosine or constant, got {config.schedule!r}"),
-        (config.amp in ("auto", "bf16", "none"), f"amp must be auto, bf16 or none, got {config.amp!r}"),
-        (config.task in ("classification", "mazes", "prefix-sums"),
-         f"task must be classification, mazes or prefix-sums, got {config.task!r}"),
-        (config.cutout >= 0 and config.crop_padding >= 0, "cutout and crop_padding must be >= 0"),
-        (config.val_size is None or config.val_size >= 0, "val_size must be >= 0"),
-        (0 <= config.alpha <= 1, "alpha must be in [0, 1]"),
-        (config.task != "classification" or not re.fullmatch(r"ff|shared|recurrent|(maze|prefix)_\w+", config.model),
-         f"model {config.model!r} solves the algorithmic tasks; train it with --task mazes or --task prefix-sums"),
-        (config.recurrence_reg >= 0, "recurrence_reg must be >= 0"),
-        (config.image_size >= 8 and config.workers >= -1 and config.lr_reference_batch >= 0,
-         "image_size must be >= 8, workers >= -1 (auto) and lr_reference_batch >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SoftshareError(message)
+    """Check every field's range and the combinations, before anything is written or built."""
+    for name, (ok, what) in RANGES.items():
+        value = getattr(config, name)
+        for item in (value if isinstance(value, list) else [value]):
+            if item is not None and not ok(item):
+                finite = "" if math.isfinite(item) else " and finite"
+                raise SoftshareError(f"{name} must be {what}{finite}, got {item!r}")
+    for name, choices in FIELD_CHOICES.items():
+        value = getattr(config, name)
+        for item in (value if isinstance(value, list) else [value]):
+            if item not in choices:
+                raise SoftshareError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {item!r}")
+    if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
+        raise SoftshareError(f"name must be a plain directory name (no '/'), got {config.name!r}")
+    if config.task == "classification" and re.fullmatch(r"ff|shared|recurrent|(maze|prefix)_\w+", config.model):
+        raise SoftshareError(f"model {config.model!r} solves the algorithmic tasks; train it with --task mazes "
+                             f"or --task prefix-sums")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 
 from ..errors import SoftshareError
 from ..io import atomic_path
+from .config_help import FIELD_CHOICES
 
-LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
+LOGGERS = FIELD_CHOICES["logger"]  # jsonl (metrics.jsonl, always), csv, tensorboard, wandb
 
 
 class MetricSink:

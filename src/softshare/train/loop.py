@@ -6,12 +6,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import math
+import shutil
 import signal
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,11 +29,13 @@ from ..checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..io import LOCK_FILE, crash_point, exclusive_lock, recover_leftovers
 from ..layers import to_channels_last
+from ..models.registry import check_model_args
 from ..progress import Progress
-from .algorithmic import AlgorithmicTask
+from .algorithmic import AlgorithmicTask, resolve_model_name
 from .classification import ClassificationTask
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig, apply_overrides, validate
 from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, barrier, cleanup, init_distributed
 from .imagefolder import ImageFolderTask
 from .loggers import make_sinks
@@ -39,7 +47,48 @@ log = logging.getLogger("softshare.train")
 
 
 class TrainingDiverged(SoftshareError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss or gradients exploded; the message names the checkpoint kept (or "none yet")."""
+
+
+# A step's loss this many times its running level (or the level where training started) is an
+# explosion, not noise: cross-entropy of a sane net never leaves a small multiple of its start.
+EXPLOSION_FACTOR = 100.0
+LEVEL_FLOOR = 0.1  # below this a loss counts as this much (converged losses are noisy ratios)
+# The settings a resume may change: how long and how fast to train, how often to look. Anything
+# else would make the checkpoint's state mean something different (model, data, optimizer...).
+SAFE_ON_RESUME = ("epochs", "lr", "schedule", "lr_milestones", "lr_gamma", "warmup_epochs", "grad_clip",
+                  "eval_every", "checkpoint_every", "lsm_every")
+# Where and how the run executes, not what it computes: silently taken from the command line.
+RUNTIME_FIELDS = ("device", "amp", "compile", "channels_last", "deterministic", "data_root", "download",
+                  "name", "out_dir", "workers", "logger")
+
+
+@dataclass
+class LossMonitor:
+    """Running level of the training loss; says when a step's loss means training exploded."""
+
+    level: float | None = None  # exponential moving average of recent losses
+    start: float | None = None  # the level after the first steps of the run
+    steps: int = 0
+
+    def problem(self, loss: float) -> str | None:
+        """Why `loss` means divergence, or None."""
+        if not math.isfinite(loss):
+            return f"the loss became {loss}"
+        if self.level is not None and loss > EXPLOSION_FACTOR * max(self.level, LEVEL_FLOOR):
+            return f"the loss {loss:.3g} is far above its running level {self.level:.3g}"
+        if self.start is not None and loss > EXPLOSION_FACTOR * 10 * max(self.start, LEVEL_FLOOR):
+            return f"the loss {loss:.3g} is far above where training started ({self.start:.3g})"
+        return None
+
+    def update(self, loss: float) -> None:
+        self.level = loss if self.level is None else 0.9 * self.level + 0.1 * loss
+        self.steps += 1
+        if self.steps == 10:
+            self.start = self.level
+
+    def state(self) -> dict:
+        return {"level": self.level, "start": self.start, "steps": self.steps}
 
 
 @dataclass
@@ -124,25 +173,131 @@ def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task
     return task_class(config, device, dist)
 
 
-def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> TrainResult:
-    """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint)."""
+def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None,
+          changes: Mapping[str, Any] | None = None) -> TrainResult:
+    """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint).
+
+    A resumed run keeps its saved config except for `changes` (the settings the caller asks
+    for explicitly; default: `config`'s epochs and device): those in SAFE_ON_RESUME apply, with
+    a logged line and an entry in run_info.json; any other differing setting is refused.
+    """
+    check_model(config)
     dist = init_distributed(resolve_device(config.device).type)
+    if changes is None:
+        changes = {"epochs": config.epochs, "device": config.device}
     try:
         with stop or StopFlag() as stop_flag:
-            return _train(config, resume, dist, stop_flag)
+            return _train(config, resume, dist, stop_flag, dict(changes))
     finally:
         cleanup(dist)
 
 
-def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag) -> TrainResult:
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work."""
+    model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
+    check_model_args(model, config.model_args)
+
+
+@contextlib.contextmanager
+def _own_run_dir(run_path: Path) -> Iterator[None]:
+    """Create/lock `run_path` for the whole run and finish what a killed writer left there.
+
+    Refuses a directory that is not a run (nothing of the user's is ever written into), and
+    removes the directory again if it was created here and the run failed before writing.
+    """
+    if run_path.exists() and not run_path.is_dir():
+        raise SoftshareError(f"cannot write run directory {run_path}: it is a file; choose another --name "
+                             f"or --out-dir")
+    if run_path.is_dir() and not _is_run_dir(run_path) and any(run_path.iterdir()):
+        raise SoftshareError(f"refusing to train into {run_path}: it exists and is not a softshare run "
+                             f"directory; choose another --name or --out-dir")
+    created = not run_path.exists()
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoftshareError(f"cannot write run directory {run_path}: {err.strerror}; "
+                             f"choose another --out-dir or fix its permissions") from None
+    try:
+        with exclusive_lock(run_path, "run directory", "wait for it to finish or stop it; one process "
+                                                       "trains a run at a time"):
+            for folder in (run_path, run_path / "checkpoints", run_path / "lsm"):
+                for done in recover_leftovers(folder):
+                    log.info("%s", done)
+            yield
+    finally:
+        if created and [p.name for p in run_path.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(run_path, ignore_errors=True)  # failed before writing anything
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl", LOCK_FILE))
+
+
+def _resumed_config(config: TrainConfig, checkpoint, changes: dict[str, Any],
+                    world_size: int = 1) -> tuple[TrainConfig, dict]:
+    """The saved config with the allowed `changes` applied, and {field: [old, new]} of those."""
+    saved_values = checkpoint.meta.get("config")
+    if not saved_values:
+        raise SoftshareError(f"checkpoint {checkpoint.path} records no training config (it was converted or "
+                             f"folded, not saved by softshare train), so it cannot be resumed; start a new run")
+    saved = apply_overrides(TrainConfig(), saved_values, f"checkpoint {checkpoint.path}")
+    validate(saved)
+    changes = _scaled_lr_change(config, saved, changes, world_size)
+    changed, refused = {}, []
+    for key, value in changes.items():
+        old = getattr(saved, key)
+        if key in RUNTIME_FIELDS or value == old:
+            continue
+        if key in SAFE_ON_RESUME:
+            changed[key] = [old, value]
+        else:
+            refused.append(f"--{key.replace('_', '-')} (run: {old!r}, asked: {value!r})")
+    if refused:
+        raise SoftshareError(f"cannot change {', '.join(refused)} when resuming: the checkpoint was trained with "
+                             f"it; drop the flag, or start a new run with another --name (a resume may change "
+                             f"only {', '.join(SAFE_ON_RESUME)})")
+    runtime = {k: v for k, v in changes.items() if k in RUNTIME_FIELDS}
+    resumed = apply_overrides(saved, {**runtime, **{k: new for k, (_, new) in changed.items()}}, "command line")
+    validate(resumed)
+    check_model(resumed)
+    return resumed, changed
+
+
+def _scaled_lr_change(config: TrainConfig, saved: TrainConfig, changes: dict[str, Any],
+                      world_size: int) -> dict[str, Any]:
+    """`changes` in the saved config's terms. A run records the lr it used (linear scaling done,
+    lr_reference_batch 0); an lr asked for with a reference batch (the flag's, else the config's,
+    e.g. an ImageNet preset's) is scaled the same way first, so repeating the command that
+    started the run changes nothing and `--lr` means what it meant then."""
+    if "lr_reference_batch" not in changes and not ("lr" in changes and config.lr_reference_batch):
+        return changes
+    changes = dict(changes)
+    reference = changes.pop("lr_reference_batch", config.lr_reference_batch)
+    if reference:
+        changes["lr"] = changes.get("lr", config.lr) * saved.batch_size * world_size / reference
+    return changes
+
+
+def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag,
+           changes: dict[str, Any]) -> TrainResult:
     run_path = Path(config.out_dir) / config.run_name()
+    with contextlib.ExitStack() as owned:
+        if dist.is_main:
+            owned.enter_context(_own_run_dir(run_path))
+        return _train_locked(config, resume, dist, stop, changes, run_path)
+
+
+def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag,
+                  changes: dict[str, Any], run_path: Path) -> TrainResult:
     checkpoint = _checkpoint_to_resume(resume, run_path)
-    if checkpoint is not None:  # the saved config wins; only the run length may be extended
-        saved = apply_overrides(config, checkpoint.meta["config"], f"checkpoint {checkpoint.path}")
-        config = apply_overrides(saved, {"epochs": config.epochs, "device": config.device}, "command line")
-    elif dist.is_main and (run_path / "checkpoints").exists():
-        raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
-                             f"or pick another --name")
+    changed: dict = {}
+    if checkpoint is not None:
+        config, changed = _resumed_config(config, checkpoint, changes, dist.world_size)
+    elif dist.is_main and (run_path / "config.json").exists():
+        if resume is None:
+            raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
+                                 f"or pick another --name")
+        log.info("no checkpoint in %s yet: starting it from the beginning", run_path)
 
     if config.lr_reference_batch:  # linear scaling; the saved config records the lr used (resume: no rescale)
         config = scale_lr(config, dist.world_size)
@@ -157,14 +312,20 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
            if config.ema_decay else None)
 
-    start_epoch, start_batch, best, epoch_sums = 0, 0, None, None
+    start_epoch, start_batch, best, best_epoch, epoch_sums, monitor = 0, 0, None, None, None, LossMonitor()
     if checkpoint is not None:
-        start_epoch, start_batch, best, epoch_sums = _restore(checkpoint, model, optimizer, device, ema)
+        start_epoch, start_batch, best, best_epoch, epoch_sums, monitor = _restore(checkpoint, model, optimizer,
+                                                                                    device, ema)
+        for key, (old, new) in changed.items():
+            log.info("resume: %s changed from %s to %s (from epoch %d, step %d)", key, old, new,
+                     start_epoch + 1, start_batch)
 
     run = RunDir(run_path) if dist.is_main else None
     sinks = make_sinks(config.logger, run_path, config.to_dict()) if run is not None else []
     if run is not None:
-        run.write_info(config.to_dict(), device, dist.world_size)
+        resumed = None if checkpoint is None else {"from": str(checkpoint.path), "epoch": start_epoch,
+                                                   "step": start_batch, "changed": changed}
+        run.write_info(config.to_dict(), device, dist.world_size, resumed)
         task.save_artifacts(run.path)
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
                  sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
@@ -204,18 +365,21 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             penalty_value = penalty.item() if penalty is not None else 0.0
             if penalty is not None:
                 loss = loss + config.recurrence_reg * penalty
-            if not math.isfinite(loss_value):
-                last = run_path / "checkpoints" / "last"
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {index + 1}; the last good checkpoint "
-                    f"is kept{f' at {last}' if last.exists() else ''}. Lower --lr or enable --grad-clip")
+            total_value = loss_value + config.recurrence_reg * penalty_value  # what the step minimises
+            problem = monitor.problem(total_value)
+            if any_rank(problem is not None, dist, device):
+                raise _diverged(problem or "the loss exploded on another rank", epoch, index, run_path, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = (nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip
+                    else nn.utils.get_total_norm(grads))
+            if any_rank(not math.isfinite(float(norm)), dist, device):
+                raise _diverged(f"the gradient norm became {float(norm)}", epoch, index, run_path, config)
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
+            monitor.update(total_value)
             n = task.batch_size_of(batch)
             sums += torch.tensor([loss_value * n, float(correct), float(n), penalty_value * n], dtype=torch.float64)
             loss_sum, correct_sum, count, _ = sums.tolist()
@@ -227,7 +391,8 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
                 for sink in sinks:
                     sink.close()
                 if run is not None:
-                    _save(run, model, config, optimizer, epoch, index + 1, best, metrics, sums, "last", ema)
+                    _save(run, model, config, optimizer, epoch, index + 1, best, best_epoch, monitor, metrics, sums,
+                          "last", ema)
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, index + 1)
                 return TrainResult(model, run_path if run else None, epoch, metrics, best, interrupted=True)
         bar.close()
@@ -245,9 +410,11 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             if ema is not None:
                 metrics.update({f"ema_{k}": v for k, v in task.evaluate(ema.module, autocast_dtype).items()})
         metrics.update(task.epoch_metrics())
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise _diverged("the weights became non-finite", epoch, per_epoch - 1, run_path, config)
         improved = task.primary_metric in metrics and (best is None or metrics[task.primary_metric] > best)
         if improved:
-            best = metrics[task.primary_metric]
+            best, best_epoch = metrics[task.primary_metric], epoch + 1
         if run is not None:
             run.append_metrics(metrics, keep_epochs_below=epoch + 1)
             for sink in sinks:
@@ -255,10 +422,15 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             run.plot_curves(getattr(task, "eval_split", None) or ("test" if config.val_size == 0 else "validation"))
             log.info("epoch %d/%d  %s", epoch + 1, config.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-                _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "last", ema)
+            # best before last: a crash in between leaves best newer than last, never older
+            # than the best epoch last records (a resume from last redoes this epoch exactly)
+            save = functools.partial(_save, run, model, config, optimizer, epoch + 1, 0, best, best_epoch, monitor,
+                                     metrics, None)
             if improved:
-                _save(run, model, config, optimizer, epoch + 1, 0, best, metrics, None, "best")
+                save("best")
+            crash_point("between-best-and-last")
+            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+                save("last", ema)
             if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
                     record_lsm(model, run.path, epoch + 1)
         barrier(dist)
@@ -279,33 +451,70 @@ def _checkpoint_to_resume(resume: str | None, run_path: Path):
     return load_checkpoint(last if last.exists() else find_checkpoint(resume))
 
 
+def _check_train_state(state: Any, path: Path) -> None:
+    """Refuse a state.pt whose contents are not what `_save` writes, before any of it is used."""
+    expected = {"epoch": int, "batch": int, "optimizer": dict, "rng_cpu": torch.Tensor}
+    wrong = [key for key, kind in expected.items()
+             if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
+    if not wrong and (state["epoch"] < 0 or state["batch"] < 0):
+        wrong = ["epoch" if state["epoch"] < 0 else "batch"]
+    if not wrong and not isinstance(state.get("epoch_sums", torch.zeros(3)), torch.Tensor):
+        wrong = ["epoch_sums"]
+    if wrong:
+        raise SoftshareError(f"{path / 'state.pt'} does not hold the training state softshare writes (bad or missing "
+                             f"{', '.join(wrong)}); restore it from a backup, or delete it and start a new run "
+                             f"from scratch")
+
+
 def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
              ema: AveragedModel | None = None):
     if checkpoint.train_state is None:
         raise SoftshareError(f"checkpoint {checkpoint.path} holds weights only (no optimizer state) and cannot "
                              f"be resumed; start a new run from it instead")
+    state = checkpoint.train_state
+    _check_train_state(state, checkpoint.path)
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as err:
         raise SoftshareError(f"checkpoint {checkpoint.path} does not fit this model: {str(err).splitlines()[0]}") from None
-    state = checkpoint.train_state
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and "ema" in state:  # a run that had no EMA yet starts it from here
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in state:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and "ema" in state:  # a run whose checkpoint has no EMA state starts it from here
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as err:
+        raise SoftshareError(f"{checkpoint.path / 'state.pt'} does not fit this run's optimizer, EMA or RNG "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); restore it "
+                             f"from a backup, or start a new run") from None
     sums = state.get("epoch_sums")
+    monitor = LossMonitor(**state["loss_monitor"]) if isinstance(state.get("loss_monitor"), dict) else LossMonitor()
     log.info("resumed from %s at epoch %d, step %d", checkpoint.path, state["epoch"] + 1, state["batch"])
-    return state["epoch"], state["batch"], state.get("best_metric"), sums
+    return state["epoch"], state["batch"], state.get("best_metric"), state.get("best_epoch"), sums, monitor
 
 
-def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, metrics, sums, which: str,
-          ema: AveragedModel | None = None) -> None:
+def _diverged(problem: str, epoch: int, index: int, run_path: Path, config: TrainConfig) -> TrainingDiverged:
+    """The one-line stop message: where it happened and the checkpoint actually kept."""
+    last = run_path / "checkpoints" / "last"
+    try:
+        meta = json.loads((last / "meta.json").read_text())
+        kept = f"kept: {last} (epoch {meta['epoch']}, step {meta['step']})"
+        advice = (f"continue from it with a lower learning rate (the same command with --resume auto "
+                  f"--lr {config.lr / 10:g}) or with --grad-clip 1")
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = "kept: none yet (no checkpoint was written before it diverged)"
+        advice = f"start again with a lower learning rate (--lr {config.lr / 10:g}) or with --grad-clip 1"
+    return TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {index + 1}: {problem}; checkpoint "
+                            f"{kept}; {advice}")
+
+
+def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, best_epoch, monitor: LossMonitor,
+          metrics, sums, which: str, ema: AveragedModel | None = None) -> None:
     """Checkpoint at `epoch` completed epochs plus `batch` batches of the next one; with `ema`,
     its state goes into the training state and its weights into checkpoints/ema."""
     state = {"epoch": epoch, "batch": batch, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-             "best_metric": best}
+             "best_metric": best, "best_epoch": best_epoch, "loss_monitor": monitor.state()}
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
     if sums is not None:

@@ -66,13 +66,25 @@ class RunDir:
         log.removeHandler(self._handler)
         self._handler.close()
 
-    def write_info(self, config: dict, device: torch.device, world_size: int) -> None:
+    def write_info(self, config: dict, device: torch.device, world_size: int, resumed: dict | None = None) -> None:
+        """config.json and run_info.json; a resume is appended to run_info's "resumes" (with the
+        settings it changed), so the run records every change made to it."""
+        info_path = self.path / "run_info.json"
+        try:
+            previous = json.loads(info_path.read_text()) if resumed is not None else {}
+        except (OSError, ValueError):
+            previous = {}
+        resumes = previous.get("resumes", []) if isinstance(previous, dict) else []
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if resumed is not None:
+            resumes = [*resumes, {**resumed, "at": now, "argv": sys.argv}]
         write_json(self.path / "config.json", config)
-        write_json(self.path / "run_info.json", {
+        write_json(info_path, {
             "softshare_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
             "python": platform.python_version(), "device": device_description(device),
             "world_size": world_size, "host": socket.gethostname(), "argv": sys.argv,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": previous.get("started", now) if isinstance(previous, dict) else now,
+            **({"resumes": resumes} if resumes else {}),
         })
 
     def read_metrics(self) -> list[dict]:

@@ -25,6 +25,7 @@ from ...errors import SoftshareError
 MIN_SIZE = 9
 MAX_SIZE = 401  # keeps one maze's search (2 n^2 lockstep steps) and image (~2 MB) reasonable
 SPLITS = ("train", "test")
+MAX_COUNT = 10_000_000  # ~23 GB of size-9 mazes; more is a typo, not a data set
 
 _CELL_BUDGET = 1 << 20  # cells searched at once: mazes per batch = budget // n^2 (fixed per size)
 _CHOICES = 12  # lcm(1, 2, 3, 4): r % k is uniform on 0..k-1 for r uniform on 0..11
@@ -43,8 +44,8 @@ def check_maze_args(count: int, size: int, seed: int = 0, split: str = "train") 
             or not MIN_SIZE <= size <= MAX_SIZE:
         raise SoftshareError(f"maze size must be an odd integer from {MIN_SIZE} to {MAX_SIZE}, "
                              f"got {size!r}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
-        raise SoftshareError(f"maze count must be a positive integer, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count <= MAX_COUNT:
+        raise SoftshareError(f"maze count must be an integer from 1 to {MAX_COUNT:,}, got {count!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SoftshareError(f"seed must be a non-negative integer, got {seed!r}")
     if split not in SPLITS:

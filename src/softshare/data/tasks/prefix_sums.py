@@ -16,13 +16,17 @@ from ...errors import SoftshareError
 DISTINCT_BELOW = 24  # lengths below this draw distinct integers, as the public generator does
 
 
+MAX_COUNT = 10_000_000  # more is a typo, not a data set (and an allocation of count x length bytes)
+MAX_LENGTH = 100_000
+
+
 def check_prefix_sum_args(count: int, length: int, seed: int = 0) -> None:
     """Raise SoftshareError unless the arguments describe a prefix-sum set we can generate."""
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 < length <= MAX_LENGTH:
         raise SoftshareError(f"prefix-sum length must be a positive integer (the public lengths are "
                              f"16..64, 72, 128, 256, 512), got {length!r}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
-        raise SoftshareError(f"prefix-sum count must be a positive integer, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count <= MAX_COUNT:
+        raise SoftshareError(f"prefix-sum count must be an integer from 1 to {MAX_COUNT:,}, got {count!r}")
     if length < DISTINCT_BELOW and count > 2 ** length:
         raise SoftshareError(f"only {2 ** length:,} distinct bit strings of length {length} exist, "
                              f"asked for {count:,}; lower the count or use a longer length")
