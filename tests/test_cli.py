@@ -320,6 +320,21 @@ def test_task_options_on_an_image_classifier_are_an_error(tmp_path, capsys):
     assert "apply only to runs on an algorithmic task" in capsys.readouterr().err
 
 
+def test_experiment_continues_a_study_begun_before_output_markers(monkeypatch, tmp_path, capsys):
+    from softshare.cli import experiment as job
+
+    monkeypatch.setattr(job, "run_experiment", lambda *args: None)
+    study = tmp_path / "study"
+    (study / "runs" / "prefix-sums-ff-s0" / "checkpoints").mkdir(parents=True)
+    (study / "runs" / "prefix-sums-ff-s0" / "config.json").write_text("{}")
+    assert main(["experiment", "algorithmic", "--out", str(study)]) == 0
+    (tmp_path / "other" / "runs").mkdir(parents=True)  # a runs/ folder holding what is not a run
+    (tmp_path / "other" / "runs" / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["experiment", "algorithmic", "--out", str(tmp_path / "other")]) == 2
+    assert "did not write" in capsys.readouterr().err
+
+
 def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp_path, capsys):
     from softshare.cli import experiment as job
 
@@ -370,6 +385,13 @@ def test_share_prints_the_plan_and_saves_a_loadable_checkpoint(tmp_path, capsys)
     model = foreign()
     load_into(model, tmp_path / "ck")
     assert sum(p.numel() for p in model.parameters()) == 3728
+    # --out: its own earlier output is replaced; anything else only with --overwrite
+    assert main(["share", "helpers:foreign", "-k", "2", "--out", str(tmp_path / "ck")]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["share", "helpers:foreign", "-k", "2", "--out", str(tmp_path / "mine")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_share_of_a_registered_model_and_bad_builders(capsys):

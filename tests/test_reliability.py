@@ -4,6 +4,7 @@ resume, divergence detection. Every refusal: exit code 2, one line on stderr, no
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -13,11 +14,12 @@ import struct
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import TINY, tiny
 
 from softshare.checkpoint import load, load_checkpoint, save_checkpoint
 from softshare.cli import main
@@ -27,6 +29,8 @@ from softshare.errors import SoftshareError
 from softshare.io import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lock, mark_output,
                           recover_leftovers)
 from softshare.models import create_model
+from softshare.train.config import RANGES, TrainConfig
+from softshare.train.config_help import FIELD_CHOICES
 from softshare.train.loop import LossMonitor, TrainingDiverged, train
 
 
@@ -200,11 +204,22 @@ def test_a_stale_lock_never_blocks(tmp_path):
     ("--momentum", "-3", "momentum must be in [0, 1)"), ("--label-smoothing", "5", "label_smoothing"),
     ("--eval-every", "0", "eval_every"), ("--checkpoint-every", "0", "checkpoint_every"),
     ("--model-args", '{"foo": 1}', "does not take 'foo'"), ("--model", "wrn_99999999999999994_1", "at most 1,000"),
+    ("--ema-decay", "1", "ema_decay must be in [0, 1)"), ("--blocks", "0", "blocks must be in [1, 1,000]"),
+    ("--workers", "-2", "workers must be in [-1, 256]"), ("--image-size", "4", "image_size must be in [8, 4,096]"),
+    ("--lr-reference-batch", "-1", "lr_reference_batch must be in"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, capsys, flag, value, message):
     line = refused(capsys, "train", "--preset", "digits_tiny", "--out-dir", str(tmp_path / "runs"), flag, value)
     assert message in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_numeric_config_field_has_a_range():
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = {f.name for f in dataclasses.fields(TrainConfig)
+               if {int, float} & ({hints[f.name]} | set(typing.get_args(hints[f.name])))}
+    assert numeric == set(RANGES)
+    assert {"logger", "optimizer", "task"} <= set(FIELD_CHOICES)
 
 
 def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys):
@@ -309,6 +324,23 @@ def test_resume_applies_safe_changes_and_refuses_the_rest(tmp_path, capsys):
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["resumes"][-1]["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.0005]}
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last").meta["config"]["lr"] == 0.0005
+
+
+def test_resume_scales_an_lr_given_for_a_reference_batch_as_the_start_did(tmp_path):
+    """A run with linear lr scaling records the lr it used; the same lr and reference batch given
+    with a resume mean the same lr (no change), another lr is scaled before it applies."""
+    config = tiny(tmp_path, name="scaled", epochs=1, lr=0.004, lr_reference_batch=4 * TINY["batch_size"])
+    train(config)
+    saved = load_checkpoint(tmp_path / "scaled" / "checkpoints" / "last").meta["config"]
+    assert (saved["lr"], saved["lr_reference_batch"]) == (0.001, 0)
+    train(tiny(tmp_path, name="scaled", epochs=1, lr=0.004, lr_reference_batch=4 * TINY["batch_size"]),
+          resume="auto", changes={"lr": 0.004, "lr_reference_batch": 4 * TINY["batch_size"]})
+    info = json.loads((tmp_path / "scaled" / "run_info.json").read_text())
+    assert info["resumes"][-1]["changed"] == {}
+    train(tiny(tmp_path, name="scaled", epochs=2, lr=0.008, lr_reference_batch=4 * TINY["batch_size"]),
+          resume="auto", changes={"epochs": 2, "lr": 0.008})  # the reference batch from the preset/config
+    info = json.loads((tmp_path / "scaled" / "run_info.json").read_text())
+    assert info["resumes"][-1]["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.002]}
 
 
 # -- divergence ----------------------------------------------------------------------------------

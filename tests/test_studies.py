@@ -13,6 +13,7 @@ from softshare import create_model
 from softshare.studies.algorithmic import run_experiment
 from softshare.studies.demo import DemoConfig, run_demo
 from softshare.errors import SoftshareError
+from softshare.io import output_complete, output_kind
 from softshare.studies.recurrence import folded_layers, markdown, run_study
 
 
@@ -32,6 +33,13 @@ def test_toy_demo_writes_the_report(tmp_path):
     for name in ("thinking.png", "training.png"):
         assert (out / name).stat().st_size > 1000
     assert any((out / "runs" / "shared" / "lsm-last").glob("*.png"))
+    assert output_kind(out) == "demo" and output_complete(out)  # a rerun may replace it, nothing else
+
+
+def test_demo_refuses_bad_values_before_writing(tmp_path):
+    with pytest.raises(SoftshareError, match="width must be in"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), **{**TOY, "width": 100_000}))
+    assert not any(tmp_path.iterdir())
 
 
 def test_interrupted_demo_keeps_the_previous_output(tmp_path, monkeypatch):

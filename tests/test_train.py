@@ -22,6 +22,7 @@ from softshare.errors import SoftshareError
 from softshare.train.config import PRESETS, resolve_config
 from softshare.train.loggers import make_sinks
 from softshare.train.loop import TrainingDiverged, train
+from softshare.train.optim import build_optimizer
 
 TINY = dict(dataset="digits", model="swrn_16_1_2", val_size=0, batch_size=64, lr=0.05, schedule="cosine",
             crop_padding=1, flip=False, device="cpu")
@@ -230,6 +231,17 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
     groups = load_checkpoint(run / "checkpoints" / "last").train_state["optimizer"]["param_groups"]
     assert all(g["decoupled_weight_decay"] for g in groups)
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]
+
+
+def test_adam_puts_decay_in_the_gradient_and_adamw_decouples_it():
+    """One definition of each (train/optim.py): adam as DeepThinking (L2 in the gradient), adamw torch's."""
+    model = create_model("swrn_16_1_2", num_classes=3)
+    for name, kind, decoupled in (("adam", torch.optim.Adam, False), ("adamw", torch.optim.AdamW, True)):
+        config = resolve_config(None, overrides={"optimizer": name, "weight_decay": 0.01, "lr": 1e-3})
+        optimizer = build_optimizer(config, model)
+        assert type(optimizer) is kind
+        assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.01]  # none on coefficients
+        assert all(bool(g.get("decoupled_weight_decay", False)) is decoupled for g in optimizer.param_groups)
 
 
 def test_unknown_logger_is_one_line(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..studies.demo import DemoConfig, run_demo
-from ._common import add_overwrite, nonnegative_float, nonnegative_int, positive_int
+from ._common import add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 90
 
@@ -37,5 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fields = DemoConfig.__dataclass_fields__
-    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}), overwrite=args.overwrite)
+    with log_to_stdout("softshare.experiment"):  # a line per net and size while scoring (the slow part)
+        run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}), overwrite=args.overwrite)
     return 0
