@@ -51,3 +51,14 @@ def test_benchmark_smoke():
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_bench_algorithmic_quick(capsys):
+    """The algorithmic presets' step-speed benchmark end to end at 5 iterations, 1 step, 2 rounds."""
+    bench = _load_script("bench_algorithmic")
+    result = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| prefix_sums_cpu recurrent depth=5 |" in out and "| mazes_cpu recurrent depth=5 |" in out
+    assert "torch.mm GFLOP/s" in out and "torch=" in out and "load=" in out
+    for row in result["rows"]:
+        assert row["steps_s"] > 0 and row["gflop_step"] > 0 and row["torch.mm_ratio"] > 0

@@ -109,6 +109,37 @@ def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task
     return task_class(config, device, dist)
 
 
+def build_model(config: TrainConfig, task: Task, device: torch.device) -> nn.Module:
+    """The task's model on `device`, in channels-last layout when `config.channels_last`."""
+    model = task.build_model().to(device)
+    if config.channels_last:
+        to_channels_last(model)
+    return model
+
+
+def train_step(config: TrainConfig, task: Task, model: nn.Module, train_model: nn.Module,
+               optimizer: torch.optim.Optimizer, batch, autocast_dtype: torch.dtype | None) -> tuple[float, object]:
+    """One optimisation step on `batch`: the task's loss through `train_model` (`model` itself, or
+    it compiled / DDP-wrapped), plus the recurrence penalty; backward, clipping, optimizer step.
+
+    Returns (loss value, what the task counts as correct). A non-finite loss returns before the
+    backward pass, leaving the weights as they were.
+    """
+    with torch.autocast(task.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss, correct = task.loss(train_model, batch)
+        if config.recurrence_reg:
+            loss = loss + config.recurrence_reg * recurrence_penalty(model)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value, correct
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss_value, correct
+
+
 def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None) -> TrainResult:
     """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint)."""
     dist = init_distributed(resolve_device(config.device).type)
@@ -132,9 +163,7 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
     device = local_device(config.device, dist.local_rank)
     seed_everything(config.seed, config.deterministic)
     task: Task = make_task(config, device, dist)
-    model = task.build_model().to(device)
-    if config.channels_last:
-        to_channels_last(model)
+    model = build_model(config, task, device)
     optimizer = build_optimizer(config, model)
     autocast_dtype = amp_dtype(config, device)
 
@@ -174,21 +203,12 @@ def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFl
             lr = learning_rate(config, epoch + index / per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                loss, correct = task.loss(train_model, batch)
-                if config.recurrence_reg:
-                    loss = loss + config.recurrence_reg * recurrence_penalty(model)
-            loss_value = loss.item()
+            loss_value, correct = train_step(config, task, model, train_model, optimizer, batch, autocast_dtype)
             if not math.isfinite(loss_value):
                 last = run_path / "checkpoints" / "last"
                 raise TrainingDiverged(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {index + 1}; the last good checkpoint "
                     f"is kept{f' at {last}' if last.exists() else ''}. Lower --lr or enable --grad-clip")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
             n = task.batch_size_of(batch)
             sums += torch.tensor([loss_value * n, float(correct), float(n)], dtype=torch.float64)
             bar.update()
