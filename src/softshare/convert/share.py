@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import SoftshareError
-from ..layers import SharedConv1d, SharedConv2d, SharedLinear, TemplateBank, init_coefficients
+from ..layers import Conv1d, SharedConv1d, SharedConv2d, SharedLinear, TemplateBank, init_coefficients
 
 Selector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
-_CONVERSIONS: dict[type, type] = {nn.Conv2d: SharedConv2d, nn.Conv1d: SharedConv1d, nn.Linear: SharedLinear}
+_CONVERSIONS: dict[type, type] = {nn.Conv2d: SharedConv2d, nn.Conv1d: SharedConv1d, Conv1d: SharedConv1d,
+                                   nn.Linear: SharedLinear}
 
 
 def _selected(select: Selector, name: str, module: nn.Module) -> bool:
@@ -92,6 +93,8 @@ def _convert(module: nn.Module, bank: TemplateBank) -> nn.Module:
     else:
         layer = cls(bank, stride=module.stride, padding=module.padding, dilation=module.dilation,
                     groups=module.groups, bias=has_bias, padding_mode=module.padding_mode)
+        if getattr(module, "channels_last", False):
+            layer.channels_last = True
     layer.to(module.weight.device, module.weight.dtype)
     if has_bias:
         with torch.no_grad():
