@@ -2,18 +2,18 @@
 
 For each preset (`prefix_sums_cpu`, `mazes_cpu`) and body, one training step is exactly the
 trainer's (`softshare.train.loop.build_model` and `train_step` on the task's own batches: the
-full-depth forward for the training accuracy, the progressive loss with its n iterations without
-gradient and k with, backward, gradient clipping, Adam). FLOPs per step are counted by torch's
+task's loss, i.e. the full-depth forward for the training accuracy and the progressive loss's
+iterations, then backward, gradient clipping, Adam). FLOPs per step are counted by torch's
 `FlopCounterMode` over the same batches the timing uses (convolutions and matmuls, forward and
 backward; elementwise ops count nothing). The references are 1024x1024 fp32 matmuls on one
-thread: `torch.mm` (which runs MKL's SGEMM) and oneDNN's inner product (the GEMM torch's CPU
-convolutions come from). The cases and the references are timed in interleaved rounds (order
+thread: `torch.mm` (which runs MKL's SGEMM) and oneDNN's inner product (oneDNN also runs torch's
+CPU convolutions). The cases and the references are timed in interleaved rounds (order
 reversed every other round) by the process's CPU time, which leaves out the time the OS gives to
 other processes; every round gives one ratio per case, and the tables show medians over rounds.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_algorithmic.py            # ~2 min
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_algorithmic.py            # ~1-2 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_algorithmic.py --quick    # smoke run, seconds
-    ... --set channels_last=false compile=true batch_size=200 --bodies recurrent  # variants
+    ... --bodies recurrent --set channels_last=false batch_size=200   # variants of the presets
 """
 
 from __future__ import annotations
