@@ -178,3 +178,13 @@ def test_gpu_check_bf16_peak_lookup():
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
     assert gpu_check.bf16_peak_tflops("NVIDIA H100 PCIe") is None
     assert gpu_check.bf16_peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+def test_bench_algorithmic_quick(capsys):
+    """The algorithmic presets' step-speed benchmark end to end at 5 iterations, 1 step, 2 rounds."""
+    bench = _load_script("bench_algorithmic")
+    result = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| prefix_sums_cpu recurrent depth=5 |" in out and "| mazes_cpu recurrent depth=5 |" in out
+    assert "torch.mm GFLOP/s" in out and "torch=" in out and "load=" in out
+    for row in result["rows"]:
+        assert row["steps_s"] > 0 and row["gflop_step"] > 0 and row["torch.mm_ratio"] > 0

@@ -682,3 +682,42 @@ def test_bank_gradients_on_device_match_reference(device, channels_last):
     assert scaled_error(bank.templates.grad, templates.grad) < TOLERANCE["fp32"]
     for layer, c in zip(layers, coefficients):
         assert scaled_error(layer.coefficients.grad, c.grad) < TOLERANCE["fp32"]
+
+# -- 1-D convolutions computed as channels-last 2-D ones ---------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=2, dilation=2), dict(groups=2),
+                                    dict(padding="same", bias=True), dict(padding=1, padding_mode="circular")])
+def test_conv1d_channels_last_matches_conv1d(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 6, 3, **{"bias": False, **kwargs}).double()
+    fast = softshare.layers.Conv1d(4, 6, 3, **{"bias": False, **kwargs}).double()
+    fast.load_state_dict(conv.state_dict())
+    assert not fast.channels_last  # torch's computation until to_channels_last
+    to_channels_last(fast)
+    assert fast.channels_last
+    x = torch.randn(3, 4, 11, dtype=torch.float64, requires_grad=True)
+    out = fast(x)
+    torch.testing.assert_close(out, conv(x), **TIGHT)
+    assert out.stride(1) == 1  # channels-last: (N, C, L) stored as (N, L, C)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *fast.parameters()], g)
+    expected = torch.autograd.grad(conv(x), [x, *conv.parameters()], g)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, **TIGHT)
+    # the functional form, and unbatched inputs (torch's path)
+    y = torch.randn(4, 11, dtype=torch.float64)
+    torch.testing.assert_close(fast(y), conv(y), **TIGHT)
+
+
+def test_shared_conv1d_channels_last_and_share_keep_the_flag():
+    torch.manual_seed(1)
+    bank = TemplateBank(2, (5, 4, 3)).double()
+    layer = SharedConv1d(bank, padding=1).double()
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    expected = layer(x)
+    to_channels_last(layer)
+    assert layer.channels_last
+    torch.testing.assert_close(layer(x), expected, **TIGHT)
+    model = nn.Sequential(to_channels_last(softshare.layers.Conv1d(4, 4, 3, padding=1)), nn.ReLU(),
+                          to_channels_last(softshare.layers.Conv1d(4, 4, 3, padding=1)))
+    softshare.share(model, num_templates=1)
+    assert all(isinstance(m, SharedConv1d) and m.channels_last for m in (model[0], model[2]))

@@ -3,11 +3,13 @@ the shared body's banks, DT-L, folding into a loop that runs longer, bad argumen
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from softshare import SoftshareError, TemplateBank, create_model
+from softshare import SoftshareError, TemplateBank, create_model, to_channels_last
 from softshare.fold import fold_model, set_iterations
 from softshare.models.algorithmic import spectral_norm_of
 
@@ -64,6 +66,40 @@ def test_continuing_a_run_matches_one_run():
         model = build(name).eval()
         _, state = model(BITS, 1, return_state=True)
         torch.testing.assert_close(model(BITS, 2, start=1, state=state), model(BITS, 3))
+
+
+def test_state_after_returns_the_state_of_a_shorter_run():
+    for name in ("prefix_recurrent", "maze_shared"):
+        model = build(name).eval()
+        x = BITS if name.startswith("prefix") else MAZE
+        logits, kept = model(x, 3, state_after=1)
+        torch.testing.assert_close(logits, model(x, 3))
+        torch.testing.assert_close(kept, model(x, 1, return_state=True)[1])
+        _, final, kept = model(x, 3, return_state=True, state_after=3)
+        assert kept is final
+        for bad in (0, 4, 1.5):
+            with pytest.raises(SoftshareError, match="state_after"):
+                model(x, 3, state_after=bad)
+
+
+@pytest.mark.parametrize("name", ["prefix_ff", "prefix_shared", "prefix_recurrent", "maze_recurrent"])
+@pytest.mark.parametrize("lipschitz", [False, True])
+def test_channels_last_computes_the_same(name, lipschitz):
+    """to_channels_last: 1-D nets compute their convs as channels-last 2-D ones, with the same results."""
+    torch.manual_seed(0)
+    model = build(name, lipschitz=lipschitz).double()
+    fast = to_channels_last(copy.deepcopy(model))
+    x = (BITS if name.startswith("prefix") else MAZE).double()
+    fast_x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    out, fast_out = model(x, return_all=True), fast(fast_x, return_all=True)
+    torch.testing.assert_close(fast_out, out, rtol=1e-9, atol=1e-9)
+    fast_out.square().sum().backward()
+    out.square().sum().backward()
+    for (label, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-9, msg=label)
+    if name.startswith("prefix"):
+        _, state = fast(fast_x, return_state=True)
+        assert state.stride(1) == 1  # the thought stays channels-last from iteration to iteration
 
 
 # Parameter counts by hand: 3-wide convs without bias, w = 8, one input channel (prefix sums) or 3.

@@ -94,3 +94,38 @@ def test_model_names_per_task():
         resolve_model_name("prefix-sums", "maze_ff")
     with pytest.raises(SoftshareError, match="cannot be trained on mazes"):
         resolve_model_name("mazes", "wrn_16_4")
+
+
+@pytest.mark.parametrize("preset", ["prefix_sums_cpu", "mazes_cpu"])
+def test_progressive_loss_continues_from_the_full_pass(preset):
+    """The progressive loss takes the full pass's state after n iterations instead of running them
+    again: the same loss, count and gradients as running the n iterations apart."""
+    from softshare.eval.algorithmic import score
+    from softshare.train.algorithmic import AlgorithmicTask
+    from softshare.train.distributed import DistInfo
+
+    config = resolve_config(preset, overrides={"depth": 4, "width": 8, "train_count": 12, "test_count": 2,
+                                                "batch_size": 4})
+    task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    batch = next(b for b in task.train_batches(0, 0))._replace(start=2, count=2)
+
+    def apart():  # the computation as written out in the recipe
+        with torch.set_grad_enabled(config.alpha < 1):
+            full, solved = score(config.task, model(batch.x, config.depth), batch.y, batch.x)
+        with torch.no_grad():
+            _, state = model(batch.x, batch.start, return_state=True)
+        progressive = score(config.task, model(batch.x, batch.count, start=batch.start, state=state),
+                            batch.y, batch.x)[0]
+        return (1 - config.alpha) * full + config.alpha * progressive, solved.sum()
+
+    results = []
+    for loss_fn in (apart, lambda: task.loss(model, batch)):
+        model.zero_grad(set_to_none=True)
+        loss, correct = loss_fn()
+        loss.backward()
+        results.append((loss.detach(), correct, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, correct_a, grads_a), (loss_b, correct_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(correct_a, correct_b)
+    assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

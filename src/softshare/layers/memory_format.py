@@ -1,4 +1,4 @@
-"""Channels-last conversion that also handles 5-D template banks."""
+"""Channels-last conversion that also handles 5-D template banks and 1-D convolutions."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import torch
 from torch import nn
 
 from .bank import TemplateBank
+from .conv1d import Conv1d
+from .shared import SharedConv1d
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """Put 4-D parameters/buffers and conv2d template banks into channels-last layout, in place.
+    """Put 4-D parameters/buffers and conv2d template banks into channels-last layout, in place,
+    and have softshare's 1-D convolutions (`Conv1d`, `SharedConv1d`) compute in channels-last
+    layout too (see `softshare.layers.conv1d`; torch's own nn.Conv1d stays as it is).
 
     ``model.to(memory_format=torch.channels_last)`` rejects the 5-D (k, out, in, kh, kw)
     template tensors; here each bank is stored as (k, out, kh, kw, in) in memory so the mixed
@@ -28,4 +32,6 @@ def to_channels_last(model: nn.Module) -> nn.Module:
                     setattr(module, name, buf.contiguous(memory_format=torch.channels_last))
             if isinstance(module, TemplateBank):
                 module.invalidate()
+            if isinstance(module, (Conv1d, SharedConv1d)):
+                module.channels_last = True
     return model

@@ -11,6 +11,7 @@ from torch.nn.modules.utils import _pair, _reverse_repeat_tuple, _single
 
 from ..errors import SoftshareError
 from .bank import TemplateBank
+from .conv1d import conv1d_channels_last
 
 
 class SharedLayer(nn.Module):
@@ -133,13 +134,19 @@ class SharedConv2d(_SharedConvNd):
 
 
 class SharedConv1d(_SharedConvNd):
-    """nn.Conv1d whose weight is mixed from a bank of (out, in/groups, k) templates."""
+    """nn.Conv1d whose weight is mixed from a bank of (out, in/groups, k) templates.
+
+    With `channels_last` set (``softshare.to_channels_last`` sets it) it computes as a
+    channels-last 2-D convolution, as `softshare.layers.Conv1d` does.
+    """
 
     weight_ndim = 3
     _tuple = staticmethod(_single)
+    channels_last = False
 
     def _conv(self, x: Tensor, weight: Tensor, padding) -> Tensor:
-        return F.conv1d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        conv = conv1d_channels_last if self.channels_last else F.conv1d
+        return conv(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class SharedLinear(SharedLayer):

@@ -16,10 +16,12 @@ from torch import nn
 
 from ..errors import SoftshareError
 from .bank import TemplateBank
+from .conv1d import Conv1d
 from .shared import SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, named_banks
 
-PLAIN_TO_SHARED: dict[type, type] = {nn.Conv1d: SharedConv1d, nn.Conv2d: SharedConv2d, nn.Linear: SharedLinear}
-SHARED_TO_PLAIN: dict[type, type] = {shared: plain for plain, shared in PLAIN_TO_SHARED.items()}
+PLAIN_TO_SHARED: dict[type, type] = {nn.Conv1d: SharedConv1d, Conv1d: SharedConv1d, nn.Conv2d: SharedConv2d,
+                                     nn.Linear: SharedLinear}
+SHARED_TO_PLAIN: dict[type, type] = {SharedConv1d: nn.Conv1d, SharedConv2d: nn.Conv2d, SharedLinear: nn.Linear}
 
 
 def to_shared(module: nn.Module, bank: TemplateBank) -> SharedLayer:
@@ -36,6 +38,8 @@ def to_shared(module: nn.Module, bank: TemplateBank) -> SharedLayer:
     else:
         layer = cls(bank, stride=module.stride, padding=module.padding, dilation=module.dilation,
                     groups=module.groups, bias=has_bias, padding_mode=module.padding_mode)
+        if getattr(module, "channels_last", False):  # a softshare Conv1d already in the faster layout
+            layer.channels_last = True
     layer.to(module.weight.device, module.weight.dtype)
     if has_bias:
         with torch.no_grad():

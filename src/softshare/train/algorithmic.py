@@ -107,16 +107,24 @@ class AlgorithmicTask(Task):
         return len(batch.y)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(1 - alpha) * loss after T iterations + alpha * progressive loss; correct = solved after T."""
+        """(1 - alpha) * loss after T iterations + alpha * progressive loss; correct = solved after T.
+
+        The progressive loss continues, without gradient through them, from the state the full
+        pass reached after its first n iterations: the same computation, not run twice (bit for
+        bit; only DT-L with alpha < 1 rounds differently, as LAPACK takes another path for the
+        spectral norms of a pass that tracks gradients).
+        """
         alpha, task = self.config.alpha, self.config.task
+        state = None
         with torch.set_grad_enabled(alpha < 1 and torch.is_grad_enabled()):
-            full, solved = score(task, model(batch.x, self.config.depth), batch.y, batch.x)
+            if alpha and batch.start:
+                logits, state = model(batch.x, self.config.depth, state_after=batch.start)
+                state = state.detach()
+            else:
+                logits = model(batch.x, self.config.depth)
+            full, solved = score(task, logits, batch.y, batch.x)
         if alpha == 0:
             return full, solved.sum()
-        state = None
-        if batch.start:
-            with torch.no_grad():
-                _, state = model(batch.x, batch.start, return_state=True)
         logits = model(batch.x, batch.count, start=batch.start, state=state)
         progressive = score(task, logits, batch.y, batch.x)[0]
         return (1 - alpha) * full + alpha * progressive, solved.sum()

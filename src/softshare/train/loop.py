@@ -173,6 +173,39 @@ def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task
     return task_class(config, device, dist)
 
 
+def build_model(config: TrainConfig, task: Task, device: torch.device) -> nn.Module:
+    """The task's model on `device`, in channels-last layout when `config.channels_last`."""
+    model = task.build_model().to(device)
+    if config.channels_last:
+        to_channels_last(model)
+    return model
+
+
+def step_loss(config: TrainConfig, task: Task, model: nn.Module, train_model: nn.Module, batch,
+              autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, float, float, object]:
+    """The loss one step minimises: the task's loss through `train_model` (`model` itself, or it
+    compiled / DDP-wrapped) plus the weighted recurrence penalty. Returns (loss to backpropagate,
+    task loss value, penalty value, what the task counts as correct)."""
+    with torch.autocast(task.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss, correct = task.loss(train_model, batch)
+        penalty = recurrence_penalty(model) if config.recurrence_reg else None
+    loss_value = loss.item()  # the task loss alone: comparable with the validation loss
+    penalty_value = penalty.item() if penalty is not None else 0.0
+    if penalty is not None:
+        loss = loss + config.recurrence_reg * penalty
+    return loss, loss_value, penalty_value, correct
+
+
+def step_backward(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Gradients of `loss`, clipped when set; returns their norm (the caller checks it, then steps)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = (nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip
+            else nn.utils.get_total_norm(grads))
+    return float(norm)
+
+
 def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None,
           changes: Mapping[str, Any] | None = None) -> TrainResult:
     """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint).
@@ -304,9 +337,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
     device = local_device(config.device, dist.local_rank)
     seed_everything(config.seed, config.deterministic)
     task: Task = make_task(config, device, dist)
-    model = task.build_model().to(device)
-    if config.channels_last:
-        to_channels_last(model)
+    model = build_model(config, task, device)
     optimizer = build_optimizer(config, model)
     autocast_dtype = amp_dtype(config, device)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
@@ -358,24 +389,14 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
             lr = learning_rate(config, epoch + index / per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                loss, correct = task.loss(train_model, batch)
-                penalty = recurrence_penalty(model) if config.recurrence_reg else None
-            loss_value = loss.item()  # the task loss alone: comparable with the validation loss
-            penalty_value = penalty.item() if penalty is not None else 0.0
-            if penalty is not None:
-                loss = loss + config.recurrence_reg * penalty
+            loss, loss_value, penalty_value, correct = step_loss(config, task, model, train_model, batch, autocast_dtype)
             total_value = loss_value + config.recurrence_reg * penalty_value  # what the step minimises
             problem = monitor.problem(total_value)
             if any_rank(problem is not None, dist, device):
                 raise _diverged(problem or "the loss exploded on another rank", epoch, index, run_path, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norm = (nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip
-                    else nn.utils.get_total_norm(grads))
-            if any_rank(not math.isfinite(float(norm)), dist, device):
-                raise _diverged(f"the gradient norm became {float(norm)}", epoch, index, run_path, config)
+            norm = step_backward(config, model, optimizer, loss)
+            if any_rank(not math.isfinite(norm), dist, device):
+                raise _diverged(f"the gradient norm became {norm}", epoch, index, run_path, config)
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
