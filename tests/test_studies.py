@@ -28,11 +28,11 @@ def test_toy_demo_writes_the_report(tmp_path):
     assert ev["ff"]["eval_iterations"] == 2  # the feed-forward net cannot run past its depth
     for evaluation in ev.values():
         assert all(0.0 <= row["stable"] <= 1.0 for row in evaluation["test"].values())
-    assert "| parameters |" in text and "![LSM](runs/shared/lsm-last/" in text and "stopping rule" in text
+    assert "| parameters |" in text and "![LSM](runs/shared/lsm-evaluated/" in text and "stopping rule" in text
     assert "One seed (0)" in text
     for name in ("thinking.png", "training.png"):
         assert (out / name).stat().st_size > 1000
-    assert any((out / "runs" / "shared" / "lsm-last").glob("*.png"))
+    assert any((out / "runs" / "shared" / "lsm-evaluated").glob("*.png"))
     assert output_kind(out) == "demo" and output_complete(out)  # a rerun may replace it, nothing else
 
 
@@ -93,7 +93,7 @@ def test_experiment_writes_results_and_continues(tmp_path, monkeypatch):
     for name in ("results.json", "results.md", "training_prefix-sums.png", "extrapolation_prefix-sums.png",
                  "iterations_prefix-sums.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert (tmp_path / "runs" / "prefix-sums-shared_k2-s0" / "lsm-last").is_dir()
+    assert (tmp_path / "runs" / "prefix-sums-shared_k2-s0" / "lsm-evaluated").is_dir()
     report = (tmp_path / "results.md").read_text()
     assert "at the stable stopping rule" in report and "| shared_k1 s0 | [2] |" in report
     weights_file = tmp_path / "runs" / "prefix-sums-ff-s0" / "checkpoints" / "last" / "model.safetensors"

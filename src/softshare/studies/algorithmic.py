@@ -28,7 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..analysis.lsm import save_lsm
-from ..checkpoint import load
+from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import evaluation_examples
 from ..device import environment_description, resolve_device
 from ..errors import SoftshareError
@@ -44,7 +44,7 @@ log = logging.getLogger("softshare.experiment")
 TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
 RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
-EVAL_VERSION = 2  # bump when the cached per-run evaluation changes meaning
+EVAL_VERSION = 3  # bump when the cached per-run evaluation changes meaning
 LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
@@ -176,12 +176,16 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
         if cached.get("settings") == settings:
             return cached["result"]
     device = resolve_device(config.device)
-    model = load(run_path / "checkpoints" / "last", device=device)
-    result: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    # the best checkpoint by validation exact match at the training size (the first epoch that
+    # reached it), as DeepThinking tests its nets: later epochs can think less far
+    checkpoint = find_checkpoint(run_path)
+    model = load(checkpoint, device=device)
+    result: dict = {"parameters": sum(p.numel() for p in model.parameters()), "checkpoint": checkpoint.name,
+                    "checkpoint_epoch": load_checkpoint(checkpoint, train_state=False).meta.get("epoch")}
     evaluated = model
     if config.model == "shared":
         folded = fold_model(model, DEFAULT_THRESHOLD)
-        save_lsm(model, run_path / "lsm-last")
+        save_lsm(model, run_path / "lsm-evaluated")
         x, y = evaluation_examples(config.to_dict(), config.train_size, config.test_count)
         before = think(model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
         after = think(folded.model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
@@ -264,6 +268,8 @@ def markdown_report(results: dict) -> str:
              f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
              f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size is scored at its trained "
              f"iterations only)",
+             "- every net is scored from its best checkpoint (highest validation exact match at the training size, "
+             "the first epoch that reached it), as DeepThinking tests its nets",
              "- mean ± std over seeds; time to target over the seeds that reached it", ""]
     for task in dict.fromkeys(r["task"] for r in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]

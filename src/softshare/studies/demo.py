@@ -85,7 +85,7 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
         curves = {kind: json.loads((work / "runs" / kind / "study-curves.json").read_text()) for kind in NETS}
         _plot_training(histories, configs, work / "training.png")
         _plot_thinking(curves, evaluations, config, work / "thinking.png")
-        lsm = sorted(p.name for p in (work / "runs" / "shared" / "lsm-last").glob("*.png"))
+        lsm = sorted(p.name for p in (work / "runs" / "shared" / "lsm-evaluated").glob("*.png"))
 
         results = {"config": config.__dict__, "evaluations": evaluations,
                    "seconds": round(time.perf_counter() - started, 1),
@@ -220,7 +220,7 @@ def _report(results: dict, lsm_pngs: list[str]) -> str:
         lines.append(f"| {size} | {cells} |")
     lines += ["", "![thinking](thinking.png)", "", "## Training", "", "![training](training.png)", "",
               "## Layer Similarity Matrices of the soft-shared net (one per conv role)", ""]
-    lines += [f"![LSM](runs/shared/lsm-last/{name})" for name in lsm_pngs]
+    lines += [f"![LSM](runs/shared/lsm-evaluated/{name})" for name in lsm_pngs]
     lines += ["", "## Go further", "", "```bash",
               "softshare experiment algorithmic --jobs 2        # every body, 5 seeds: the study in docs/algorithmic.md",
               "softshare eval runs/demo/runs/recurrent          # accuracy against iterations up to 600, stopping rules",
