@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "algorithmic", help="ff vs soft-shared vs recurrent nets: training speed and extrapolation",
         description="Train ff, shared (k = 1, 2, 4; with and without the recurrence regulariser) and recurrent "
                     "(with and without DT-L) nets with one recipe for several seeds, then measure (a) steps and "
-                    "wall time to 95%% training exact match, (b) test exact match on larger sizes at the "
+                    "wall time to 95% training exact match, (b) test exact match on larger sizes at the "
                     "label-free stopping rule and at the best iteration, running nets that can (recurrent, shared "
                     "folded into a loop) up to 20x the trained iterations, and (c) what the shared nets fold into.")
     a.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",

@@ -9,6 +9,8 @@ also think longer by running its longest loop more times (`exact_match_thinking_
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import torch
@@ -21,7 +23,10 @@ from ..device import resolve_device
 from ..errors import SoftshareError
 from ..io import check_output, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations
+from ..progress import progress
 from .plots import plot_accuracy_vs_iterations, plot_maze_predictions
+
+log = logging.getLogger("softshare.eval")
 
 
 def solve_mask(task: str, x: Tensor) -> Tensor | None:
@@ -158,7 +163,8 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     sizes = sizes or config["test_sizes"] or [config["train_size"]]
     count = count or config["test_count"]
     accuracy, stop, examples = {}, {}, {}
-    for size in sizes:
+    for size in progress(sizes, f"scoring {count} instances per size, {iterations} iterations", unit="size",
+                         log=log):
         x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
         thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
         accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
