@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from softshare.device import cpu_model  # noqa: E402
 from softshare.train.config import apply_overrides, resolve_config  # noqa: E402
 from softshare.train.distributed import DistInfo  # noqa: E402
 from softshare.train.loop import amp_dtype, build_model, make_task, seed_everything, step_backward, step_loss  # noqa: E402
@@ -157,7 +158,7 @@ def run(presets, bodies, rounds: int, steps: dict[str, int], overrides: dict, ma
             row[f"{name}_ratio"] = statistics.median(c / m for c, m in zip(rates, ref))
         rows.append(row)
 
-    log(f"torch={torch.__version__} threads={torch.get_num_threads()} cpu={_cpu_name()} "
+    log(f"torch={torch.__version__} threads={torch.get_num_threads()} cpu={cpu_model()} "
         f"vcpus={os.cpu_count()} load={' '.join(f'{x:.1f}' for x in os.getloadavg())} "
         f"rounds={rounds} timed={seconds:.0f}s python={platform.python_version()}")
     names = list(refs)
@@ -173,17 +174,6 @@ def run(presets, bodies, rounds: int, steps: dict[str, int], overrides: dict, ma
             cells += [f"{row[f'{name}_gflop_s']:.1f}", f"**{100 * row[f'{name}_ratio']:.0f}%**"]
         log("| " + " | ".join(cells) + " |")
     return {"rows": rows, "references": {k: statistics.median(v) / 1e9 for k, v in ref_rate.items()}}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _parse_set(items: list[str]) -> dict:

@@ -30,22 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import softshare
+from softshare.device import cpu_model
 from softshare.train.config import TrainConfig
-from softshare.train.loop import build_optimizer
+from softshare.train.optim import build_optimizer
 
 
 # -- environment ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
                  "THP_MEM_ALLOC_ENABLE")
 
