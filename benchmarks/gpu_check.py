@@ -89,9 +89,9 @@ class Part:
 
 PARTS = [
     Part("env", "Environment", 45, 30),
-    Part("tests", "Device tests (pytest -m device --device cuda)", 100, 60),
-    Part("speed_eager", "Training speed, eager", 60, 45),
-    Part("speed_compiled", "Training speed, torch.compile", 150, 45, floor_s=30),
+    Part("tests", "Device tests (pytest -m device --device cuda)", 100, 120),
+    Part("speed_eager", "Training speed, eager", 60, 90),
+    Part("speed_compiled", "Training speed, torch.compile", 150, 120, floor_s=30),
     Part("cifar_sanity", "CIFAR recipe on synthetic data", 45, 45),
     Part("algo_speed", "Algorithmic presets: steps/s", 45, 30),
     Part("ddp", "DDP: 2 processes, gloo, one GPU", 60, 60),
@@ -301,7 +301,7 @@ def _speed(ctx: Context, compiled: bool) -> dict:
     for name, entry in data["models"].items():
         ips = statistics.median(entry["round_images_per_s"])
         tflops = entry["flops_per_step"] * ips / batch / 1e12
-        entry.update(images_per_s=round(ips, 1), tflops=round(tflops, 3),
+        entry.update(images_per_s=round(ips, 3), tflops=round(tflops, 3),
                      fraction_of_peak=None if peak is None else round(tflops / peak, 4),
                      projected_recipe_min=round(RECIPE_EPOCHS * CIFAR_TRAIN_IMAGES / ips / 60, 2))
         entry["round_images_per_s"] = [round(v, 1) for v in entry["round_images_per_s"]]
