@@ -301,7 +301,7 @@ def _speed(ctx: Context, compiled: bool) -> dict:
     for name, entry in data["models"].items():
         ips = statistics.median(entry["round_images_per_s"])
         tflops = entry["flops_per_step"] * ips / batch / 1e12
-        entry.update(images_per_s=round(ips, 3), tflops=round(tflops, 3),
+        entry.update(images_per_s=round(ips, 3), tflops=round(tflops, 6),
                      fraction_of_peak=None if peak is None else round(tflops / peak, 4),
                      projected_recipe_min=round(RECIPE_EPOCHS * CIFAR_TRAIN_IMAGES / ips / 60, 2))
         entry["round_images_per_s"] = [round(v, 1) for v in entry["round_images_per_s"]]
