@@ -186,15 +186,16 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
     if config.model == "shared":
         folded = fold_model(model, DEFAULT_THRESHOLD)
         save_lsm(model, run_path / "lsm-evaluated")
-        x, y = evaluation_examples(config.to_dict(), config.train_size, config.test_count)
-        before = think(model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
-        after = think(folded.model, config.task, x, y, config.depth, 100, device, patience=patience)["exact_match"][-1]
+        before = _trained_size_exact_match(model, config, device)
+        after = _trained_size_exact_match(folded.model, config, device)
         loops = folded.loops[0]
         result["fold"] = {"loops": loops, "params_after": folded.params_after, "acc_before": before,
                           "acc_after": after, "runs_longer": folded.model.max_iterations is None}
         evaluated = folded.model
     iterations = evaluated.max_iterations or EXTRAPOLATION_FACTOR * config.depth
-    if iterations > config.depth and _trained_size_exact_match(evaluated, config, device) < LEARNED:
+    learned = result["fold"]["acc_after"] if "fold" in result else None  # scored already for a shared net
+    if iterations > config.depth and (learned if learned is not None
+                                      else _trained_size_exact_match(evaluated, config, device)) < LEARNED:
         iterations = config.depth  # it did not learn the training size: thinking longer cannot help
     result["eval_iterations"] = iterations
     result["test"], curves = {}, {}
