@@ -123,6 +123,21 @@ def test_parameter_counts_by_hand(blocks, recall):
     # DT-L adds one gate per residual block per iteration (one set for the recurrent body)
     assert count(build("prefix_recurrent", lipschitz=True, **kw)) == projection + iteration + head + blocks
     assert count(build("prefix_ff", lipschitz=True, **kw)) == projection + depth * (iteration + blocks) + head
+    # head_convs=2 drops the head's w -> w conv; the linear recall has no parameters to drop
+    short = dict(kw, head_convs=2, recall_relu=False)
+    assert count(build("prefix_recurrent", **short)) == projection + iteration + head - w * w * taps
+    assert count(build("prefix_shared", num_templates=k, **short)) == (projection + k * iteration + depth * roles * k
+                                                                       + head - w * w * taps)
+
+
+def test_cpu_prefix_recipe_net_counts_by_hand():
+    """The prefix_sums_cpu body (w 32, T 30, B 1, linear recall, 2-conv head) counted by hand:
+    projection 1*32*3, recall 33*32*3, one block 2*32*32*3, head 32*16*3 + 16*2*3."""
+    net = create_model("prefix_recurrent", num_classes=2, in_channels=1, width=32, depth=30, blocks=1, recall_relu=False,
+                       head_convs=2)
+    assert count(net) == 96 + 3168 + 6144 + 1536 + 96 == 11040
+    with pytest.raises(SoftshareError, match="head_convs must be 3"):
+        create_model("prefix_recurrent", in_channels=1, head_convs=1)
 
 
 def test_maze_recurrent_count_by_hand():
@@ -186,6 +201,33 @@ def test_dt_l_thoughts_stay_bounded_where_plain_ones_grow():
             getattr(model.blocks[0], conv).weight.mul_(4.0)
         states = [s.abs().max().item() for s in model.iterate(x, 60)]
     assert states[-1] > 100 * states[5] or not np.isfinite(states[-1])
+
+
+def test_linear_recall_computed_by_hand():
+    """recall_relu=False: state <- block(recall_conv(cat(state, x))) with no ReLU between; the
+    default applies DeepThinking's ReLU there. One iteration of a recurrent net, computed with F.conv1d."""
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    for recall_relu in (True, False):
+        model = build("prefix_recurrent", blocks=1, recall_relu=recall_relu).eval()
+        it = model.blocks[0]
+        h = F.relu(F.conv1d(BITS, model.projection.weight, padding=1))
+        r = F.conv1d(torch.cat([h, BITS], 1), it.recall.weight, padding=1)
+        r = F.relu(r) if recall_relu else r
+        h = F.relu(r + F.conv1d(F.relu(F.conv1d(r, it.conv1.weight, padding=1)), it.conv2.weight, padding=1))
+        torch.testing.assert_close(model(BITS, 1), model.head(h))
+        assert (r < 0).any() != recall_relu  # the two forms really differ on this input
+    shared = build("prefix_shared", num_templates=1, recall_relu=False).eval()
+    folded = fold_model(shared, 0.99).model  # the folded loop keeps the linear recall
+    torch.testing.assert_close(folded(BITS, return_all=True), shared(BITS, return_all=True), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(folded(BITS), _with_recall_relu(folded)(BITS))
+
+
+def _with_recall_relu(model):
+    other = copy.deepcopy(model)
+    for iteration in other.blocks:
+        iteration.recall_relu = True
+    return other
 
 
 @pytest.mark.parametrize("k", [0, 4])

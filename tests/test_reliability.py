@@ -31,7 +31,7 @@ from softshare.io import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lo
 from softshare.models import create_model
 from softshare.train.config import RANGES, TrainConfig
 from softshare.train.config_help import FIELD_CHOICES
-from softshare.train.loop import LossMonitor, TrainingDiverged, train
+from softshare.train.loop import SPIKE_STEPS, LossMonitor, TrainingDiverged, train
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -352,6 +352,29 @@ def test_loss_monitor_catches_explosions_not_just_nan():
     assert "far above its running level" in monitor.problem(6.6e25)
     assert "became nan" in monitor.problem(math.nan)
     assert monitor.problem(3.0) is None  # a bad batch is not an explosion
+
+
+def test_loss_monitor_lets_a_clipped_net_recover_from_a_spike():
+    """A converged net's loss jumping 0.07 -> 11 for a few steps (seen on prefix sums with clipping,
+    a run that went on to 100%) is not divergence; the same loss held for SPIKE_STEPS steps is."""
+    monitor = LossMonitor()
+    for loss in [0.7] * 10 + [0.07] * 30:
+        monitor.update(loss)
+    level = monitor.level
+    for _ in range(3):
+        assert monitor.problem(11.4) is None
+        monitor.update(11.4)
+    assert monitor.level == level  # spikes do not raise the level they are judged against
+    for loss in [0.3, 0.1, 0.07]:
+        assert monitor.problem(loss) is None
+        monitor.update(loss)
+    assert monitor.spikes == 0
+    for step in range(SPIKE_STEPS):
+        problem = monitor.problem(11.4)
+        if step < SPIKE_STEPS - 1:
+            assert problem is None
+            monitor.update(11.4)
+    assert f"stayed far above its running level {monitor.level:.3g} for {SPIKE_STEPS} steps" in problem
 
 
 def test_divergence_names_the_checkpoint_kept(tmp_path):

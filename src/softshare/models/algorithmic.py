@@ -3,11 +3,14 @@
 The architecture follows ``dt_net_recall_1d/2d`` of aks2203/deep-thinking (Bansal et al. 2022):
 
     projection   conv(in -> w), ReLU
-    iteration    [recall: conv(cat(state, input) -> w), ReLU] then B residual blocks
+    iteration    [recall: conv(cat(state, input) -> w), ReLU*] then B residual blocks
                  relu(h + conv2(relu(conv1(h))))                      (B = 2 as there)
-    head         conv(w -> w), ReLU, conv(w -> w/2), ReLU, conv(w/2 -> classes)
+    head         [conv(w -> w), ReLU]** conv(w -> w/2), ReLU, conv(w/2 -> classes)
 
-all 3-wide convs without bias. Three bodies differ only in where each iteration's conv weights
+all 3-wide convs without bias. Two options leave DeepThinking's defaults for softshare's first
+recurrent body: ``recall_relu=False`` drops the ReLU* after the recall conv (a linear recall) and
+``head_convs=2`` the head's first conv**. At width 32 on prefix sums the two together made learning
+far more reliable across seeds (docs/algorithmic.md has the measurement). Three bodies differ only in where each iteration's conv weights
 come from, so a comparison isolates the sharing:
 
 - ``ff``: distinct weights per iteration (a feed-forward net T iterations deep);
@@ -85,6 +88,7 @@ class _IterationSteps:
     roles: tuple[str, ...]
     num_blocks: int
     lipschitz: bool
+    recall_relu: bool
 
     def _conv_out(self, role: str, h: Tensor, scales: dict[str, Tensor] | None,
                norms: dict[str, Tensor] | None) -> Tensor:
@@ -108,7 +112,8 @@ class _IterationSteps:
         act = F.elu if self.lipschitz else F.relu
         h = state
         if "recall" in self.roles:
-            h = act(self._conv_out("recall", cat_channels(h, inputs), scales, norms))
+            h = self._conv_out("recall", cat_channels(h, inputs), scales, norms)
+            h = act(h) if self.recall_relu else h
         for b in range(self.num_blocks):
             out = act(self._conv_out(f"conv{2 * b + 1}", h, scales, norms))
             out = self._conv_out(f"conv{2 * b + 2}", out, scales, norms)
@@ -122,10 +127,10 @@ class Iteration(_IterationSteps, nn.Module):
     """One iteration; its convs are direct children named by `conv_roles` (what folding needs)."""
 
     def __init__(self, dim: int, width: int, in_channels: int, blocks: int, recall: bool, lipschitz: bool,
-                 banks: dict[str, TemplateBank] | None = None) -> None:
+                 recall_relu: bool, banks: dict[str, TemplateBank] | None = None) -> None:
         super().__init__()
         self.roles = conv_roles(blocks, recall)
-        self.num_blocks, self.lipschitz = blocks, lipschitz
+        self.num_blocks, self.lipschitz, self.recall_relu = blocks, lipschitz, recall_relu
         for role in self.roles:
             if banks is not None:
                 setattr(self, role, _SHARED_CONV[dim](banks[role], padding=1))
@@ -143,9 +148,9 @@ class LoopIteration(_IterationSteps, LoopBlock):
     a plain conv with weight W, with its scales c_t per iteration; DT-L gates per iteration."""
 
     def __init__(self, dim: int, width: int, in_channels: int, blocks: int, recall: bool, lipschitz: bool,
-                 length: int) -> None:
+                 recall_relu: bool, length: int) -> None:
         LoopBlock.__init__(self, length, conv_roles(blocks, recall))
-        self.num_blocks, self.lipschitz = blocks, lipschitz
+        self.num_blocks, self.lipschitz, self.recall_relu = blocks, lipschitz, recall_relu
         for role in self.roles:
             setattr(self, role, _conv(dim, width + in_channels if role == "recall" else width, width))
         self.gates = nn.ModuleList(Gates(blocks) for _ in range(length)) if lipschitz else None
@@ -167,14 +172,15 @@ class AlgorithmicNet(nn.Module):
 
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
-                 lipschitz: bool = False, fold: dict | None = None) -> None:
+                 lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
+                 head_convs: int = 3) -> None:
         super().__init__()
-        _check_args(body, width, depth, blocks, num_templates)
+        _check_args(body, width, depth, blocks, num_templates, head_convs)
         loops = _fold_loops(fold, body, depth)
         self.dim, self.body, self.depth, self.lipschitz = dim, body, depth, lipschitz
         self.projection = _conv(dim, in_channels, width)
         self.banks: nn.ModuleDict | None = None
-        args = (dim, width, in_channels, blocks, recall, lipschitz)
+        args = (dim, width, in_channels, blocks, recall, lipschitz, recall_relu)
         if loops is not None:
             iterations = [LoopIteration(*args, n) for n in loops]
         elif body == "shared":
@@ -185,8 +191,8 @@ class AlgorithmicNet(nn.Module):
         else:
             iterations = [Iteration(*args) for _ in range(1 if body == "recurrent" else depth)]
         self.blocks = nn.ModuleList(iterations)
-        self.head = nn.Sequential(_conv(dim, width, width), nn.ReLU(), _conv(dim, width, width // 2), nn.ReLU(),
-                                  _conv(dim, width // 2, num_classes))
+        wide = [_conv(dim, width, width), nn.ReLU()] if head_convs == 3 else []
+        self.head = nn.Sequential(*wide, _conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
         if self.banks is not None:
             for bank in self.banks.values():
                 # PyTorch's default conv init, as the unshared convs here and DeepThinking's.
@@ -285,9 +291,12 @@ class AlgorithmicNet(nn.Module):
         return results if len(results) > 1 else logits
 
 
-def _check_args(body: str, width: int, depth: int, blocks: int, num_templates: int | None) -> None:
+def _check_args(body: str, width: int, depth: int, blocks: int, num_templates: int | None, head_convs: int) -> None:
     if body not in BODIES:
         raise SoftshareError(f"unknown body {body!r}; use one of {', '.join(BODIES)}")
+    if head_convs not in (2, 3):
+        raise SoftshareError(f"head_convs must be 3 (DeepThinking's head) or 2 (without its first w -> w conv), "
+                             f"got {head_convs}")
     if width < 2 or depth < 1 or blocks < 1:
         raise SoftshareError(f"width must be >= 2, depth >= 1 and blocks >= 1, got width={width}, "
                              f"depth={depth}, blocks={blocks}")
@@ -322,9 +331,10 @@ def _register(prefix: str, body: str) -> None:
 
     def build(num_classes: int = 2, in_channels: int = 3, width: int = 32, depth: int = 30, blocks: int = 2,
               recall: bool = True, num_templates: int | None = 2 if body == "shared" else None,
-              lipschitz: bool = False, fold: dict | None = None) -> AlgorithmicNet:
+              lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
+              head_convs: int = 3) -> AlgorithmicNet:
         return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, blocks, recall, num_templates,
-                              lipschitz, fold)
+                              lipschitz, fold, recall_relu, head_convs)
 
     name = f"{prefix}_{body}"
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,

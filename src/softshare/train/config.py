@@ -69,6 +69,8 @@ class TrainConfig:
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
     blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
+    recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
+    head_convs: int = 3  # 3: DeepThinking's head (w -> w -> w/2 -> 2); 2: without its w -> w conv
     lr_throttle: bool = False  # iteration weights learn at lr / depth (DeepThinking's maze recipe)
     # run and hardware
     name: str = ""
@@ -275,7 +277,8 @@ RANGES: dict[str, tuple] = {
     "workers": _range(-1, 256),
     "train_size": _range(1, 10_000), "test_sizes": _range(1, 10_000), "train_count": _range(1, _COUNT),
     "test_count": _range(1, _COUNT), "width": _range(1, 4096), "depth": _range(1, 10_000),
-    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "blocks": _range(1, 1000), "seed": _range(0, 2 ** 63 - 1),
+    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
+    "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
 }
 # The allowed values of the fields with choices are config_help.FIELD_CHOICES (also the CLI's choices).

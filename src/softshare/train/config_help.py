@@ -57,6 +57,8 @@ FIELD_HELP: dict[str, str] = {
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
     "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
+    "recall_relu": "the ReLU after the recall conv as DeepThinking (--no-recall-relu: a linear recall)",
+    "head_convs": "convs in the output head: 3 as DeepThinking (w -> w -> w/2 -> 2), 2 without the w -> w one",
     "lr_throttle": "iteration weights learn at lr / depth (DeepThinking's maze recipe)",
     "name": "run name, the run directory is out_dir/name; empty: made from task, dataset and model",
     "out_dir": "parent directory of run directories",
@@ -85,7 +87,8 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
     **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "label_smoothing",
                                 "image_size", "workers")},
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count", "width", "depth",
-                                      "num_templates", "alpha", "blocks", "lipschitz", "lr_throttle")},
+                                      "num_templates", "alpha", "blocks", "lipschitz", "recall_relu", "head_convs",
+                                      "lr_throttle")},
 }
 
 
