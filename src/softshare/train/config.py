@@ -145,10 +145,12 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=4000,
                   test_count=100, width=16, batch_size=50, epochs=20, alpha=0.01, grad_clip=0.0,
                   warmup_epochs=2.0, lr_throttle=True),
-    # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations); one
-    # residual block per iteration, which learned 32 bits far sooner than two on 2 CPU cores
+    # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations), with
+    # what made width 32 learn in every seed on 2 CPU cores (docs/algorithmic.md, "Why"): one
+    # residual block per iteration, a linear recall, a 2-conv head and lr 2e-3
     "prefix-sums": dict(_ALGORITHMIC, train_size=32, test_sizes=[32, 48, 64, 128, 256, 512], train_count=8000,
-                        test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1),
+                        test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1, lr=2e-3,
+                        recall_relu=False, head_convs=2),
 }
 PRESETS.update({
     "mazes_cpu": dict(TASK_DEFAULTS["mazes"], task="mazes"),
@@ -158,8 +160,9 @@ PRESETS.update({
                       test_count=1000, batch_size=50, epochs=50, alpha=0.01, warmup_epochs=10.0,
                       lr_milestones=[100], lr_throttle=True),
     "prefix_sums_gpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums", width=400, depth=30, blocks=2,
-                            train_count=8000, val_size=2000, test_count=1000, batch_size=100, epochs=150,
-                            lr_milestones=[60, 100], warmup_epochs=5.0, alpha=1.0),
+                            recall_relu=True, head_convs=3, lr=1e-3, train_count=8000, val_size=2000,
+                            test_count=1000, batch_size=100, epochs=150, lr_milestones=[60, 100],
+                            warmup_epochs=5.0, alpha=1.0),
 })
 
 
