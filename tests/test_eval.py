@@ -11,7 +11,8 @@ from helpers import tiny
 from softshare import SoftshareError, create_model
 from softshare.data.tasks import maze_dataset
 from softshare.eval import evaluator_for, exact_match_by_iteration, exact_match_thinking_longer, longest_loop
-from softshare.eval.algorithmic import think
+from softshare.eval.algorithmic import in_trained_layout, think
+from softshare.layers import Conv1d
 
 
 def folded_maze_net(loops: list[int]):
@@ -95,3 +96,16 @@ def test_think_stopping_rules_against_a_scripted_net():
     assert confident["exact_match"] == pytest.approx(2 / 3)
     with pytest.raises(SoftshareError, match="patience must be a positive integer"):
         think(model, "prefix-sums", x, y, 6, 2, torch.device("cpu"), patience=0)
+
+
+def test_evaluation_uses_the_trained_layout_with_the_same_results():
+    """A run trained channels-last is evaluated channels-last (faster 1-D convs), same numbers."""
+    torch.manual_seed(0)
+    model = create_model("prefix_shared", num_classes=2, in_channels=1, width=8, depth=4, blocks=1).eval()
+    x = torch.rand(3, 1, 40) - 0.5
+    before = model(x, return_all=True)
+    assert in_trained_layout(model, {"channels_last": False}) is model
+    assert not any(m.channels_last for m in model.modules() if isinstance(m, Conv1d))
+    in_trained_layout(model, {"channels_last": True})
+    assert all(m.channels_last for m in model.modules() if isinstance(m, Conv1d))
+    torch.testing.assert_close(model(x, return_all=True), before, atol=1e-5, rtol=1e-4)

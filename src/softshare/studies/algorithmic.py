@@ -32,7 +32,7 @@ from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import evaluation_examples
 from ..device import environment_description, resolve_device
 from ..errors import SoftshareError
-from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, think
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, in_trained_layout, think
 from ..fold import DEFAULT_THRESHOLD, fold_model
 from ..io import save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
@@ -192,6 +192,7 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
         result["fold"] = {"loops": loops, "params_after": folded.params_after, "acc_before": before,
                           "acc_after": after, "runs_longer": folded.model.max_iterations is None}
         evaluated = folded.model
+    evaluated = in_trained_layout(evaluated, config.to_dict())
     iterations = evaluated.max_iterations or EXTRAPOLATION_FACTOR * config.depth
     learned = result["fold"]["acc_after"] if "fold" in result else None  # scored already for a shared net
     if iterations > config.depth and (learned if learned is not None
