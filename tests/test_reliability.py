@@ -378,8 +378,10 @@ def test_loss_monitor_lets_a_clipped_net_recover_from_a_spike():
 
 
 def test_divergence_names_the_checkpoint_kept(tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+: .*kept: none yet"):
-        train(tiny(tmp_path, name="a", epochs=1, lr=1e12))
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+: .*kept: none yet.* or with --grad-clip 1$"):
+        train(tiny(tmp_path, name="a", epochs=1, lr=1e12, grad_clip=0.0))
+    with pytest.raises(TrainingDiverged, match=r"or with a tighter --grad-clip than 5$"):  # clipping already on
+        train(tiny(tmp_path, name="c", epochs=1, lr=1e12, grad_clip=5.0))
     train(tiny(tmp_path, name="b", epochs=1))
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+: .*kept: .*b/checkpoints/last \(epoch 1"):
         train(tiny(tmp_path, name="b", epochs=2), resume="auto", changes={"epochs": 2, "lr": 1e12})

@@ -540,14 +540,15 @@ def _restore(checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, dev
 def _diverged(problem: str, epoch: int, index: int, run_path: Path, config: TrainConfig) -> TrainingDiverged:
     """The one-line stop message: where it happened and the checkpoint actually kept."""
     last = run_path / "checkpoints" / "last"
+    clip = f" or with a tighter --grad-clip than {config.grad_clip:g}" if config.grad_clip else " or with --grad-clip 1"
     try:
         meta = json.loads((last / "meta.json").read_text())
         kept = f"kept: {last} (epoch {meta['epoch']}, step {meta['step']})"
         advice = (f"continue from it with a lower learning rate (the same command with --resume auto "
-                  f"--lr {config.lr / 10:g}) or with --grad-clip 1")
+                  f"--lr {config.lr / 10:g}){clip}")
     except (OSError, ValueError, KeyError, TypeError):
         kept = "kept: none yet (no checkpoint was written before it diverged)"
-        advice = f"start again with a lower learning rate (--lr {config.lr / 10:g}) or with --grad-clip 1"
+        advice = f"start again with a lower learning rate (--lr {config.lr / 10:g}){clip}"
     return TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {index + 1}: {problem}; checkpoint "
                             f"{kept}; {advice}")
 
