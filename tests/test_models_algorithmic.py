@@ -155,11 +155,30 @@ def test_shared_body_has_one_bank_per_conv_role():
         assert [layer for layer in bank.layers] == [getattr(it, role) for it in model.blocks]
 
 
-def test_shared_coefficients_start_orthogonal_at_unit_norm():
-    model = build("prefix_shared", depth=3, num_templates=3)
-    for bank in model.banks.values():
-        rows = torch.stack([layer.coefficients.detach() for layer in bank.layers])
-        torch.testing.assert_close(rows @ rows.T, torch.eye(3), atol=1e-5, rtol=0)
+def test_shared_coefficients_start_orthogonal_at_unit_norm_with_a_positive_first_entry():
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = build("prefix_shared", depth=3, num_templates=3)
+        for bank in model.banks.values():
+            rows = torch.stack([layer.coefficients.detach() for layer in bank.layers])
+            torch.testing.assert_close(rows @ rows.T, torch.eye(3), atol=1e-5, rtol=0)
+            assert (rows[:, 0] > 0).all()
+
+
+def test_k1_shared_net_starts_as_the_recurrent_net():
+    """k = 1: every iteration's conv of a role is +1 x its template (no random signs), so the
+    shared net computes exactly what a recurrent net with those templates as weights does."""
+    torch.manual_seed(0)
+    shared = build("prefix_shared", num_templates=1, blocks=1).eval()
+    recurrent = build("prefix_recurrent", blocks=1).eval()
+    with torch.no_grad():
+        for role, bank in shared.banks.items():
+            assert all(layer.coefficients.item() == pytest.approx(1.0) for layer in bank.layers)
+            getattr(recurrent.blocks[0], role).weight.copy_(bank.templates[0])
+        recurrent.projection.weight.copy_(shared.projection.weight)
+        for a, b in zip(recurrent.head.parameters(), shared.head.parameters()):
+            a.copy_(b)
+    torch.testing.assert_close(shared(BITS, return_all=True), recurrent(BITS, 3, return_all=True))
 
 
 def test_spectral_norm_of_matches_numpy_svd():

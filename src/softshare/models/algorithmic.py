@@ -199,9 +199,15 @@ class AlgorithmicNet(nn.Module):
                 for template in bank.templates.data:
                     nn.init.kaiming_uniform_(template, a=math.sqrt(5))
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
-                with torch.no_grad():  # ... each at the scale of one template (rows of unit norm)
+                with torch.no_grad():
                     for layer in bank.layers:
-                        layer.coefficients.div_(layer.coefficients.norm().clamp_min(1e-12))
+                        c = layer.coefficients  # ... each at the scale of one template (a unit row) ...
+                        c.div_(c.norm().clamp_min(1e-12))
+                        # ... with a positive first coefficient. A row and its negation are one direction
+                        # to |cos| (the LSM, folding) but, through the ReLUs, different functions: with
+                        # orthogonal_'s random signs a k = 1 net starts as up to 2^roles different
+                        # iterations, and its folded loop then did not extrapolate (docs/algorithmic.md).
+                        c.mul_(torch.where(c.flatten()[0] < 0, -1.0, 1.0))
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
