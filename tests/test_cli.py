@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import TOY, foreign, tiny
 from softshare import load_into
@@ -279,6 +280,9 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
     assert written["accuracy"] == result["accuracy"]
     assert (run / "eval-best.png").stat().st_size > 0
     assert (run / "eval-best-mazes.png").stat().st_size > 0  # input, target and prediction per size
+    with Image.open(run / "eval-best-mazes.gif") as gif:  # the same rows after iterations 1..5
+        assert gif.format == "GIF" and gif.n_frames == 5 and gif.size[1] > gif.size[0] / 3
+    assert result["mazes_animation"] == str(run / "eval-best-mazes.gif")
     for size in ("9", "11"):
         stable = result["stop"][size]["stable"]
         assert 0 <= stable["exact_match"] <= 1 and 1 <= stable["mean_iteration"] <= 5

@@ -324,7 +324,6 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, **savefig_kwa
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, **savefig_kwargs)
     return path
-    _remove(previous)
 
 
 # -- one writer per directory -------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _task_table(result: dict) -> str:
                      f"{100 * stop['stable']['exact_match']:.1f} @{stop['stable']['mean_iteration']:.0f}",
                      f"{100 * stop['confident']['exact_match']:.1f} @{stop['confident']['mean_iteration']:.0f}"])
     table = format_table(["size", *(f"{t} it" for t in shown), "best", "stable rule", "confident rule"], rows)
-    extra = f", {result['mazes_plot']}" if "mazes_plot" in result else ""
+    extra = f", {result['mazes_plot']}, {result['mazes_animation']}" if "mazes_plot" in result else ""
     return (f"{result['checkpoint']} ({result['model']}, trained at size {result['train_size']} with {trained} "
             f"iterations): exact match % on {result['count']} test instances per size; the rules stop without "
             f"labels (stable: prediction unchanged for {result['patience']} iterations; @ = mean iteration)\n"
