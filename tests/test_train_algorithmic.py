@@ -32,6 +32,17 @@ def test_task_defaults_are_adam_and_explicit_fields_win():
     assert resolve_config("mazes_cpu").task == "mazes"
 
 
+def test_gpu_presets_keep_deepthinkings_body_and_cpu_presets_say_where_they_leave_it():
+    """The *_gpu presets are DeepThinking's published settings (ReLU after recall, 3-conv head;
+    mazes: throttle, no clip); the CPU presets use what measured better on 2 cores (docs)."""
+    def body(c):
+        return (c.recall_relu, c.head_convs, c.lr, c.lr_throttle, c.grad_clip)
+    assert body(resolve_config("prefix_sums_gpu")) == (True, 3, 1e-3, False, 1.0)
+    assert body(resolve_config("mazes_gpu")) == (True, 3, 1e-3, True, 0.0)
+    assert body(resolve_config("prefix_sums_cpu")) == (False, 2, 2e-3, False, 1.0)
+    assert body(resolve_config("mazes_cpu")) == (False, 2, 1e-3, False, 1.0)
+
+
 def test_tiny_maze_run_learns(tmp_path):
     """Size-9 mazes: loss falls and training exact match leaves the trivial 0% within seconds.
 
