@@ -201,13 +201,15 @@ class AlgorithmicNet(nn.Module):
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
                 with torch.no_grad():
                     for layer in bank.layers:
-                        c = layer.coefficients  # ... each at the scale of one template (a unit row) ...
+                        c = layer.coefficients  # ... each at the scale of one template (a unit row)
                         c.div_(c.norm().clamp_min(1e-12))
-                        # ... with a positive first coefficient. A row and its negation are one direction
-                        # to |cos| (the LSM, folding) but, through the ReLUs, different functions: with
-                        # orthogonal_'s random signs a k = 1 net starts as up to 2^roles different
-                        # iterations, and its folded loop then did not extrapolate (docs/algorithmic.md).
-                        c.mul_(torch.where(c.flatten()[0] < 0, -1.0, 1.0))
+                        if c.numel() == 1:
+                            # k = 1: +1, not orthogonal_'s random sign. W and -W are one direction to
+                            # |cos| (the LSM, folding) but different functions through the ReLUs: with
+                            # random signs a k = 1 net starts as up to 2^roles different iterations, and
+                            # its folded loop did not extrapolate (docs/algorithmic.md). For k >= 2 a
+                            # fixed sign of the first coefficient measured worse, so rows stay as drawn.
+                            c.abs_()
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
