@@ -38,7 +38,7 @@ LABELS = {"recurrent": "recurrent", "shared": "soft-shared (folded)", "ff": "fee
 
 @dataclass
 class DemoConfig:
-    """Defaults: the prefix_sums_cpu recipe, about 3.5 minutes on 2 idle CPU cores; flags scale it."""
+    """Defaults: the prefix_sums_cpu recipe, about 2.5 minutes on 2 idle CPU cores; flags scale it."""
 
     out: str = "runs/demo"
     train_count: int = 8000
@@ -200,8 +200,9 @@ def _report(results: dict, lsm_pngs: list[str]) -> str:
         "# softshare demo report", "",
         f"Prefix sums: {c['train_count']} strings of 32 bits for training; three nets of width {c['width']} and "
         f"{c['depth']} iterations trained with one recipe (`prefix_sums_cpu`: DeepThinking's recall iteration "
-        f"with a linear recall and a 2-conv head, progressive loss, Adam); the soft-shared net mixes each conv role from a bank of {c['num_templates']} "
-        f"templates (recurrence regulariser {c['recurrence_reg']}). One seed ({c['seed']}), {c['epochs']} epochs, "
+        f"with a linear recall and a 2-conv head, progressive loss, Adam); the soft-shared net mixes each conv "
+        f"role from a bank of {c['num_templates']} template{'' if c['num_templates'] == 1 else 's'} (recurrence "
+        f"regulariser {c['recurrence_reg']}). One seed ({c['seed']}), {c['epochs']} epochs, "
         f"{results['hardware']}, {results['seconds']:.0f} s in all. Other seeds differ: see docs/algorithmic.md.", "",
         f"| | {heads} |", "| --- |" + " ---: |" * len(NETS),
         "| parameters | " + " | ".join(f"{ev[k]['parameters']:,}" for k in NETS) + " |",
