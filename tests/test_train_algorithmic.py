@@ -50,7 +50,7 @@ def test_tiny_maze_run_learns(tmp_path):
     mazes in general (that takes thousands of steps; see docs/algorithmic.md).
     """
     config = tiny(tmp_path, model="ff", width=16, depth=8, blocks=1, train_count=48, test_count=16, batch_size=8,
-                  epochs=70, lr=3e-3, alpha=0.0, lr_throttle=False, warmup_epochs=0.0, grad_clip=1.0,
+                  epochs=110, lr=3e-3, alpha=0.0, lr_throttle=False, warmup_epochs=0.0, grad_clip=1.0,
                   eval_every=1000, checkpoint_every=1000, name="learn")
     train(config)
     rows = metrics(tmp_path / "learn")
