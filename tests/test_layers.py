@@ -476,6 +476,17 @@ def test_init_coefficients_rows_of_orthogonal_matrix(n, k):
         torch.testing.assert_close(a.T @ a, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+def test_init_coefficients_k1_starts_every_layer_positive():
+    """k = 1: an orthogonal (n x 1) column has random signs; they start positive (same unit column)."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        layers = [SharedLinear(TemplateBank(1, (2, 2))) for _ in range(8)]
+        init_coefficients(layers)
+        a = torch.stack([layer.coefficients.detach() for layer in layers]).double()
+        assert (a > 0).all()
+        torch.testing.assert_close(a.T @ a, torch.eye(1, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
 def test_init_coefficients_rejects_mixed_bank_sizes():
     with pytest.raises(SoftshareError, match="different sizes"):
         init_coefficients([SharedLinear(TemplateBank(2, (2, 2))), SharedLinear(TemplateBank(3, (2, 2)))])

@@ -24,7 +24,7 @@ from ..errors import SoftshareError
 from ..io import check_output, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations, to_channels_last
 from ..progress import progress
-from .plots import animate_maze_thinking, plot_accuracy_vs_iterations, plot_maze_predictions
+from .plots import animate_maze_thinking, maze_predictions, plot_accuracy_vs_iterations, plot_maze_predictions
 
 log = logging.getLogger("softshare.eval")
 
@@ -154,7 +154,7 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     if config.get("task") not in IN_CHANNELS:
         raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
     if out and config["task"] == "mazes" and not Path(out).exists():  # the maze figure beside a new result
-        for extra in (_mazes_plot_path(Path(out)), _mazes_plot_path(Path(out)).with_suffix(".gif")):
+        for extra in (_mazes_plot_path(Path(out)), _mazes_animation_path(Path(out))):
             check_output(extra, "eval plot", overwrite=overwrite, directory=False)
     dev = resolve_device(device)
     model = in_trained_layout(load(ckpt_path, device=dev), config)
@@ -180,11 +180,10 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     plots = {"plot": json_path.with_suffix(".png")}
     plot_accuracy_vs_iterations(result, plots["plot"])
     if config["task"] == "mazes":
+        predictions = maze_predictions(model, examples, iterations, dev)
         plots["mazes_plot"] = _mazes_plot_path(json_path)
-        shown = min(trained, iterations)
-        plot_maze_predictions(model, examples, shown, plots["mazes_plot"], dev)
-        plots["mazes_animation"] = animate_maze_thinking(model, examples, iterations,
-                                                         plots["mazes_plot"].with_suffix(".gif"), dev)
+        plot_maze_predictions(examples, predictions, min(trained, iterations), plots["mazes_plot"])
+        plots["mazes_animation"] = animate_maze_thinking(examples, predictions, _mazes_animation_path(json_path))
     return {**result, "json": str(json_path), **{k: str(v) for k, v in plots.items()}}
 
 
@@ -196,6 +195,10 @@ def in_trained_layout(model: nn.Module, config: dict) -> nn.Module:
 
 def _mazes_plot_path(json_path: Path) -> Path:
     return json_path.with_name(json_path.stem + "-mazes.png")
+
+
+def _mazes_animation_path(json_path: Path) -> Path:
+    return _mazes_plot_path(json_path).with_suffix(".gif")
 
 
 def _default_eval_path(ckpt_path: Path) -> Path:

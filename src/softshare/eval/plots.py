@@ -38,7 +38,6 @@ def plot_accuracy_vs_iterations(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-@torch.no_grad()
 def _maze_rows(fig: Figure, examples: dict[int, tuple[Tensor, Tensor]], predictions: dict[int, Tensor],
                iterations: int) -> None:
     """One row per size: input, target path, prediction (walls masked: they do not count)."""
@@ -59,9 +58,10 @@ def _maze_rows(fig: Figure, examples: dict[int, tuple[Tensor, Tensor]], predicti
 
 
 @torch.no_grad()
-def _maze_predictions(model: nn.Module, examples: dict[int, tuple[Tensor, Tensor]], iterations: int,
-                      device: torch.device) -> dict[int, Tensor]:
-    """Per size, the predicted path (iterations, H, W) after every iteration, from one pass."""
+def maze_predictions(model: nn.Module, examples: dict[int, tuple[Tensor, Tensor]], iterations: int,
+                     device: torch.device) -> dict[int, Tensor]:
+    """Per size, the predicted path (iterations, H, W) after every iteration, from one pass: what
+    `plot_maze_predictions` and `animate_maze_thinking` draw."""
     was_training = model.training
     model.eval()
     try:
@@ -71,27 +71,26 @@ def _maze_predictions(model: nn.Module, examples: dict[int, tuple[Tensor, Tensor
         model.train(was_training)
 
 
-def plot_maze_predictions(model: nn.Module, examples: dict[int, tuple[Tensor, Tensor]], iterations: int,
-                          path: Path, device: torch.device) -> None:
+def plot_maze_predictions(examples: dict[int, tuple[Tensor, Tensor]], predictions: dict[int, Tensor],
+                          iterations: int, path: Path) -> None:
     """One maze per size: input, target path and the prediction after `iterations` iterations."""
-    every = _maze_predictions(model, examples, iterations, device)
     fig = Figure(figsize=(7.5, 2.5 * len(examples)), layout="tight")
-    _maze_rows(fig, examples, {size: p[-1] for size, p in every.items()}, iterations)
+    _maze_rows(fig, examples, {size: p[iterations - 1] for size, p in predictions.items()}, iterations)
     save_figure(fig, path)
 
 
-def animate_maze_thinking(model: nn.Module, examples: dict[int, tuple[Tensor, Tensor]], iterations: int,
-                          path: Path, device: torch.device, frames: int = 40, ms_per_frame: int = 150) -> Path:
-    """A GIF of the same rows iteration by iteration (`frames` frames spread over 1..iterations, the
-    last held): watch the path grow from the start, and whether it holds past the trained count.
+def animate_maze_thinking(examples: dict[int, tuple[Tensor, Tensor]], predictions: dict[int, Tensor], path: Path,
+                          frames: int = 40, ms_per_frame: int = 150) -> Path:
+    """A GIF of the same rows iteration by iteration (`frames` frames spread over all the predictions'
+    iterations, the last held): watch the path form, and whether it holds past the trained count.
     Frames are drawn off-screen (Agg canvas of a Figure) and written atomically with Pillow."""
-    every = _maze_predictions(model, examples, iterations, device)
+    iterations = len(next(iter(predictions.values())))
     steps = sorted({int(t) for t in np.linspace(1, iterations, min(frames, iterations)).round()})
     images = []
     for t in steps:
         fig = Figure(figsize=(7.5, 2.5 * len(examples)), dpi=60, layout="tight")
         canvas = FigureCanvasAgg(fig)
-        _maze_rows(fig, examples, {size: p[t - 1] for size, p in every.items()}, t)
+        _maze_rows(fig, examples, {size: p[t - 1] for size, p in predictions.items()}, t)
         canvas.draw()
         images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB"))
     durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 10]

@@ -100,7 +100,11 @@ def init_coefficients(layers: Sequence[nn.Module]) -> None:
     """Give the layers of one bank the rows of an orthogonally initialised (n_layers x k) matrix.
 
     With k >= n_layers the coefficient vectors are orthonormal, so the layers start as far
-    from each other as the bank allows (the paper's initialisation).
+    from each other as the bank allows (the paper's initialisation). With k = 1 the rows are
+    scalars that can differ only in sign, and W and -W are one direction to |cos| (the LSM,
+    folding) but different functions through a ReLU: they start positive, every layer a multiple
+    of the one template (a k = 1 prefix-sum net with random signs folded but did not extrapolate;
+    docs/algorithmic.md).
     """
     layers = list(layers)
     if not layers:
@@ -110,6 +114,8 @@ def init_coefficients(layers: Sequence[nn.Module]) -> None:
         raise SoftshareError(f"layers passed to init_coefficients use banks of different sizes {ks}")
     matrix = torch.empty(len(layers), ks.pop())
     nn.init.orthogonal_(matrix)
+    if matrix.shape[1] == 1:
+        matrix.abs_()
     with torch.no_grad():
         for layer, row in zip(layers, matrix):
             layer.coefficients.copy_(row)

@@ -199,17 +199,9 @@ class AlgorithmicNet(nn.Module):
                 for template in bank.templates.data:
                     nn.init.kaiming_uniform_(template, a=math.sqrt(5))
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
-                with torch.no_grad():
+                with torch.no_grad():  # ... each at the scale of one template (rows of unit norm; k = 1: +1)
                     for layer in bank.layers:
-                        c = layer.coefficients  # ... each at the scale of one template (a unit row)
-                        c.div_(c.norm().clamp_min(1e-12))
-                        if c.numel() == 1:
-                            # k = 1: +1, not orthogonal_'s random sign. W and -W are one direction to
-                            # |cos| (the LSM, folding) but different functions through the ReLUs: with
-                            # random signs a k = 1 net starts as up to 2^roles different iterations, and
-                            # its folded loop did not extrapolate (docs/algorithmic.md). For k >= 2 a
-                            # fixed sign of the first coefficient measured worse, so rows stay as drawn.
-                            c.abs_()
+                        layer.coefficients.div_(layer.coefficients.norm().clamp_min(1e-12))
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
