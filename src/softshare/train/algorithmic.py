@@ -20,6 +20,8 @@ from ..eval.algorithmic import score
 from ..io import write_json
 from ..models import create_model
 from ..models.algorithmic import BODIES
+from ..models.registry import check_model_args
+from .config import TrainConfig
 from .task import Task
 
 MODEL_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
@@ -44,6 +46,12 @@ def resolve_model_name(task: str, model: str) -> str:
     names = ", ".join([*BODIES, *(f"{prefix}_{body}" for body in BODIES)])
     raise SoftshareError(f"model {model!r} cannot be trained on {task} (it needs a {prefix} model that "
                          f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
+
+
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work."""
+    model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
+    check_model_args(model, config.model_args)
 
 
 class AlgorithmicTask(Task):
