@@ -322,7 +322,7 @@ def train_on_two_ranks(tmp_path: Path, overrides: dict, preset: str | None = Non
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=400, env=env)
+                          str(script)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []

@@ -138,9 +138,10 @@ def test_failure_mid_save_keeps_old_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("softshare.checkpoint.save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SoftshareError, match="cannot write checkpoint .*ck: disk full; the checkpoint that was there "
+                                             "is intact"):
         save_checkpoint(tmp_path / "ck", model, epoch=2)
-    with pytest.raises(OSError):
+    with pytest.raises(SoftshareError, match="disk full"):
         save_checkpoint(tmp_path / "new", model)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

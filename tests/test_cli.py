@@ -25,7 +25,7 @@ from softshare.data.tasks import generate_mazes, load_mazes, load_prefix_sums, m
 from softshare.fold import loop_blocks
 from softshare.models import create_model
 from softshare.studies.demo import DemoConfig, run_demo
-from softshare.train.config import PRESETS, TrainConfig
+from softshare.train.config import PRESETS, TrainConfig, resolve_config
 from softshare.train.config_help import FIELD_CHOICES, FIELD_HELP
 from softshare.train.loop import train
 from softshare.version import __version__
@@ -39,8 +39,7 @@ def jobs() -> list[str]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "softshare", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run([sys.executable, "-m", "softshare", *args], capture_output=True, text=True, env=env)
 
 
 def test_core_jobs_are_registered_in_order():
@@ -263,7 +262,7 @@ def test_cli_failure_midway_leaves_previous_set_intact(tmp_path, monkeypatch, in
 
 def test_cli_bad_flag_value_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--lr", "-1",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "lr must be > 0" in out.stderr
 
 
@@ -404,7 +403,7 @@ def test_share_of_a_registered_model_and_bad_builders(capsys):
     assert main(["share", "nowhere.at.all:build"]) == 2
     assert "cannot import nowhere.at.all:build" in capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "softshare", "share", "helpers:foreign", "-k", "x"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
 
 
@@ -455,3 +454,29 @@ def test_digits_tiny_model_shares():
     with torch.device("meta"):
         stats = sharing_stats(create_model(PRESETS["digits_tiny"]["model"], in_channels=1))
     assert stats.total < 0.7 * stats.unshared_total
+
+
+def test_train_help_shows_each_tasks_own_defaults():
+    """What a run of each task gets without a preset or flag, checked against --print-config."""
+    train = next(a for a in build_parser()._actions if a.dest == "job").choices["train"]
+    flags = {a.dest: a.help for a in train._actions}
+    prefix = resolve_config(overrides={"task": "prefix-sums"})
+    mazes = resolve_config(overrides={"task": "mazes"})
+    assert f"(default: mazes: {mazes.width}; prefix-sums: {prefix.width})" in flags["width"]
+    assert f"mazes: {mazes.depth}; prefix-sums: {prefix.depth}" in flags["depth"]
+    assert f"prefix-sums: {prefix.blocks}" in flags["blocks"] and f"prefix-sums: {prefix.head_convs}" in flags["head_convs"]
+    assert f"(default: 0.1; mazes: {mazes.lr}; prefix-sums: {prefix.lr})" in flags["lr"].replace("%%", "%")
+    assert f"(default: {TrainConfig.momentum})" in flags["momentum"]  # the same for every task: one value
+
+
+def test_eval_names_the_checkpoint_how_it_was_chosen_and_the_split(tmp_path, capsys):
+    config = resolve_config("digits_tiny", overrides={"model": "swrn_16_1_2", "epochs": 1, "out_dir": str(tmp_path),
+                                                      "name": "r", "device": "cpu"})
+    train(config)
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints/best (epoch 1 of 1, chosen on validation accuracy" in out
+    assert "scored on the digits test set (360 images)" in out
+    assert main(["eval", str(tmp_path / "r" / "checkpoints" / "last"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["epoch"] == 1 and "the last epoch trained" in result["chosen"]

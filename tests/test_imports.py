@@ -14,9 +14,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softshare"
 
 # What each part of softshare may import (besides itself); see docs/DESIGN.md, "Layout".
-BASE = {"errors", "io", "version", "wrappers", "device", "progress"}
+BASE = {"errors", "io", "version", "wrappers", "device", "progress", "budget"}
 ALLOWED = {
     "errors": set(), "io": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "budget": {"errors"},
     "layers": {"errors"},
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},

@@ -22,8 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .budget import build_skeleton, memory_budget
 from .errors import SoftshareError
-from .io import atomic_path, crash_point
+from .io import atomic_path, crash_point, describe_os_error
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
 from .version import __version__
@@ -34,6 +35,7 @@ VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "state.pt"
+LOAD_BYTES_PER_PARAM = 8  # the weights read, and the model they are loaded into
 _ACCEPTS = "a run directory (runs/<name>/), a checkpoint directory or its model.safetensors"
 
 
@@ -143,15 +145,38 @@ def save_checkpoint(
     except (TypeError, ValueError) as err:
         raise SoftshareError(f"cannot save checkpoint {directory}: its meta data is not JSON ({err}); pass "
                              f"config and metrics as dicts of numbers, strings, lists and dicts") from err
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        save_file(tensors, tmp / MODEL_FILE)
-        crash_point("weights", directory)
-        if train_state is not None:
-            _save_train_state(train_state, tmp / STATE_FILE)
-            crash_point("state", directory)
-        (tmp / META_FILE).write_text(meta_text)
+    try:
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            save_file(tensors, tmp / MODEL_FILE)
+            crash_point("weights", directory)
+            if train_state is not None:
+                _save_train_state(train_state, tmp / STATE_FILE)
+                crash_point("state", directory)
+            (tmp / META_FILE).write_text(meta_text)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise SoftshareError(f"cannot write checkpoint {directory}: {reason}; the checkpoint that was there is "
+                             f"intact (free space or fix the cause, then rerun: training continues with "
+                             f"--resume auto)") from None
     return directory
+
+
+def _write_failure(err: Exception) -> str | None:
+    """Why a checkpoint write failed, if it was the disk (full, file-size limit, read-only...), in one
+    line; None for any other error (raised as it is)."""
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    text = str(err)
+    if isinstance(err, SafetensorError) or "inline_container" in text or "failed writing" in text \
+            or "file write failed" in text:
+        code = re.search(r"(?:os error|code:?) (\d+)", text)
+        if code:
+            return describe_os_error(OSError(int(code[1]), os.strerror(int(code[1]))))
+        return "the disk refused the write (full, or a file-size limit reached)"
+    return None
 
 
 # -- finding and reading ------------------------------------------------------------------------
@@ -208,6 +233,11 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's meta.json, checked (see `find_checkpoint` for accepted paths); no weights read."""
+    return _read_meta(find_checkpoint(path))
+
+
 def _read_weights(directory: Path, aliases: Mapping[str, str], map_location: str | torch.device) -> dict[str, Tensor]:
     model_path = directory / MODEL_FILE
     if not model_path.is_file():
@@ -256,6 +286,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     state = _read_weights(directory, meta.get("aliases", {}), map_location)
     extra = _read_train_state(directory, map_location) if train_state else None
     return Checkpoint(state, meta, extra, directory)
+
+
+def describe_checkpoint(ckpt_path: Path, meta: dict) -> str:
+    """Which weights a score is of: the checkpoint, its epoch and how it was chosen (validation,
+    or, for a 'best' an older softshare chose with val_size 0, the test set itself)."""
+    config = meta.get("config") or {}
+    epoch = meta.get("epoch")
+    at = f"epoch {epoch}" + (f" of {config['epochs']}" if config.get("epochs") else "") if epoch is not None else ""
+    if ckpt_path.parent.name != "checkpoints":
+        return f"{ckpt_path}" + (f" ({at})" if at else "")
+    which = ckpt_path.name
+    if which == "best":
+        if config.get("val_size") == 0:
+            how = ("chosen on the TEST set (a run of an older softshare with val_size 0): its test score is "
+                   "optimistic; score checkpoints/last for an honest one")
+        else:
+            best = meta.get("best_metric")
+            how = "chosen on validation accuracy" + (f" {best:.4f}" if isinstance(best, (int, float)) else "")
+    elif which == "last":
+        how = "the last epoch trained" + ("" if config.get("val_size") != 0 else " (the run has no validation split, "
+                                                                                "so no 'best')")
+    else:
+        how = which
+    return f"{ckpt_path} ({', '.join(p for p in (at, how) if p)})"
+
 
 
 # -- loading into models ------------------------------------------------------------------------
@@ -335,8 +390,9 @@ def build_model_for(checkpoint: Checkpoint) -> nn.Module:
                 raise _corrupt_meta(path, err) from err
         return model
 
-    with torch.device("meta"):
-        skeleton = build()
+    budget, _ = memory_budget()
+    skeleton = build_skeleton(build, budget / LOAD_BYTES_PER_PARAM, f"the model of checkpoint {path}",
+                              "its meta.json is corrupt or the model too large for this machine")
     _load_strict(skeleton, checkpoint, dry_run=True)
     return build()
 

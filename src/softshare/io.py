@@ -11,11 +11,15 @@ Protocol of `atomic_path` (files and directories alike):
 
 A writer killed at any point leaves ``<name>`` complete (old or new), or, only inside the
 fallback's two renames, missing with the complete old one at ``.<name>.old-<pid>``.
-`recover_leftovers` (run by every writer before it writes) finishes that: it puts the old one
-back and deletes temporaries of writers that are no longer alive.
+`recover_leftovers` (run by every writer over the directory it writes into, before it writes)
+finishes that: it puts the old one back and deletes temporaries of writers no longer alive.
 
-Outputs of jobs (`check_output`) carry a marker file naming what wrote them, so a job only ever
-replaces its own earlier output of the same kind, never a user's files.
+Outputs of jobs (`check_output`) carry a marker file naming what wrote them and the files it
+wrote, so a job only ever replaces its own earlier output of the same kind, never a user's
+files: ownership is proven by the marker (or by content, for outputs of versions before
+markers), never by the names of the files a directory holds. A replacement keeps the files of
+the old directory that the job did not write there (`atomic_path(keep_foreign=True)`,
+`rebuild_dir`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,19 +130,23 @@ def recover_leftovers(directory: str | os.PathLike, names: Iterable[str] | None 
     """Finish what dead writers left in `directory`; returns what was done, one phrase each.
 
     A ``.<name>.old-<pid>`` of a dead writer is the complete previous version: it is put back
-    if ``<name>`` is missing (a crash between the two renames) and deleted otherwise. A
-    ``.<name>.previous-<pid>`` (`rebuild_dir`) is put back unless ``<name>`` is a complete
-    output. Temporary ``.<name>.<pid>.*.tmp`` of dead writers are deleted. `names` limits this
-    to those targets.
+    if ``<name>`` is missing (a crash between the two renames) and deleted otherwise. A sibling
+    ``.<name>.previous-<pid>`` (what `rebuild_dir` of earlier versions left beside its output)
+    is put back unless ``<name>`` is a complete output; those `rebuild_dir` now leaves inside its
+    output are `recover_output`'s. Temporary ``.<name>.<pid>.*.tmp`` of dead writers are
+    deleted. `names` limits this to those targets.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
     wanted = None if names is None else set(names)
+    rebuilt = isinstance(_marker(directory).get("owned"), list)  # its .previous-<pid> are recover_output's
     done = []
     for entry in sorted(directory.iterdir()):
         match = _OLD.match(entry.name) or _TMP.match(entry.name)
         if not match or (wanted is not None and match["name"] not in wanted) or _alive(int(match["pid"])):
+            continue
+        if rebuilt and match.re is _OLD and match["how"] == "previous":
             continue
         target = directory / match["name"]
         previous = match.re is _OLD and match["how"] == "previous"
@@ -156,21 +165,26 @@ def recover_leftovers(directory: str | os.PathLike, names: Iterable[str] | None 
 
 # -- atomic replacement -------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_foreign: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success make it `path` durably, else delete it.
 
-    Works for files and directories (a directory target replaces any existing one). See the
-    module docstring for what a crash at any instant leaves behind.
+    Works for files and directories (a directory target replaces any existing one). With
+    `keep_foreign`, a directory replacing an existing one first receives (as hard links, else
+    copies) the old one's entries that the job did not write (not listed in its output marker)
+    and the new one does not hold: replacing an output never deletes a user's file beside it.
+    See the module docstring for what a crash at any instant leaves behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_leftovers(path.parent, [path.name])
+    recover_leftovers(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.unlink(tmp_name)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if keep_foreign and tmp.is_dir() and path.is_dir() and not path.is_symlink():
+            _carry_over(path, tmp)
         crash_point("written", path)
         fsync_tree(tmp)
         crash_point("synced", path)
@@ -178,6 +192,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Link (else copy) into `new` every entry of `old` the job did not write and `new` lacks."""
+    ours = set(_marker(old).get("files", [])) | {OUTPUT_MARKER}
+    for entry in old.iterdir():
+        target = new / entry.name
+        if entry.name in ours or os.path.lexists(target) or _TMP.match(entry.name) or _OLD.match(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -231,25 +268,32 @@ def output_complete(path: Path) -> bool:
     return _marker(path).get("complete") is True
 
 
-def mark_output(directory: str | os.PathLike, kind: str, complete: bool = True) -> None:
-    """Record that `directory` is a softshare output of `kind` (so a rerun may replace it)."""
-    write_json(Path(directory) / OUTPUT_MARKER, {"kind": kind, "complete": complete})
+def mark_output(directory: str | os.PathLike, kind: str, complete: bool = True,
+                files: Iterable[str] | None = None, **extra: Any) -> None:
+    """Record that `directory` is a softshare output of `kind` and which of its entries the job
+    wrote (default: everything there now), so a rerun may replace those and nothing else."""
+    directory = Path(directory)
+    if files is None:
+        files = (p.name for p in directory.iterdir() if p.name != OUTPUT_MARKER and not _TMP.match(p.name))
+    write_json(directory / OUTPUT_MARKER, {"kind": kind, "complete": complete, "files": sorted(files), **extra})
 
 
 def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False, flag: str | None = "--overwrite",
-                 directory: bool = True, legacy: tuple[str, ...] = (),
+                 directory: bool = True, legacy: Callable[[Path], bool] | None = None,
                  protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse, before any work, to write a job's output where it would destroy something.
 
     Allowed without `overwrite`: a new path, an empty directory, or (`directory` outputs) a
-    directory marked as this job's own output of the same `kind` (or holding every file named
-    in `legacy`, how older versions' outputs are recognised). Anything else (a file where a
-    directory goes or the reverse, a foreign directory, another kind's output, a path inside
-    or around one of `protect`, e.g. the job's own source) is refused with one line naming it
-    and `flag` (None: the job offers no way to replace, only a new path). Returns `path` as a Path.
+    directory marked as this job's own output of the same `kind` (or one `legacy` proves, by
+    its content, to be an output of a version before markers). Anything else (a file where a
+    directory goes or the reverse, a symbolic link, a foreign directory, another kind's output,
+    a path inside or around one of `protect`, e.g. the job's own source) is refused with one
+    line naming it and `flag` (None: the job offers no way to replace, only a new path). The
+    place must be writable. Returns `path` as a Path.
     """
     path = Path(path)
-    recover_leftovers(path.parent, [path.name])
+    recover_leftovers(path.parent)
+    recover_output(path)
     resolved = path.resolve()
     for source in protect:
         source = Path(source).resolve()
@@ -258,29 +302,69 @@ def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
             raise SoftshareError(f"refusing to write the {kind} output to {path}: that would replace or write "
                                  f"into its own source {source}; choose another path"
                                  f"{f' (or pass {flag} to replace it)' if flag else ''}")
+    if path.is_symlink():
+        target = "a directory" if path.is_dir() else "a file" if path.exists() else "nothing"
+        raise SoftshareError(f"refusing to write the {kind} output to {path}: it is a symbolic link (to {target}, "
+                             f"{os.path.realpath(path)}); softshare does not write through links: pass the real "
+                             f"path, or a new one")
+    check_writable(path)
     if overwrite or not os.path.lexists(path):
         return path
     if directory:
-        if path.is_dir() and not path.is_symlink():
-            if not any(path.iterdir()) or output_kind(path) == kind \
-                    or (legacy and all((path / name).exists() for name in legacy)):
+        if path.is_dir():
+            if not any(path.iterdir()) or output_kind(path) == kind or (
+                    legacy is not None and output_kind(path) is None and legacy(path)):
                 return path
             theirs = output_kind(path)
             what = f"a softshare {theirs} output" if theirs else "a directory this job did not write"
         else:
             what = "a file, not a directory"
-    elif path.is_file() and not path.is_symlink():
+    elif path.is_file():
         return path if _is_own_file(path, kind) else _refuse(path, kind, "a file this job did not write", flag)
     else:
         what = "a directory, not a file"
     return _refuse(path, kind, what, flag)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose nearest existing ancestor cannot be written into
+    (read-only file system, no permission): found by creating and deleting a probe file there."""
+    path = Path(path)
+    parent = path.parent if not path.is_dir() or path.is_symlink() else path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SoftshareError(f"cannot write {path}: {parent} is a file, not a directory; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SoftshareError(f"cannot write {path}: {describe_os_error(err, parent)}; choose another path, or fix "
+                             f"the permissions of {parent}") from None
+
+
+def describe_os_error(err: OSError, where: str | os.PathLike | None = None) -> str:
+    """A failed write in words the user can act on (disk full, file-size limit, read-only...)."""
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+               errno.EFBIG: "a file grew past the file-size limit (ulimit -f)",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.ENOMEM: "out of memory"}
+    reason = reasons.get(err.errno) or err.strerror or str(err) or type(err).__name__
+    where = where if where is not None else err.filename
+    return f"{reason} ({where})" if where else reason
+
+
 def _is_own_file(path: Path, kind: str) -> bool:
     try:
-        return json.loads(path.read_text()).get("softshare_output") == kind
+        with path.open("rb") as f:
+            head = f.read(MAX_OWN_FILE + 1)
+        return len(head) <= MAX_OWN_FILE and json.loads(head).get("softshare_output") == kind
     except (OSError, ValueError, AttributeError):
         return False
+
+
+MAX_OWN_FILE = 64 << 20  # a JSON output of a job is never this large; a larger file is not read
 
 
 def _refuse(path: Path, kind: str, what: str, flag: str | None) -> Path:
@@ -288,33 +372,75 @@ def _refuse(path: Path, kind: str, what: str, flag: str | None) -> Path:
                          f"new path{f', or pass {flag} to replace it' if flag else ''}")
 
 
+def _previous(path: Path, name: str, pid: int) -> Path:
+    return path / f".{name}.previous-{pid}"
+
+
 @contextlib.contextmanager
-def rebuild_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
+def rebuild_dir(path: str | os.PathLike, kind: str, owned: Iterable[str]) -> Iterator[Path]:
     """Build output directory `path` in place (so files inside may record their final paths).
 
-    A previous `path` is set aside as ``.<name>.previous-<pid>`` and restored if the build
-    fails. The marker says "incomplete" until the build is done, so after a kill half-way
-    `recover_leftovers` puts the previous directory back. Callers vet the target with
+    Only the job's own entries (`owned` names, and the marker) of a previous output are set
+    aside, inside `path`, as ``.<name>.previous-<pid>``: deleted when the build is done, put back
+    if it fails; the directory itself and the user's other files in it never move. The marker
+    says "incomplete" (with the writer and its entries) until the build is done, so after a kill
+    half-way `recover_output` puts the previous output back. Callers vet the target with
     `check_output` first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_leftovers(path.parent, [path.name])
-    previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
-    if path.exists():
-        os.replace(path, previous)
+    owned = sorted(set(owned) - {OUTPUT_MARKER})
+    recover_output(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    for name in [OUTPUT_MARKER, *owned]:
+        if os.path.lexists(path / name):
+            os.replace(path / name, _previous(path, name, pid))
+    fsync_path(path)
     try:
-        path.mkdir(parents=True)
-        mark_output(path, kind, complete=False)
+        write_json(path / OUTPUT_MARKER, {"kind": kind, "complete": False, "writer": pid, "owned": owned})
+        crash_point("rebuilding", path)
         yield path
         fsync_tree(path)
-        mark_output(path, kind)
+        mark_output(path, kind, files=[n for n in owned if os.path.lexists(path / n)], owned=owned)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.lexists(previous):
-            os.replace(previous, path)
+        _roll_back(path, owned, pid)
+        if created and not any(path.iterdir()):
+            path.rmdir()
         raise
-    shutil.rmtree(previous, ignore_errors=True)
+    for name in [OUTPUT_MARKER, *owned]:
+        _remove(_previous(path, name, pid))
+
+
+def _roll_back(path: Path, owned: Iterable[str], pid: int) -> None:
+    """Undo a half-done `rebuild_dir` of writer `pid`: its new entries go, the previous ones return."""
+    for name in [*owned, OUTPUT_MARKER]:
+        _remove(path / name)
+        if os.path.lexists(_previous(path, name, pid)):
+            os.replace(_previous(path, name, pid), path / name)
+    fsync_path(path)
+
+
+def recover_output(path: str | os.PathLike) -> bool:
+    """Put back the previous output of a `rebuild_dir` whose writer died half-way; True if it did."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    marker = _marker(path)
+    pid, owned = marker.get("writer"), marker.get("owned")
+    if not isinstance(owned, list) or not all(isinstance(name, str) and "/" not in name for name in owned):
+        return False
+    if marker.get("complete") is True:  # finished, killed before deleting what it had set aside
+        for entry in path.iterdir():
+            match = _OLD.match(entry.name)
+            if match and match["how"] == "previous" and match["name"] in {*owned, OUTPUT_MARKER} \
+                    and not _alive(int(match["pid"])):
+                _remove(entry)
+        return False
+    if not isinstance(pid, int) or _alive(pid):
+        return False
+    _roll_back(path, owned, pid)
+    return True
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, **savefig_kwargs: Any) -> Path:
@@ -326,30 +452,62 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, **savefig_kwa
     return path
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file: what an output records of the files it wrote beside it, to prove them its own."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # -- one writer per directory -------------------------------------------------------------------
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
-    """Hold an OS lock (flock on ``<directory>/.lock``) for the block: one writer per directory.
+def exclusive_lock(directory: str | os.PathLike, what: str, fix: str, *,
+                   lock_file: str | os.PathLike | None = None) -> Iterator[None]:
+    """Hold an OS lock (flock on ``<directory>/.lock``, or on `lock_file`) for the block: one writer.
 
     The kernel drops the lock when its holder dies, so a lock left by a killed process never
     blocks; a live holder makes this raise one line naming its PID (`what` names the directory
-    to the user, `fix` says what to do instead).
+    to the user, `fix` says what to do instead). A `lock_file` (beside a single output) is
+    deleted on release; the lock is taken only on the file still at that path, so a writer
+    that finds it deleted under it tries again.
     """
-    path = Path(directory) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise SoftshareError(f"{what} {directory} is in use by another softshare process (PID {holder}); "
-                             f"{fix}") from None
-    except BaseException:
-        os.close(fd)
-        raise
+    path = Path(lock_file) if lock_file is not None else Path(directory) / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SoftshareError(f"{what} {directory} is in use by another softshare process (PID {holder}); "
+                                 f"{fix}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # deleted by the holder that just released it: lock the new one
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (deleting it would race with a new holder)
+        if lock_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.close(fd)  # releases the lock; the run's .lock stays (deleting it would race with a new holder)
+
+
+def output_lock(path: str | os.PathLike, what: str) -> contextlib.AbstractContextManager[None]:
+    """One writer for output `path` (a file or directory) at a time: a hidden lock file beside it,
+    gone when the writer ends. A second writer is refused with the first one's PID."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(path, what, "wait for it to finish, or write somewhere else",
+                          lock_file=path.with_name(f".{path.name}.lock"))

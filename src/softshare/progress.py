@@ -8,10 +8,11 @@ and nowhere when softshare is used as a quiet library.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -34,25 +35,41 @@ class Progress:
         desc: what is progressing, e.g. ``"epoch 3/10"``.
         log: where the lines go when there is no terminal.
         bar: force the bar on (True) or off (False); None: a bar iff stderr is a terminal.
-        every_s, every_fraction: a line after this long or this share of `total`, whichever first.
+        every_s, every_fraction: a line after this long or this share of the work, whichever first.
+        weights: the relative cost of each step (e.g. the size of each test set), when steps differ:
+            the percentage and the ETA are of the work, not of the step count, so a job whose
+            last steps are the largest does not promise to end early.
     """
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0,
                  log: logging.Logger | None = None, bar: bool | None = None, enabled: bool = True,
-                 every_s: float = 30.0, every_fraction: float = 0.1) -> None:
+                 every_s: float = 30.0, every_fraction: float = 0.1, weights: Sequence[float] | None = None) -> None:
+        if weights is not None:
+            total = len(weights)
+        self._work = list(itertools.accumulate(weights, initial=0.0)) if weights is not None else None
         self.total, self.desc, self.unit, self.count = total, desc, unit, initial
         self.log = log or _default_log
         self.enabled = enabled
         self.every_s, self.every_fraction = every_s, every_fraction
         self.values: dict[str, object] = {}
         use_bar = sys.stderr.isatty() if bar is None else bar
-        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False) if enabled and use_bar else None
+        self._bar = None
+        if enabled and use_bar:  # weighted: the bar counts percent of the work, so its ETA is the work's
+            self._bar = (tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False) if self._work is None
+                         else tqdm(total=100.0, initial=100 * self._fraction(), desc=desc, leave=False,
+                                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}"))
         self._start = self._last = time.perf_counter()
         self._initial = initial
         self._next_fraction = self._fraction() + every_fraction if total else None
 
+    def _done(self, count: int) -> float:
+        """Work done after `count` steps (steps themselves unless weighted)."""
+        if self._work is None:
+            return float(count)
+        return self._work[min(max(count, 0), len(self._work) - 1)]
+
     def _fraction(self) -> float:
-        return self.count / self.total if self.total else 0.0
+        return self._done(self.count) / self._done(self.total) if self.total and self._done(self.total) else 0.0
 
     def set(self, **values: object) -> None:
         self.values = values
@@ -64,7 +81,7 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(n if self._work is None else 100 * self._fraction() - self._bar.n)
             return
         now = time.perf_counter()
         due_time = now - self._last >= self.every_s
@@ -79,15 +96,15 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """``desc: 45/100 batch (45%), 12.3 batch/s, ETA 0:04, loss=0.31``."""
         elapsed = (now or time.perf_counter()) - self._start
-        done = self.count - self._initial
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = (self.count - self._initial) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.count}/{self.total} {self.unit}" if self.total else
                  f"{self.desc}: {self.count} {self.unit}"]
         if self.total:
-            parts[0] += f" ({self._fraction():.0%})"
+            parts[0] += f" ({self._fraction():.0%}{' of the work' if self._work is not None else ''})"
         parts.append(f"{rate:.3g} {self.unit}/s")
-        if self.total and rate > 0:
-            parts.append(f"ETA {_duration((self.total - self.count) / rate)}")
+        work_done = self._done(self.count) - self._done(self._initial)  # by this process (after a resume)
+        if self.total and work_done > 0 and elapsed > 0:
+            parts.append(f"ETA {_duration((self._done(self.total) - self._done(self.count)) * elapsed / work_done)}")
         parts += [f"{k}={v}" for k, v in self.values.items()]
         return ", ".join(parts)
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -16,7 +17,7 @@ def _number(kind, predicate, what):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not predicate(value):
+        if not math.isfinite(value) or not predicate(value):  # never inf or nan
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     parse.__name__ = what
@@ -25,8 +26,8 @@ def _number(kind, predicate, what):
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _number(float, lambda v: v > 0, "a positive number")
-nonnegative_float = _number(float, lambda v: v >= 0, "a non-negative number")
+positive_float = _number(float, lambda v: v > 0, "a finite positive number")
+nonnegative_float = _number(float, lambda v: v >= 0, "a finite non-negative number")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.tasks import (check_maze_args, check_prefix_sum_args, generate_prefix_sums, image_side, maze_dir,
-                          prefix_sum_dir, save_prefix_sums, write_mazes)
+                          prefix_sum_dir, save_prefix_sums, write_mazes, written_by_softshare)
+from ..budget import check_disk, check_fits
 from ..errors import SoftshareError
-from ..io import check_output
+from ..io import check_output, recover_leftovers
 from ._common import add_overwrite
 
 ORDER = 60
@@ -52,22 +53,26 @@ def run(args: argparse.Namespace) -> int:
     return _mazes(args) if args.task == "mazes" else _prefix_sums(args)
 
 
-def _check_target(root: str, target: Path, files: tuple[str, ...], overwrite: bool) -> None:
-    """Before generating: the root must be a directory and the set's folder new or an earlier set."""
+def _check_target(root: str, target: Path, files: tuple[str, ...], overwrite: bool, size: int) -> None:
+    """Before generating: the root must be a directory, the set's folder new or an earlier set
+    softshare wrote (its marker, or uint8 files alone), and the disk must have room for `size` bytes."""
     if Path(root).exists() and not Path(root).is_dir():
         raise SoftshareError(f"--out {root} is a file; the data root must be a directory: choose another --out")
-    check_output(target, "data", overwrite=overwrite, legacy=files)
+    recover_leftovers(root)  # what a killed `data` job left in the root (any set's temporaries)
+    check_output(target, "data", overwrite=overwrite, legacy=lambda path: written_by_softshare(path, files))
+    check_disk(size, target, "the set", "lower --count (or --size), or choose an --out with more room")
 
 
 def _mazes(args: argparse.Namespace) -> int:
     check_maze_args(args.count, args.size, args.seed, args.split)  # fail before any output exists
-    _check_target(args.out, maze_dir(args.out, args.split, args.size), ("inputs.npy", "solutions.npy"), args.overwrite)
+    side = image_side(args.size)
+    _check_target(args.out, maze_dir(args.out, args.split, args.size), ("inputs.npy", "solutions.npy"), args.overwrite,
+                  args.count * 4 * side * side)  # 3 input channels and the solution, a byte each
     began = time.perf_counter()
     with tqdm(total=args.count, unit="maze", desc=f"mazes {args.size}", leave=False,
               disable=not sys.stderr.isatty()) as bar:
         path = write_mazes(args.out, args.split, args.size, args.count, args.seed, progress=bar.update)
     took = time.perf_counter() - began
-    side = image_side(args.size)
     print(f"wrote {args.count:,} {args.split} mazes of size {args.size} ({side}x{side} images) "
           f"to {path} in {took:.2f} s ({args.count / took:,.0f} mazes/s)")
     return 0
@@ -76,7 +81,9 @@ def _mazes(args: argparse.Namespace) -> int:
 def _prefix_sums(args: argparse.Namespace) -> int:
     check_prefix_sum_args(args.count, args.length, args.seed)
     _check_target(args.out, prefix_sum_dir(args.out, args.length),
-                  (f"{args.length}_data.npy", f"{args.length}_targets.npy"), args.overwrite)
+                  (f"{args.length}_data.npy", f"{args.length}_targets.npy"), args.overwrite, 2 * args.count * args.length)
+    check_fits(args.count * (2 * args.length + 8), f"{args.count:,} bit strings of length {args.length}",
+               "lower --count or --length")  # generated in memory: bits, targets (and their values below 24 bits)
     bits, targets = generate_prefix_sums(args.count, args.length, args.seed)
     path = save_prefix_sums(args.out, args.length, bits, targets)
     print(f"wrote {args.count:,} bit strings of length {args.length} to {path}")

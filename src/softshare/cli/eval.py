@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 
-from ..data.imagefolder import IMAGEFOLDER
 from ..eval import evaluate_checkpoint
 from ._common import add_overwrite, format_table, log_to_stdout, positive_int
 
@@ -49,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     elif "accuracy" in result:
         print(_task_table(result))
     else:
-        split = "val" if result["dataset"] == IMAGEFOLDER else "test"
-        print(f"{result['checkpoint']} on {result['dataset']} {split} set ({result['count']} images): "
+        print(f"{result['chosen']}\nscored on the {result['dataset']} {result['split']} set ({result['count']:,} images): "
               f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
               f"top-5 error {100 * result['top5_error']:.2f}%")
     return 0
@@ -69,7 +67,7 @@ def _task_table(result: dict) -> str:
                      f"{100 * stop['confident']['exact_match']:.1f} @{stop['confident']['mean_iteration']:.0f}"])
     table = format_table(["size", *(f"{t} it" for t in shown), "best", "stable rule", "confident rule"], rows)
     extra = f", {result['mazes_plot']}, {result['mazes_animation']}" if "mazes_plot" in result else ""
-    return (f"{result['checkpoint']} ({result['model']}, trained at size {result['train_size']} with {trained} "
-            f"iterations): exact match % on {result['count']} test instances per size; the rules stop without "
+    return (f"{result['chosen']}\n{result['model']}, trained at size {result['train_size']} with {trained} "
+            f"iterations: exact match % on {result['count']} test instances per size; the rules stop without "
             f"labels (stable: prediction unchanged for {result['patience']} iterations; @ = mean iteration)\n"
             f"{table}\nwritten: {result['json']}, {result['plot']}{extra}")

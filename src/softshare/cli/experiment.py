@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, mark_output, output_kind
-from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
-from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
-from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
+from ..io import check_output, mark_output, output_lock
+from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, plan_experiment, run_experiment
+from ..studies.recurrence import LAMBDAS, SETTINGS, check_study, run_study
+from ..train.run_dir import is_run
+from ._common import add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 70
 
@@ -68,34 +71,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>])")
+    p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>]); rerunning "
+                                 "into it continues the study")
+    add_overwrite(p, "--out (the study's files there are written; other files stay)")
 
 
-def _claim(out: str, kind: str) -> str:
-    """A rerun continues its own earlier (or interrupted) study; nothing else is written into."""
-    if _unmarked_study(Path(out)):  # begun before studies marked their output: it is ours to continue
-        mark_output(out, kind)
-    check_output(out, kind, flag=None, legacy=("results.json",)).mkdir(parents=True, exist_ok=True)
-    mark_output(out, kind)
-    return out
+STUDY_FILES = ("runs", "results.json", "results.md")  # and the study's .png figures
+
+
+@contextlib.contextmanager
+def _claim(out: str, kind: str, overwrite: bool) -> Iterator[str]:
+    """Hold `out` for the study: new, or its own earlier (or interrupted) study, or anything with
+    --overwrite (only the study's own files are written there). One study at a time writes it."""
+    legacy = _unmarked_study  # a study directory begun before studies marked their output
+    path = check_output(out, kind, overwrite=overwrite, legacy=legacy)
+    with output_lock(path, f"study output {kind}"):
+        path.mkdir(parents=True, exist_ok=True)
+        mark_output(path, kind, complete=False, files=())
+        yield out
+        mark_output(path, kind, files=[name for name in STUDY_FILES if (path / name).exists()])
 
 
 def _unmarked_study(path: Path) -> bool:
     """A study directory written before output markers: only runs/ (every entry a softshare run
-    directory) and the study's results files, and no marker of any kind."""
-    if not path.is_dir() or path.is_symlink() or output_kind(path) is not None or not (path / "runs").is_dir():
+    directory, by proof) and the study's results files."""
+    if not (path / "runs").is_dir():
         return False
-    allowed = {"runs", "results.json", "results.md"}
-    if any(p.name not in allowed and p.suffix != ".png" for p in path.iterdir()):
+    if any(p.name not in STUDY_FILES and p.suffix != ".png" for p in path.iterdir()):
         return False
-    return all(p.is_dir() and (p / "config.json").is_file() for p in (path / "runs").iterdir())
+    return all(is_run(p) for p in (path / "runs").iterdir())
 
 
 def run_algorithmic(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("train_count", args.train_count),
                                    ("test_count", args.test_count)) if v is not None}
-    out = _claim(args.out or f"runs/experiment-algorithmic-{args.scale}", "experiment algorithmic")
-    with log_to_stdout("softshare.experiment", "softshare.train"):
+    out = args.out or f"runs/experiment-algorithmic-{args.scale}"
+    plan_experiment(Path(out), args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
+                    args.device, args.jobs, args.patience)  # every config validated before anything is written
+    with _claim(out, "experiment algorithmic", args.overwrite), \
+            log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
                        args.device, args.jobs, args.patience)
     print(f"done: {out}/results.md")
@@ -103,8 +117,10 @@ def run_algorithmic(args: argparse.Namespace) -> int:
 
 
 def run_recurrence(args: argparse.Namespace) -> int:
-    out = _claim(args.out or "runs/experiment-recurrence", "experiment recurrence")
-    with log_to_stdout("softshare.experiment", "softshare.train"):
+    out = args.out or "runs/experiment-recurrence"
+    check_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
+    with _claim(out, "experiment recurrence", args.overwrite), \
+            log_to_stdout("softshare.experiment", "softshare.train"):
         run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
     print(f"done: {out}/results.md")
     return 0

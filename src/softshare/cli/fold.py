@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..checkpoint import find_checkpoint, load, load_checkpoint, save_checkpoint
 from ..errors import SoftshareError
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         with log_to_stdout("softshare.fold"):  # a line per threshold folded (and evaluated)
             rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
-        with atomic_path(out) as tmp:  # the whole output appears at once, replacing the old one
+        with atomic_path(out, keep_foreign=True) as tmp:  # appears at once, replacing only the old one's files
             written = [out / p.relative_to(tmp) for p in write_sweep(rows, tmp, count_parameters(model), before)]
             mark_output(tmp, "fold")
         print(sweep_table(rows, count_parameters(model), pick_metric(before)))
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             set_iterations(result.model, count)
             metrics[f"folded, loops run {count} times"] = dict(evaluate(result.model))
         set_iterations(result.model, None)
-    with atomic_path(out) as tmp:  # the whole output appears at once, replacing the old one
+    with atomic_path(out, keep_foreign=True) as tmp:  # appears at once, replacing only the old one's files
         save_checkpoint(tmp, result.model, config=meta.get("config"), epoch=meta.get("epoch"),
                         metrics=metrics.get("folded"))
         written = [out / p.relative_to(tmp) for p in write_fold_report(result, tmp, source=str(source), metrics=metrics)]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ..io import check_output, mark_output
+from ..io import check_output, exclusive_lock, mark_output, output_lock
+from ..train.run_dir import is_run
 from ._common import add_overwrite, format_table
 
 ORDER = 40
@@ -29,19 +31,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    is_run = path.is_dir() and find_checkpoint(path) != path
-    if args.out is None and not is_run:
+    is_run_dir = path.is_dir() and find_checkpoint(path) != path
+    if args.out is None and not is_run_dir:
         raise SoftshareError(f"{path} is a checkpoint, not a run directory; say where the figures go with --out DIR")
     out = Path(args.out) if args.out else path / LSM_DIR
-    if out != path / LSM_DIR:  # the run's own lsm/ is this job's place; anywhere else must be new or ours
-        check_output(out, "lsm", overwrite=args.overwrite, legacy=("lsm.json",))
-    model = load(path)
-    if out.exists() and not out.is_dir():
-        raise SoftshareError(f"{out} is a file; the LSM figures go into a directory: remove it or pass --out DIR")
-    written = save_lsm(model, out)
-    mark_output(out, "lsm")
-    if is_run and read_lsm_history(path):
-        written.append(plot_lsm_history(path))
+    inside = is_run_dir and is_run(path) and out.resolve().is_relative_to(path.resolve())
+    if not inside:  # the run's own lsm/ is this job's place; anywhere else must be new or ours
+        check_output(out, "lsm", overwrite=args.overwrite, legacy=_written_by_softshare)
+    # one writer: training holds its run's lock (lsm/ is training's too); elsewhere a lock beside --out
+    lock = (exclusive_lock(path, "run", "wait for its training to end, or pass --out DIR outside the run")
+            if inside else output_lock(out, "LSM output"))
+    with lock:
+        model = load(path)
+        written = save_lsm(model, out)
+        mark_output(out, "lsm", files=[p.name for p in written])
+        if is_run_dir and read_lsm_history(path):
+            written.append(plot_lsm_history(path))
     for similarity in layer_similarity(model):
         names = short_layer_names(similarity.layers)
         rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]
@@ -49,3 +54,16 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(["", *names], rows) + "\n")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _written_by_softshare(out: Path) -> bool:
+    """An LSM directory of a version before markers: lsm.json holding softshare's matrices, and
+    PNGs beside it, nothing else (proof by content, not by the file's name)."""
+    if any(p.name != "lsm.json" and p.suffix != ".png" for p in out.iterdir()):
+        return False
+    try:
+        banks = json.loads((out / "lsm.json").read_text())["banks"]
+        return isinstance(banks, list) and bool(banks) and all(
+            isinstance(b, dict) and {"bank", "layers", "matrix"} <= set(b) for b in banks)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+import math
 
 from ..analysis import sharing_stats
+from ..budget import build_skeleton
 from ..models import create_model
 from ._common import format_table, json_object, positive_int
 
@@ -26,9 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with torch.device("meta"):
-        model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
-                             **args.model_args)
+    model = build_skeleton(lambda: create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
+                                                **args.model_args), math.inf, f"model {args.model}", "fix --model-args")
     stats = sharing_stats(model)
     rows = [(b.name, b.num_layers, b.num_templates, list(b.weight_shape).__repr__(), b.params, b.unshared_params)
             for b in stats.banks]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 
-import torch
 from torch import nn
 
+from ..budget import build_skeleton, memory_budget
 from ..checkpoint import save_checkpoint
 from ..convert import share
 from ..errors import SoftshareError
@@ -68,15 +69,18 @@ def run(args: argparse.Namespace) -> int:
         raise SoftshareError("--init-from-weights only matters with --out (the plan does not depend on it)")
     if args.out:  # before any work: never replace what the user has there
         check_output(args.out, "share", overwrite=args.overwrite)
-    device = "cpu" if args.out else "meta"  # a plan needs shapes only: no memory, no init
-    with torch.device(device):
-        model = build(args.model, args.model_args)
+    # a plan needs shapes only: built on the meta device (no memory, no init), counted as it is built
+    budget, _ = memory_budget()
+    fix = "fix --model-args, or plan it without --out (the plan allocates nothing)"
+    model = build_skeleton(lambda: build(args.model, args.model_args), budget / 8 if args.out else math.inf,
+                           f"model {args.model}", fix)
     plan = share(model, args.num_templates, select=args.select, allow_growth=args.allow_growth, dry_run=True)
     print(plan.summary())
     if args.out:
+        model = build(args.model, args.model_args)  # for real: it fits the budget
         share(model, args.num_templates, select=args.select, init_from_weights=args.init_from_weights,
               allow_growth=args.allow_growth)
-        with atomic_path(args.out) as tmp:  # the old output stays until the new one is complete
+        with atomic_path(args.out, keep_foreign=True) as tmp:  # the old output stays until the new one is complete
             save_checkpoint(tmp, model)
             mark_output(tmp, "share")
         how = (f"softshare.load({args.out!r})" if ":" not in args.model else

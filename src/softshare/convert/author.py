@@ -8,6 +8,7 @@ inert stand-in, so opening a file from the internet cannot run code.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import dedupe_state_dict, save_checkpoint
+from ..budget import build_skeleton, memory_budget
+from ..checkpoint import LOAD_BYTES_PER_PARAM, dedupe_state_dict, save_checkpoint
 from ..data.unpickle import NUMPY_GLOBALS, AllowListUnpickler
 from ..errors import SoftshareError
 from ..io import atomic_path, check_output, mark_output
@@ -215,7 +217,17 @@ def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathL
     if not isinstance(classifier, Tensor) or not isinstance(stem, Tensor) or classifier.dim() != 2 or stem.dim() != 4:
         raise SoftshareError(f"{path} has no classifier.weight / conv_3x3.weight of the reference SWRN; "
                              f"it is not a checkpoint of lolemacs/soft-sharing's swrn")
-    model = create_model(model_name, num_classes=classifier.shape[0], in_channels=stem.shape[1])
+    build = functools.partial(create_model, model_name, num_classes=classifier.shape[0], in_channels=stem.shape[1])
+    budget, _ = memory_budget()
+    skeleton = build_skeleton(build, budget / LOAD_BYTES_PER_PARAM, f"{model_name} with the file's "
+                              f"{classifier.shape[0]:,} classes", "the file's shapes are corrupt")
+    needed = sum(p.numel() for p in skeleton.parameters())
+    held = sum(t.numel() for t in {id(t): t for t in state.values() if isinstance(t, Tensor)}.values())
+    if held < needed:  # before the model is built for real: a few KB of file cannot ask for GBs
+        raise SoftshareError(f"{path} holds {held:,} values but {model_name} with its classifier of "
+                             f"{tuple(classifier.shape)} needs {needed:,} parameters: its shapes are corrupt, or it "
+                             f"is not a checkpoint of the reference {model_name}")
+    model = build()
     try:
         converted = convert_state_dict(state, model.state_dict())
     except SoftshareError as err:
@@ -225,7 +237,7 @@ def convert_author(path: str | os.PathLike, model_name: str, out: str | os.PathL
         raise SoftshareError(f"{path} does not fit {model_name}: {err}; {hint}") from err
     model.load_state_dict(converted, strict=True)
     epoch = raw.get("epoch")
-    with atomic_path(out) as tmp:
+    with atomic_path(out, keep_foreign=True) as tmp:
         save_checkpoint(tmp, model, epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None)
         mark_output(tmp, "convert-author")
     return out

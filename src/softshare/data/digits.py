@@ -9,6 +9,7 @@ from ..errors import SoftshareError
 from .dataset import ImageDataset, channel_stats, split_indices
 
 TEST_SIZE = 360  # of 1797 images: a 1437/360 train/test split
+VAL_SIZE = 237  # of the 1437 training images held out for validation by default: 1,200 left to train on
 SPLIT_SEED = 0
 
 
@@ -26,4 +27,4 @@ def load_digits_dataset() -> ImageDataset:
     train_x = images[train_idx]
     mean, std = channel_stats(train_x)
     return ImageDataset("digits", train_x, labels[train_idx], images[test_idx], labels[test_idx], 10,
-                        mean, std, tuple(str(d) for d in range(10)), default_val_size=0)
+                        mean, std, tuple(str(d) for d in range(10)), default_val_size=VAL_SIZE)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..budget import BUDGET_ENV, memory_budget
 from ..errors import SoftshareError
 from ..io import atomic_path
 from .dataset import ImageDataset, channel_stats, pad_images
@@ -62,11 +63,22 @@ SPECS = {
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Decode a gzipped IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian int32 dims."""
+def read_idx(path: Path, max_bytes: int | None = None) -> np.ndarray:
+    """Decode a gzipped IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian int32 dims.
+
+    The header is read first: a file whose dims promise more than `max_bytes` (default: the
+    memory budget) is refused before its body is decompressed, so a small gzip bomb costs nothing.
+    """
     try:
         with gzip.open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(4)
+            if len(raw) == 4 and raw[:3] == b"\x00\x00\x08":
+                raw += f.read(4 * raw[3])
+                header = 4 + 4 * raw[3]
+                if len(raw) == header:
+                    promised = math.prod(struct.unpack(f">{raw[3]}i", raw[4:header]))
+                    _check_promise(path, promised, max_bytes)
+                    raw += f.read(max(promised, 0) + 1)  # one byte more than promised: too long is corrupt too
     except (OSError, EOFError, zlib.error) as e:
         raise SoftshareError(f"{path} is not a readable gzip file ({e}); delete it and fetch it again") from e
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
@@ -83,9 +95,18 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
+def _check_promise(path: Path, promised: int, max_bytes: int | None) -> None:
+    allowed = f"the {max_bytes:,} its split holds" if max_bytes is not None else f"the memory budget ({BUDGET_ENV})"
+    if max_bytes is None:
+        max_bytes = memory_budget()[0]
+    if promised > max_bytes:
+        raise SoftshareError(f"{path} declares {promised:,} bytes of data, more than {allowed}; it is corrupt: "
+                             f"delete it and fetch it again")
+
+
 def _read_split(spec: IdxSpec, folder: Path, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     images_path, labels_path = folder / FILES[f"{split}_images"], folder / FILES[f"{split}_labels"]
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = read_idx(images_path, count * 28 * 28), read_idx(labels_path, count)
     if images.shape != (count, 28, 28) or labels.shape != (count,):
         raise SoftshareError(f"{spec.title} {split} files in {folder} hold images {images.shape} and labels "
                              f"{labels.shape}, expected ({count}, 28, 28) and ({count},); replace them "

@@ -9,19 +9,20 @@ also think longer by running its longest loop more times (`exact_match_thinking_
 
 from __future__ import annotations
 
+import json
 import logging
-
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import find_checkpoint, load, load_checkpoint
-from ..data.tasks import IN_CHANNELS, evaluation_examples
+from ..checkpoint import describe_checkpoint, find_checkpoint, load, load_checkpoint
+from ..data.tasks import IN_CHANNELS, evaluation_examples, image_side
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import check_output, write_json
+from ..io import check_output, exclusive_lock, file_digest, output_lock, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations, to_channels_last
 from ..progress import progress
 from .plots import animate_maze_thinking, maze_predictions, plot_accuracy_vs_iterations, plot_maze_predictions
@@ -138,24 +139,45 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
-    holding anything but an earlier eval result is refused unless `overwrite`.
+    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`, under the
+    run's lock: not while it trains). Each of them must be new or this job's own (the JSON says
+    so, and records the plots it wrote with their digests), unless `overwrite`; one evaluation
+    at a time writes an `out`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
-    if out:  # before any work: never clobber a user's file (or the plot beside a new result)
-        check_output(out, "eval", overwrite=overwrite, directory=False)
-        if not Path(out).exists():
-            check_output(Path(out).with_suffix(".png"), "eval plot", overwrite=overwrite, directory=False)
+    if out and Path(out).suffix != ".json":
+        raise SoftshareError(f"--out {out} must be a .json path (the plots go beside it with .png); give e.g. "
+                             f"--out {Path(out).with_suffix('.json')}")
     ckpt_path = find_checkpoint(path)
     meta = load_checkpoint(ckpt_path, train_state=False).meta
     config = meta.get("config") or {}
     if config.get("task") not in IN_CHANNELS:
         raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
-    if out and config["task"] == "mazes" and not Path(out).exists():  # the maze figure beside a new result
-        for extra in (_mazes_plot_path(Path(out)), _mazes_animation_path(Path(out))):
-            check_output(extra, "eval plot", overwrite=overwrite, directory=False)
+    json_path = Path(out) if out else _default_eval_path(ckpt_path)
+    companions = _companions(json_path, config["task"])
+    if out:  # before any work: never clobber a user's file, the JSON or a plot beside it
+        check_output(json_path, "eval", overwrite=overwrite, directory=False)
+        for companion in companions.values():
+            if companion.is_dir() and not companion.is_symlink():
+                raise SoftshareError(f"refusing to write the eval plot {companion}: it is a directory; choose "
+                                     f"another --out")
+            if not overwrite and os.path.lexists(companion) and not _own_companion(json_path, companion):
+                raise SoftshareError(f"refusing to write the eval plot {companion}: it exists and is not one this job "
+                                     f"wrote for {json_path.name}; choose another --out, or pass --overwrite to "
+                                     f"replace it")
+            check_output(companion, "eval plot", overwrite=True, directory=False)  # a link or directory: refused
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+    lock = (output_lock(json_path, "eval output") if out or run is None else
+            exclusive_lock(run, "run", "wait for its training to end, or pass --out PATH outside the run"))
+    with lock:
+        return _evaluate_into(ckpt_path, meta, config, json_path, companions, sizes, iterations, count, device,
+                              batch_size, data_root, patience)
+
+
+def _evaluate_into(ckpt_path: Path, meta: dict, config: dict, json_path: Path, companions: dict[str, Path],
+                   sizes, iterations, count, device, batch_size, data_root, patience) -> dict:
     dev = resolve_device(device)
     model = in_trained_layout(load(ckpt_path, device=dev), config)
     trained = config["depth"]
@@ -164,27 +186,50 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     sizes = sizes or config["test_sizes"] or [config["train_size"]]
     count = count or config["test_count"]
     accuracy, stop, examples = {}, {}, {}
+    cost = [image_side(s) ** 2 if config["task"] == "mazes" else s for s in sizes]  # per instance and iteration
     for size in progress(sizes, f"scoring {count} instances per size, {iterations} iterations", unit="size",
-                         log=log):
+                         log=log, weights=cost):
         x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
         thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
         accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
         examples[size] = (x[:1], y[:1])
-    result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "task": config["task"],
+    result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "chosen": describe_checkpoint(ckpt_path, meta),
+              "epoch": meta.get("epoch"), "task": config["task"],
               "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
               "count": count, "iterations": list(range(1, iterations + 1)), "patience": patience,
               "accuracy": accuracy, "stop": stop}
-    json_path = Path(out) if out else _default_eval_path(ckpt_path)
-    write_json(json_path, result)
-    plots = {"plot": json_path.with_suffix(".png")}
-    plot_accuracy_vs_iterations(result, plots["plot"])
+    # the JSON claims its plots first (digest pending), so a kill while drawing leaves them provably ours
+    write_json(json_path, {**result, "files": {p.name: None for p in companions.values()}})
+    plot_accuracy_vs_iterations(result, companions["plot"])
     if config["task"] == "mazes":
         predictions = maze_predictions(model, examples, iterations, dev)
-        plots["mazes_plot"] = _mazes_plot_path(json_path)
-        plot_maze_predictions(examples, predictions, min(trained, iterations), plots["mazes_plot"])
-        plots["mazes_animation"] = animate_maze_thinking(examples, predictions, _mazes_animation_path(json_path))
-    return {**result, "json": str(json_path), **{k: str(v) for k, v in plots.items()}}
+        plot_maze_predictions(examples, predictions, min(trained, iterations), companions["mazes_plot"])
+        animate_maze_thinking(examples, predictions, companions["mazes_animation"])
+    write_json(json_path, {**result, "files": {p.name: file_digest(p) for p in companions.values()}})
+    return {**result, "json": str(json_path), **{k: str(v) for k, v in companions.items()}}
+
+
+def _companions(json_path: Path, task: str) -> dict[str, Path]:
+    """The plots an eval writes beside its JSON."""
+    plots = {"plot": json_path.with_suffix(".png")}
+    if task == "mazes":
+        plots.update(mazes_plot=_mazes_plot_path(json_path), mazes_animation=_mazes_animation_path(json_path))
+    return plots
+
+
+def _own_companion(json_path: Path, companion: Path) -> bool:
+    """Whether `companion` is a plot an earlier eval wrote beside `json_path` (by that JSON's record
+    of it and its digest; a pending digest: a writer killed while drawing)."""
+    try:
+        record = json.loads(json_path.read_text())
+        files = record.get("files") if record.get("softshare_output") == "eval" else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(files, dict) or companion.name not in files:
+        return False
+    digest = files[companion.name]
+    return digest is None or (companion.is_file() and file_digest(companion) == digest)
 
 
 def in_trained_layout(model: nn.Module, config: dict) -> nn.Module:

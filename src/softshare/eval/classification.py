@@ -33,12 +33,12 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
 
 @torch.no_grad()
 def classifier_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[sum loss, top-1 correct, top-5 correct, count] as a float64 tensor."""
+                    amp_dtype: torch.dtype | None = None, total: int | None = None) -> torch.Tensor:
+    """[sum loss, top-1 correct, top-5 correct, count] as a float64 tensor (`total`: batches, for the ETA)."""
     was_training = model.training
     model.eval()
     sums = None
-    for x, y in progress(batches, "evaluating", unit="batch", log=log):
+    for x, y in progress(batches, "evaluating", unit="batch", log=log, total=total):
         if sums is None:
             sums = torch.zeros(4, dtype=torch.float64, device=y.device)
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -70,7 +70,7 @@ def test_set_evaluator(dataset: str, data_root: str | None = None, download: boo
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         _check_fits(model, data)
-        return evaluate_classifier(model.to(dev), loader.iterate(0))
+        return summarise(classifier_sums(model.to(dev), loader.iterate(0), total=len(loader)))
 
     return evaluate
 
@@ -92,7 +92,7 @@ def imagefolder_evaluator(data_root: str | None, image_size: int = 224, device: 
         if built != len(classes):
             raise SoftshareError(f"the model was built for {built} classes; {data_root} has {len(classes)}: pass "
                                  f"the ImageFolder it was trained on")
-        metrics = evaluate_classifier(model.to(dev), loader.iterate(0))
+        metrics = summarise(classifier_sums(model.to(dev), loader.iterate(0), total=len(loader)))
         skipped = sorted(set(loader.skips.take()))
         return {**metrics, "skipped_files": len(skipped), "skipped": skipped}
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..checkpoint import find_checkpoint, load, load_checkpoint
+from ..checkpoint import describe_checkpoint, find_checkpoint, load, load_checkpoint, read_meta
 from ..data.imagefolder import IMAGEFOLDER
 from ..data.tasks import evaluation_examples
 from ..device import resolve_device
@@ -69,7 +69,11 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
     """
     ckpt_path = find_checkpoint(path)
     config = run_config(ckpt_path)
-    if config.get("task", "classification") != "classification":
+    task = config.get("task", "classification")
+    if task != "classification":
+        if dataset is not None and dataset != task:
+            raise SoftshareError(f"{ckpt_path} was trained on {task}; --data {dataset} does not apply (drop it, or "
+                                 f"give --data {task})")
         return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
     if task_options:
@@ -78,4 +82,7 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
     if not (dataset or config.get("dataset")):
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")
     evaluate = evaluator_for(config, device, dataset, data_root, download, batch_size)
-    return {"checkpoint": str(ckpt_path), "dataset": dataset or config["dataset"], **evaluate(load(ckpt_path))}
+    meta = read_meta(ckpt_path)
+    name = dataset or config["dataset"]
+    return {"checkpoint": str(ckpt_path), "epoch": meta.get("epoch"), "chosen": describe_checkpoint(ckpt_path, meta),
+            "dataset": name, "split": "val" if name == IMAGEFOLDER else "test", **evaluate(load(ckpt_path))}

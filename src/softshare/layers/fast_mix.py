@@ -94,7 +94,10 @@ class BankMixer:
 def _cache_key(bank: nn.Module) -> tuple:
     params = [bank.templates] + [layer.coefficients for layer in bank.layers]
     device = bank.templates.device.type
-    autocast = torch.is_autocast_enabled(device) if _HAS_DEVICE_AUTOCAST else torch.is_autocast_enabled()
+    if device == "meta":  # shapes only (the trainer's memory estimate): no autocast on meta
+        autocast = False
+    else:
+        autocast = torch.is_autocast_enabled(device) if _HAS_DEVICE_AUTOCAST else torch.is_autocast_enabled()
     return (
         torch.is_grad_enabled(),
         autocast,

@@ -65,6 +65,9 @@ def list_models(pattern: str = "*") -> list[str]:
 MAX_NAME_INT = 1000
 MAX_CLASSES = 1_000_000
 MAX_IN_CHANNELS = 4096
+# Integer model arguments (--model-args, a checkpoint's meta.json) above this are typos too:
+# widths, depths and template counts of real models are far below it.
+MAX_ARG_INT = 100_000
 
 
 def find_family(name: str) -> tuple[ModelFamily, list[int]]:
@@ -110,6 +113,15 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     for what, value, limit in (("num_classes", num_classes, MAX_CLASSES), ("in_channels", in_channels, MAX_IN_CHANNELS)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise SoftshareError(f"{what} must be an integer from 1 to {limit:,}, got {value!r}")
-    model = family.builder(*args, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    absurd = [f"{key}={value:,}" for key, value in kwargs.items()
+              if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARG_INT]
+    if absurd:
+        raise SoftshareError(f"model {name}: {', '.join(absurd)} is far beyond any model (integer model arguments "
+                             f"are at most {MAX_ARG_INT:,}); fix --model-args (or the checkpoint's meta.json)")
+    try:
+        model = family.builder(*args, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as err:  # an argument twice (in the name and in kwargs) or of the wrong type
+        raise SoftshareError(f"cannot build model {name} with arguments {kwargs}: {str(err).splitlines()[0]}; "
+                             f"fix --model-args") from None
     model.softshare_config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, **kwargs}
     return model

@@ -83,17 +83,9 @@ def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ..
     `overrides` are config fields applied to every run on top of the `<task>_<scale>` preset
     (e.g. ``{"epochs": 5}`` for a reduced run); they are recorded in the results.
     """
-    _check(scale, tasks, variants, seeds, jobs)
     out = Path(out_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    work = []
-    for task in tasks:
-        preset = f"{task.replace('-', '_')}_{scale}"
-        for name in variants:
-            for seed in seeds:
-                fields = {**(overrides or {}), **VARIANTS[name].overrides(), "seed": seed, "device": device,
-                          "name": f"{task}-{name}-s{seed}", "out_dir": str(out / "runs")}
-                work.append((resolve_config(preset, overrides=fields), name, patience))
+    work = plan_experiment(out, scale, tasks, variants, seeds, overrides, device, jobs, patience)
     if jobs == 1:
         runs = [_run_one(*item) for item in work]
     else:  # one thread per worker: these nets are too small to gain from more (docs/algorithmic.md)
@@ -112,6 +104,21 @@ def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ..
         plot_extrapolation(results, task, out / f"extrapolation_{task}.png")
         plot_iterations(results, task, out / f"iterations_{task}.png")
     return results
+
+
+def plan_experiment(out: Path, scale: str, tasks: tuple[str, ...], variants: tuple[str, ...], seeds: tuple[int, ...],
+                    overrides: dict | None, device: str, jobs: int, patience: int) -> list[tuple]:
+    """Every run's resolved config (each validated), before anything is written: (config, variant, patience)."""
+    _check(scale, tasks, variants, seeds, jobs)
+    work = []
+    for task in tasks:
+        preset = f"{task.replace('-', '_')}_{scale}"
+        for name in variants:
+            for seed in seeds:
+                fields = {**(overrides or {}), **VARIANTS[name].overrides(), "seed": seed, "device": device,
+                          "name": f"{task}-{name}-s{seed}", "out_dir": str(Path(out) / "runs")}
+                work.append((resolve_config(preset, overrides=fields), name, patience))
+    return work
 
 
 def _check(scale: str, tasks, variants, seeds, jobs: int) -> None:

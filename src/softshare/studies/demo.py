@@ -27,7 +27,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, rebuild_dir, save_figure, write_json, write_text
+from ..io import check_output, output_lock, rebuild_dir, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 from ..train.run_dir import read_metrics
 from .algorithmic import evaluate_run
@@ -63,10 +63,10 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
 
     `config.out` must be new, empty or an earlier demo's output, unless `overwrite`."""
     started = time.perf_counter()
-    out = check_output(config.out, "demo", overwrite=overwrite, legacy=("report.md", "results.json"))
+    out = check_output(config.out, "demo", overwrite=overwrite, legacy=_written_by_softshare)
     # resolved (and validated) before anything is written; the output is built in place at `out`
     configs = {kind: _train_config(config, kind, out / "runs") for kind in NETS}
-    with rebuild_dir(out, "demo") as work:
+    with output_lock(out, "demo output"), rebuild_dir(out, "demo", DEMO_FILES) as work:
         _say(f"[1/4] training three nets on {config.train_count} {configs['shared'].train_size}-bit strings side by "
              f"side (width {config.width}, {config.depth} iterations, {config.epochs} epochs, seed {config.seed})")
         _train_side_by_side(configs, config.device)
@@ -95,6 +95,21 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
         write_text(work / "report.md", _report(results, lsm))
     _say(f"done in {time.perf_counter() - started:.0f} s: {out / 'report.md'}")
     return out / "report.md"
+
+
+DEMO_FILES = ("report.md", "results.json", "training.png", "thinking.png", "runs")  # all a demo writes
+
+
+def _written_by_softshare(out: Path) -> bool:
+    """A demo directory of a version before markers: its results.json is a demo's (its config
+    holds exactly DemoConfig's fields), and it holds only what a demo writes (proof by content)."""
+    if any(p.name not in DEMO_FILES for p in out.iterdir()):
+        return False
+    try:
+        results = json.loads((out / "results.json").read_text())
+        return set(results["config"]) == set(DemoConfig.__dataclass_fields__) and "evaluations" in results
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:

@@ -9,6 +9,7 @@ the accuracy of the folded net. Runs go through the ordinary trainer; a rerun re
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..errors import SoftshareError
 from ..eval.run import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, fold_model, foldable_sites, plan_loops
 from ..io import write_json, write_text
-from ..train.config import resolve_config
+from ..train.config import TrainConfig, resolve_config
 from ..train.loop import train
 
 log = logging.getLogger("softshare.experiment")
@@ -60,7 +61,7 @@ def folded_layers(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tup
 def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lambdas: tuple[float, ...] = LAMBDAS,
               seeds: tuple[int, ...] = (0,), device: str = "auto", epochs: int | None = None) -> dict:
     """Train (or reuse) one run per (task, lambda, seed); write results.json and results.md."""
-    _check(tasks, lambdas, seeds)
+    check_study(out_dir, tasks, lambdas, seeds, device, epochs)
     out = Path(out_dir)
     rows = []
     for task in tasks:
@@ -75,22 +76,33 @@ def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lam
     return results
 
 
-def _check(tasks: tuple[str, ...], lambdas: tuple[float, ...], seeds: tuple[int, ...]) -> None:
+def check_study(out_dir: str | Path, tasks: tuple[str, ...], lambdas: tuple[float, ...], seeds: tuple[int, ...],
+                device: str = "auto", epochs: int | None = None) -> None:
+    """Refuse bad arguments, and every run's config that would not validate, before anything is written."""
     for task in tasks:
         if task not in SETTINGS:
             raise SoftshareError(f"unknown task {task!r} for the recurrence study; use some of {', '.join(SETTINGS)}")
-    if not lambdas or min(lambdas) < 0:
-        raise SoftshareError(f"recurrence_reg values must be non-negative, got {list(lambdas)}")
+    if not lambdas or not all(math.isfinite(lam) and lam >= 0 for lam in lambdas):
+        raise SoftshareError(f"recurrence_reg values must be finite and non-negative, got {list(lambdas)}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise SoftshareError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    for task in tasks:
+        for lam in lambdas:
+            for seed in seeds:
+                _config(Path(out_dir), task, SETTINGS[task], lam, seed, device, epochs)
+
+
+def _config(out: Path, task: str, setting: Setting, lam: float, seed: int, device: str,
+            epochs: int | None) -> TrainConfig:
+    overrides = {**setting.overrides, "recurrence_reg": lam, "seed": seed, "device": device,
+                 "out_dir": str(out / "runs"), "name": f"{task}-reg{lam:g}-s{seed}",
+                 **({"epochs": epochs} if epochs else {})}
+    return resolve_config(setting.preset, overrides=overrides)
 
 
 def _run_one(out: Path, task: str, setting: Setting, lam: float, seed: int, device: str,
              epochs: int | None) -> dict:
-    overrides = {**setting.overrides, "recurrence_reg": lam, "seed": seed, "device": device,
-                 "out_dir": str(out / "runs"), "name": f"{task}-reg{lam:g}-s{seed}",
-                 **({"epochs": epochs} if epochs else {})}
-    config = resolve_config(setting.preset, overrides=overrides)
+    config = _config(out, task, setting, lam, seed, device, epochs)
     run_path = out / "runs" / config.name
     if (run_path / "checkpoints" / "last").exists():
         log.info("%s: reusing the finished run", config.name)

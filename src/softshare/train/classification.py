@@ -15,7 +15,7 @@ from ..data import BatchLoader, load_dataset, split_indices
 from ..eval.classification import classifier_sums, summarise
 from ..io import write_json
 from ..models import create_model
-from .task import Task
+from .task import Task, fingerprint
 
 
 class ImageClassifierTask(Task):
@@ -37,10 +37,11 @@ class ImageClassifierTask(Task):
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         return loss, (logits.argmax(1) == y).sum()
 
-    @staticmethod
-    def val_metrics(sums: torch.Tensor) -> dict[str, float]:
+    def split_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """Loss, accuracy and top-5 error of `eval_split`, keyed ``val_*`` or ``test_*``."""
         metrics = summarise(sums)
-        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_top5_error": metrics["top5_error"]}
+        return {f"{self.metric_prefix}_{key}": metrics[name]
+                for key, name in (("loss", "loss"), ("acc", "acc"), ("top5_error", "top5_error"))}
 
 
 class ClassificationTask(ImageClassifierTask):
@@ -77,7 +78,24 @@ class ClassificationTask(ImageClassifierTask):
         return self.train_loader.iterate(epoch, start_batch=start_batch)
 
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        return self.val_metrics(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype))
+        return self.split_metrics(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype, len(self.eval_loader)))
+
+    def example_forward(self, model: nn.Module, batch: int) -> torch.Tensor:
+        return model(torch.empty((batch, *self.data.train_images.shape[1:]), device="meta"))
+
+    def data_fingerprint(self) -> str:
+        data = self.data
+        return fingerprint([data.train_images, data.train_labels, self.train_idx, self.val_idx])
+
+    def evaluation_note(self) -> str:
+        data, train = self.data, len(self.train_idx)
+        if self.eval_split == "validation":
+            return (f"validation: {len(self.val_idx):,} of the {len(data.train_labels):,} {data.name} training images "
+                    f"held out (seed {self.config.seed}), {train:,} left to train on; 'best' is chosen on validation "
+                    f"accuracy; the {len(data.test_labels):,} test images are not used (softshare eval scores them)")
+        return (f"no validation split (val_size 0): training on all {train:,} {data.name} training images and "
+                f"scoring the {len(data.test_labels):,} test images each epoch (test_* metrics); no 'best' checkpoint "
+                f"is kept (choosing it on the test set would flatter it), only 'last'")
 
     def save_artifacts(self, run_path: Path) -> None:
         write_json(run_path / "split.json", {

@@ -21,8 +21,9 @@ FIELD_HELP: dict[str, str] = {
     "data_root": "directory holding the dataset files or the task's data files (default: the dataset's usual "
                  "place; algorithmic: generate)",
     "download": "download the dataset if it is missing",
-    "val_size": "training examples held out for validation (default: the dataset's, or test_count); "
-                "0: train on all, evaluate on test",
+    "val_size": "training examples held out for validation, where 'best' is chosen (default: the dataset's, "
+                "or test_count); 0: train on all, score the test set each epoch (test_* metrics) and keep no "
+                "'best' checkpoint, only 'last'",
     "epochs": "passes over the training set",
     "batch_size": "examples per step (per process under torchrun)",
     "optimizer": "sgd (Nesterov momentum, the paper's), adam (weight decay as L2 in the gradient, as "

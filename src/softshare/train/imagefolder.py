@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
@@ -18,6 +19,7 @@ from ..eval.classification import classifier_sums
 from ..io import write_json
 from ..models import create_model
 from .classification import ImageClassifierTask
+from .task import fingerprint
 from .distributed import all_reduce_sum
 
 log = logging.getLogger("softshare.train")
@@ -55,10 +57,25 @@ class ImageFolderTask(ImageClassifierTask):
         self.skipped["train"] = self._report("training", epoch, self.train_loader.skips.take())
 
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        sums = all_reduce_sum(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype).to(self.device),
+        sums = all_reduce_sum(classifier_sums(model, self.eval_loader.iterate(0), amp_dtype,
+                                              len(self.eval_loader)).to(self.device),
                               self.dist)
         self.skipped["val"] = self._report("validation", None, self.eval_loader.skips.take())
-        return {**self.val_metrics(sums), "val_count": int(sums[3].item())}
+        return {**self.split_metrics(sums), "val_count": int(sums[3].item())}
+
+    def example_forward(self, model: nn.Module, batch: int) -> torch.Tensor:
+        side = self.config.image_size
+        return model(torch.empty((batch, 3, side, side), device="meta"))
+
+    def data_fingerprint(self) -> str:
+        """The file lists and labels (not the bytes: reading every image would cost an epoch)."""
+        splits = (self.train_split, self.val_split)
+        return fingerprint([*("\n".join(s.classes) for s in splits),
+                            *(torch.from_numpy(a) for s in splits for a in (s.paths.view(np.uint8), s.labels))])
+
+    def evaluation_note(self) -> str:
+        return (f"validation: the {len(self.val_split):,} images of {self.val_split.root}; 'best' is chosen on them "
+                f"(where val/ stands in for a test set, report checkpoints/last, not best)")
 
     def epoch_metrics(self) -> dict[str, float]:
         return {"train_skipped_files": self.skipped["train"], "val_skipped_files": self.skipped["val"]}

@@ -11,10 +11,9 @@ import functools
 import json
 import logging
 import math
-import shutil
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..analysis import recurrence_penalty
 from ..analysis.lsm import record_lsm
-from ..checkpoint import save_checkpoint
+from ..budget import TRAIN_BYTES_PER_PARAM, activation_bytes, build_skeleton, check_fits, memory_budget
+from ..checkpoint import load, save_checkpoint
 from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import LOCK_FILE, crash_point, exclusive_lock, recover_leftovers
+from ..io import crash_point
 from ..layers import to_channels_last
 from ..progress import Progress
 from .algorithmic import AlgorithmicTask, check_model
@@ -39,8 +39,9 @@ from .distributed import DistInfo, all_reduce_sum, any_rank, average_buffers, ba
 from .imagefolder import ImageFolderTask
 from .loggers import make_sinks
 from .optim import build_optimizer
-from .resume import _checkpoint_to_resume, _restore, _resumed_config
-from .run_dir import RunDir, local_device
+from .resume import (Restored, _checkpoint_to_resume, _restore, _resumed_config, check_same_data, run_of,
+                     run_path_for)
+from .run_dir import RunDir, local_device, own_run_dir, read_metrics
 from .task import Task
 
 log = logging.getLogger("softshare.train")
@@ -112,8 +113,9 @@ class TrainResult:
     run_dir: Path | None
     epochs_done: int
     final_metrics: dict
-    best_metric: float | None
+    best_metric: float | None  # of the 'best' checkpoint, chosen on validation (None: no validation split)
     interrupted: bool = False
+    best_epoch: int | None = None
 
 
 def learning_rate(config: TrainConfig, epoch: float) -> float:
@@ -189,7 +191,16 @@ def make_task(config: TrainConfig, device: torch.device, dist: DistInfo) -> Task
 
 
 def build_model(config: TrainConfig, task: Task, device: torch.device) -> nn.Module:
-    """The task's model on `device`, in channels-last layout when `config.channels_last`."""
+    """The task's model on `device`, in channels-last layout when `config.channels_last`; first
+    sized on the meta device: its parameters and a training step's activations must fit the
+    device's memory budget (`budget`), so no flag can make it allocate more."""
+    fix = "choose a smaller model (--model, --width, --depth, --model-args) or a smaller --batch-size"
+    budget, _ = memory_budget(device)
+    skeleton = build_skeleton(task.build_model, budget / TRAIN_BYTES_PER_PARAM, f"model {config.model}", fix)
+    per_example, fixed = activation_bytes(skeleton, task.example_forward)
+    params = sum(p.numel() for p in skeleton.parameters())
+    check_fits(TRAIN_BYTES_PER_PARAM * params + fixed + config.batch_size * per_example,
+               f"training {config.model} ({params:,} parameters) at batch {config.batch_size}", fix, device)
     model = task.build_model().to(device)
     if config.channels_last:
         to_channels_last(model)
@@ -222,12 +233,17 @@ def step_backward(config: TrainConfig, model: nn.Module, optimizer: torch.optim.
 
 
 def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None = None,
-          changes: Mapping[str, Any] | None = None) -> TrainResult:
+          changes: Mapping[str, Any] | None = None, overwrite: bool = False,
+          preset: tuple[str, Mapping[str, Any]] | None = None) -> TrainResult:
     """Train per `config`; `resume` is a run/checkpoint path or "auto" (this run's last checkpoint).
 
-    A resumed run keeps its saved config except for `changes` (the settings the caller asks
-    for explicitly; default: `config`'s epochs and device): those in SAFE_ON_RESUME apply, with
-    a logged line and an entry in run_info.json; any other differing setting is refused.
+    ``resume=RUN`` continues RUN where it lives; "auto" continues ``out_dir/name``. A resumed run
+    keeps its saved config except for `changes` (the settings the caller asks for explicitly;
+    default: `config`'s epochs and device): those in SAFE_ON_RESUME and where it runs apply,
+    with a logged line and an entry in run_info.json; any other differing setting is refused,
+    and so is a `preset` (name, values) the run was not trained with. `overwrite` starts afresh
+    in a directory that holds an earlier run or other files (only a run's own entries there
+    are replaced).
     """
     check_model(config)
     dist = init_distributed(resolve_device(config.device).type)
@@ -235,65 +251,36 @@ def train(config: TrainConfig, resume: str | None = None, stop: StopFlag | None 
         changes = {"epochs": config.epochs, "device": config.device}
     try:
         with stop or StopFlag() as stop_flag:
-            return _train(config, resume, dist, stop_flag, dict(changes))
+            return _train(config, resume, dist, stop_flag, dict(changes), overwrite, preset)
     finally:
         cleanup(dist)
 
 
-@contextlib.contextmanager
-def _own_run_dir(run_path: Path) -> Iterator[None]:
-    """Create/lock `run_path` for the whole run and finish what a killed writer left there.
-
-    Refuses a directory that is not a run (nothing of the user's is ever written into), and
-    removes the directory again if it was created here and the run failed before writing.
-    """
-    if run_path.exists() and not run_path.is_dir():
-        raise SoftshareError(f"cannot write run directory {run_path}: it is a file; choose another --name "
-                             f"or --out-dir")
-    if run_path.is_dir() and not _is_run_dir(run_path) and any(run_path.iterdir()):
-        raise SoftshareError(f"refusing to train into {run_path}: it exists and is not a softshare run "
-                             f"directory; choose another --name or --out-dir")
-    created = not run_path.exists()
-    try:
-        run_path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SoftshareError(f"cannot write run directory {run_path}: {err.strerror}; "
-                             f"choose another --out-dir or fix its permissions") from None
-    try:
-        with exclusive_lock(run_path, "run directory", "wait for it to finish or stop it; one process "
-                                                       "trains a run at a time"):
-            for folder in (run_path, run_path / "checkpoints", run_path / "lsm"):
-                for done in recover_leftovers(folder):
-                    log.info("%s", done)
-            yield
-    finally:
-        if created and [p.name for p in run_path.iterdir()] == [LOCK_FILE]:
-            shutil.rmtree(run_path, ignore_errors=True)  # failed before writing anything
-
-
-def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl", LOCK_FILE))
-
-
-def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag,
-           changes: dict[str, Any]) -> TrainResult:
-    run_path = Path(config.out_dir) / config.run_name()
+def _train(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag, changes: dict[str, Any],
+           overwrite: bool, preset: tuple[str, Mapping[str, Any]] | None) -> TrainResult:
+    run_path = run_path_for(config, resume, changes)
+    continuing = resume is not None and run_of(resume) is not None if resume != "auto" else True
     with contextlib.ExitStack() as owned:
         if dist.is_main:
-            owned.enter_context(_own_run_dir(run_path))
-        return _train_locked(config, resume, dist, stop, changes, run_path)
+            owned.enter_context(own_run_dir(run_path, continuing=continuing, overwrite=overwrite))
+        return _train_locked(config, resume, dist, stop, changes, run_path, overwrite, preset)
 
 
 def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop: StopFlag,
-                  changes: dict[str, Any], run_path: Path) -> TrainResult:
+                  changes: dict[str, Any], run_path: Path, overwrite: bool,
+                  preset: tuple[str, Mapping[str, Any]] | None) -> TrainResult:
     checkpoint = _checkpoint_to_resume(resume, run_path)
     changed: dict = {}
     if checkpoint is not None:
-        config, changed = _resumed_config(config, checkpoint, changes, dist.world_size)
-    elif dist.is_main and (run_path / "config.json").exists():
-        if resume is None:
-            raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
-                                 f"or pick another --name")
+        config, changed = _resumed_config(config, checkpoint, changes, dist.world_size, preset)
+        config = apply_overrides(config, {"out_dir": str(run_path.parent), "name": run_path.name}, "run location")
+        if _finished(checkpoint, config):
+            log.info("%s has trained all %d epoch%s: nothing to do (give --epochs N above %d to train longer)",
+                     run_path, config.epochs, "" if config.epochs == 1 else "s", config.epochs)
+            state = checkpoint.train_state
+            return TrainResult(load(checkpoint.path), run_path, config.epochs, checkpoint.meta.get("metrics") or {},
+                               state.get("best_metric"), best_epoch=state.get("best_epoch"))
+    elif resume is not None and dist.is_main and (run_path / "config.json").exists():
         log.info("no checkpoint in %s yet: starting it from the beginning", run_path)
 
     if config.lr_reference_batch:  # linear scaling; the saved config records the lr used (resume: no rescale)
@@ -306,25 +293,33 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
     autocast_dtype = amp_dtype(config, device)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
            if config.ema_decay else None)
+    data_fingerprint = task.data_fingerprint()
 
-    start_epoch, start_batch, best, best_epoch, epoch_sums, monitor = 0, 0, None, None, None, LossMonitor()
+    start = Restored(0, 0, None, None, None, None, None, None)
     if checkpoint is not None:
-        start_epoch, start_batch, best, best_epoch, epoch_sums, monitor_state = _restore(checkpoint, model,
-                                                                                          optimizer, device, ema)
-        monitor = LossMonitor(**monitor_state) if monitor_state else LossMonitor()
-        for key, (old, new) in changed.items():
-            log.info("resume: %s changed from %s to %s (from epoch %d, step %d)", key, old, new,
-                     start_epoch + 1, start_batch)
+        start = _restore(checkpoint, model, optimizer, device, ema, task.batches_per_epoch())
+        check_same_data(start, data_fingerprint, checkpoint.path, changed)
+        if dist.is_main:
+            read_metrics(run_path)  # a corrupt metrics.jsonl is refused now, before anything is written
+    start_epoch, start_batch, best, best_epoch = start.epoch, start.batch, start.best, start.best_epoch
+    epoch_sums, epoch_seconds = start.epoch_sums, start.epoch_seconds
+    monitor = LossMonitor(**start.monitor) if start.monitor else LossMonitor()
 
-    run = RunDir(run_path) if dist.is_main else None
+    run = RunDir(run_path, afresh=overwrite and checkpoint is None) if dist.is_main else None
     sinks = make_sinks(config.logger, run_path, config.to_dict()) if run is not None else []
     if run is not None:
+        if checkpoint is not None:  # logged once train.log is attached, so the run's log has them too
+            log.info("resumed from %s at epoch %d, step %d", checkpoint.path, start_epoch + 1, start_batch)
+            for key, (old, new) in changed.items():
+                log.info("resume: %s changed from %s to %s (from epoch %d, step %d)", key, old, new,
+                         start_epoch + 1, start_batch)
         resumed = None if checkpoint is None else {"from": str(checkpoint.path), "epoch": start_epoch,
                                                    "step": start_batch, "changed": changed}
         run.write_info(config.to_dict(), device, dist.world_size, resumed)
         task.save_artifacts(run.path)
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
                  sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
+        log.info("%s", task.evaluation_note())
         if config.lsm_every and start_epoch == 0 and start_batch == 0:
             record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
     barrier(dist)
@@ -347,7 +342,10 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         sums = torch.zeros(4, dtype=torch.float64)
         if epoch_sums is not None:
             sums[:len(epoch_sums)] = epoch_sums
-        epoch_sums, started = None, time.perf_counter()
+        # a run resumed mid-epoch: the images and seconds of the part done before count with it
+        # (checkpoints from before seconds were recorded: rates from this process's part only)
+        done_before, seconds_before = float(sums[2]), epoch_seconds
+        epoch_sums, epoch_seconds, started = None, None, time.perf_counter()
         bar = Progress(per_epoch, f"epoch {epoch + 1}/{config.epochs}", unit="batch", initial=start_batch,
                        log=log, enabled=dist.is_main)
         for index, batch in enumerate(task.train_batches(epoch, start_batch), start=start_batch):
@@ -370,7 +368,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
             sums += torch.tensor([loss_value * n, float(correct), float(n), penalty_value * n], dtype=torch.float64)
             loss_sum, correct_sum, count, _ = sums.tolist()
             bar.set(loss=f"{loss_sum / count:.3f}", acc=f"{correct_sum / count:.3f}",
-                    img_s=f"{count * dist.world_size / (time.perf_counter() - started):.0f}")
+                    img_s=f"{(count - done_before) * dist.world_size / (time.perf_counter() - started):.0f}")
             bar.update()
             if any_rank(stop.requested, dist, device):
                 bar.close()
@@ -378,7 +376,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
                     sink.close()
                 if run is not None:
                     _save(run, model, config, optimizer, epoch, index + 1, best, best_epoch, monitor, metrics, sums,
-                          "last", ema)
+                          "last", ema, data_fingerprint, (seconds_before or 0.0) + time.perf_counter() - started)
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, index + 1)
                 return TrainResult(model, run_path if run else None, epoch, metrics, best, interrupted=True)
         bar.close()
@@ -387,10 +385,12 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
 
         average_buffers(model, dist)
         loss_sum, correct_sum, count, penalty_sum = all_reduce_sum(sums.to(device), dist).tolist()
+        images = count if seconds_before is not None else count - done_before * dist.world_size
+        seconds += seconds_before or 0.0
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct_sum / count,
                    **({"train_recurrence_penalty": penalty_sum / count} if config.recurrence_reg else {}),
                    "lr": learning_rate(config, epoch), "seconds": round(seconds, 2),
-                   "images_per_s": round(count / seconds, 1)}
+                   "images_per_s": round(images / seconds, 1)}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             metrics.update(task.evaluate(model, autocast_dtype))
             if ema is not None:
@@ -405,13 +405,13 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
             run.append_metrics(metrics, keep_epochs_below=epoch + 1)
             for sink in sinks:
                 sink.write(run.read_metrics())
-            run.plot_curves(getattr(task, "eval_split", None) or ("test" if config.val_size == 0 else "validation"))
+            run.plot_curves()
             log.info("epoch %d/%d  %s", epoch + 1, config.epochs,
                      "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
             # best before last: a crash in between leaves best newer than last, never older
             # than the best epoch last records (a resume from last redoes this epoch exactly)
             save = functools.partial(_save, run, model, config, optimizer, epoch + 1, 0, best, best_epoch, monitor,
-                                     metrics, None)
+                                     metrics, None, data_fingerprint=data_fingerprint)
             if improved:
                 save("best")
             crash_point("between-best-and-last")
@@ -424,7 +424,13 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         sink.close()
     if run is not None:
         run.close()
-    return TrainResult(model, run_path if run else None, config.epochs, metrics, best)
+    return TrainResult(model, run_path if run else None, config.epochs, metrics, best, best_epoch=best_epoch)
+
+
+def _finished(checkpoint, config: TrainConfig) -> bool:
+    """Whether the checkpoint has trained all of `config.epochs` already (nothing left to do)."""
+    state = checkpoint.train_state or {}
+    return isinstance(state.get("epoch"), int) and state["epoch"] >= config.epochs and not state.get("batch")
 
 
 def _diverged(problem: str, epoch: int, index: int, run_path: Path, config: TrainConfig) -> TrainingDiverged:
@@ -444,11 +450,16 @@ def _diverged(problem: str, epoch: int, index: int, run_path: Path, config: Trai
 
 
 def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, best_epoch, monitor: LossMonitor,
-          metrics, sums, which: str, ema: AveragedModel | None = None) -> None:
-    """Checkpoint at `epoch` completed epochs plus `batch` batches of the next one; with `ema`,
-    its state goes into the training state and its weights into checkpoints/ema."""
+          metrics, sums, which: str, ema: AveragedModel | None = None, data_fingerprint: str | None = None,
+          epoch_seconds: float | None = None) -> None:
+    """Checkpoint at `epoch` completed epochs plus `batch` batches of the next one (`sums` and
+    `epoch_seconds` of that part); with `ema`, its state goes into the training state and its
+    weights into checkpoints/ema."""
     state = {"epoch": epoch, "batch": batch, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-             "best_metric": best, "best_epoch": best_epoch, "loss_monitor": monitor.state()}
+             "best_metric": best, "best_epoch": best_epoch, "loss_monitor": monitor.state(),
+             "data_fingerprint": data_fingerprint}
+    if epoch_seconds is not None:
+        state["epoch_seconds"] = float(epoch_seconds)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
     if sums is not None:

@@ -1,15 +1,27 @@
-"""The run directory: config, provenance, per-epoch metrics, curves, log."""
+"""The run directory: config, provenance, per-epoch metrics, curves, log; and whose it is.
+
+A directory is a run only by proof: the output marker softshare writes into every run (kind
+"run"), or, for runs of versions before markers, a config.json holding exactly a training
+config together with softshare's run_info.json or checkpoint metadata. What a directory holds
+(`checkpoints/`, a `config.json`) never makes it one, so a user's project is never trained into,
+and advice to resume is given only for a proven run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fnmatch
 import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +29,109 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..checkpoint import META_FILE, read_meta
 from ..device import device_description, resolve_device
 from ..errors import SoftshareError
-from ..io import atomic_path, save_figure, write_json
+from ..io import (LOCK_FILE, OUTPUT_MARKER, atomic_path, check_writable, exclusive_lock, mark_output, output_kind,
+                  recover_leftovers, save_figure, write_json)
 from ..version import __version__
+from .config import TrainConfig
 
 log = logging.getLogger("softshare.train")
+RUN_KIND = "run"
+# What a run writes into its directory (--overwrite deletes these before starting afresh; any
+# other file there is the user's and stays): the trainer's files, its loggers', and what
+# `softshare eval`, `lsm` and the studies add to a run.
+RUN_ENTRIES = ("config.json", "run_info.json", "metrics.jsonl", "metrics.csv", "train.log", "curves.png",
+               "checkpoints", "lsm", "split.json", "data.json", "classes.json", "tensorboard", "eval-*",
+               "study-*.json", "lsm-evaluated", OUTPUT_MARKER)
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a softshare run directory, by proof (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    kind = output_kind(path)
+    if kind is not None:
+        return kind == RUN_KIND
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not config or not set(config) <= _CONFIG_FIELDS \
+            or not {"task", "model", "epochs"} <= set(config):
+        return False
+    try:
+        info = json.loads((path / "run_info.json").read_text())
+        if isinstance(info, dict) and "softshare_version" in info:
+            return True
+    except (OSError, ValueError):
+        pass
+    for which in ("last", "best"):
+        try:
+            if (path / "checkpoints" / which / META_FILE).is_file() and read_meta(path / "checkpoints" / which):
+                return True
+        except SoftshareError:
+            continue
+    return False
+
+
+def _fresh_hint(path: Path) -> str:
+    return f"choose another --name or --out-dir, or pass --overwrite to train into {path} anyway"
+
+
+@contextlib.contextmanager
+def own_run_dir(run_path: Path, *, continuing: bool, overwrite: bool = False) -> Iterator[None]:
+    """Check `run_path` may be trained into, then hold its lock for the whole run and finish what
+    a killed writer left there.
+
+    A new or empty directory may always be; a proven run only when `continuing` it (resume), or
+    started afresh with `overwrite`; anything else (a user's directory, whatever it holds) only
+    with `overwrite`, and then only the run's own entries are ever replaced. Nothing is left
+    behind if the run fails before writing: a directory created here is removed, a lock file
+    created here too.
+    """
+    if os.path.lexists(run_path) and (not run_path.is_dir() or run_path.is_symlink()):
+        what = "a symbolic link" if run_path.is_symlink() else "a file"
+        raise SoftshareError(f"cannot train into {run_path}: it is {what}, not a directory; choose another --name "
+                             f"or --out-dir")
+    if continuing and overwrite:
+        raise SoftshareError("--overwrite starts a run afresh, --resume continues one: give one of them")
+    occupied = run_path.is_dir() and any(p.name != LOCK_FILE for p in run_path.iterdir())
+    if occupied and not overwrite:
+        if not is_run(run_path):
+            raise SoftshareError(f"refusing to train into {run_path}: it holds files softshare did not write there "
+                                 f"(it is not a softshare run directory); {_fresh_hint(run_path)} (only the files a "
+                                 f"run writes are replaced)")
+        if not continuing:
+            raise SoftshareError(f"run directory {run_path} already holds a run; continue it with --resume auto, "
+                                 f"start it afresh with --overwrite (its checkpoints and metrics are deleted), or "
+                                 f"pick another --name")
+    check_writable(run_path)
+    created = not run_path.exists()
+    locked_before = (run_path / LOCK_FILE).exists()
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoftshareError(f"cannot write run directory {run_path}: {err.strerror}; "
+                             f"choose another --out-dir or fix its permissions") from None
+    try:
+        with exclusive_lock(run_path, "run directory", "wait for it to finish or stop it; one process "
+                                                       "trains a run at a time"):
+            if is_run(run_path):
+                for folder in (run_path, run_path / "checkpoints", run_path / "lsm"):
+                    for done in recover_leftovers(folder):
+                        log.info("%s", done)
+            yield
+    finally:
+        left = [p.name for p in run_path.iterdir()] if run_path.is_dir() else []
+        if left == [LOCK_FILE] and created:
+            shutil.rmtree(run_path, ignore_errors=True)  # failed before writing anything
+        elif LOCK_FILE in left and not locked_before and not is_run(run_path):
+            with contextlib.suppress(FileNotFoundError):
+                (run_path / LOCK_FILE).unlink()
 
 
 def git_commit() -> str | None:
@@ -40,15 +149,20 @@ def git_commit() -> str | None:
 
 
 class RunDir:
-    """Paths and writers of `runs/<name>/`. Only rank 0 constructs one."""
+    """Paths and writers of `runs/<name>/`. Only rank 0 constructs one, after everything was
+    validated: from here on the directory is written (`afresh`: the run's own entries of an
+    earlier run there are deleted first, the user's other files stay)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, afresh: bool = False) -> None:
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            if afresh:
+                for entry in path.iterdir():
+                    if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RUN_ENTRIES):
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if output_kind(path) != RUN_KIND:
+                mark_output(path, RUN_KIND, files=())  # its entries: RUN_ENTRIES
         except OSError as err:
             raise SoftshareError(f"cannot write run directory {path}: {err.strerror}; "
                                  f"choose another --out-dir or fix its permissions") from None
@@ -99,20 +213,39 @@ class RunDir:
         with atomic_path(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot_curves(self, eval_split: str = "validation") -> None:
+    def plot_curves(self) -> None:
         """Per epoch: task loss, accuracy in percent, and the recurrence penalty when it was on;
-        training and `eval_split` ("validation" or "test") apart, EMA weights dashed."""
+        training and validation (or test, with val_size 0) apart, EMA weights dashed."""
         rows = self.read_metrics()
         if rows:
-            save_figure(curves_figure(rows, self.path.name, eval_split), self.path / "curves.png", dpi=110)
+            save_figure(curves_figure(rows, self.path.name), self.path / "curves.png", dpi=110)
 
 
 def read_metrics(run_path: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of a run's metrics.jsonl (none yet: an empty list)."""
+    """The per-epoch rows of a run's metrics.jsonl (none yet: an empty list); a file that is not
+    what the trainer writes is one clear error."""
     path = Path(run_path) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fix = ("restore it from a backup, or delete it (the checkpoints are intact; the file is written again from "
+           "the next epoch on)")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SoftshareError(f"cannot read {path} ({err}); {fix}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise SoftshareError(f"{path} line {number} is not a row of per-epoch metrics (a JSON object with an "
+                                 f"integer epoch); {fix}")
+        rows.append(row)
+    return rows
 
 
 def local_device(spec: str, local_rank: int) -> torch.device:
@@ -123,18 +256,23 @@ def local_device(spec: str, local_rank: int) -> torch.device:
     return device
 
 
-def curves_figure(rows: list[dict], title: str, eval_split: str = "validation") -> Figure:
+SPLITS = {"val": "validation", "test": "test"}  # metric prefix -> what the curves call it
+
+
+def curves_figure(rows: list[dict], title: str) -> Figure:
     """The figure of `RunDir.plot_curves` (see there) from metrics rows."""
     has_penalty = any(r.get("train_recurrence_penalty") is not None for r in rows)
     fig = Figure(figsize=(13 if has_penalty else 9.5, 3.8), layout="constrained")
     axes = fig.subplots(1, 3 if has_penalty else 2)
-    series = [("train_loss", "train", axes[0], "-", 1), ("val_loss", eval_split, axes[0], "-", 1),
-              ("ema_val_loss", f"{eval_split}, EMA weights", axes[0], "--", 1),
-              ("train_acc", "train", axes[1], "-", 100), ("val_acc", eval_split, axes[1], "-", 100),
-              ("ema_val_acc", f"{eval_split}, EMA weights", axes[1], "--", 100)]
+    series = [("train_loss", "train", axes[0], "-", 1), ("train_acc", "train", axes[1], "-", 100)]
+    colours = {"train": "tab:blue"}
+    for (prefix, split), colour, ema in zip(SPLITS.items(), ("tab:orange", "tab:red"), ("tab:green", "tab:olive")):
+        colours.update({split: colour, f"{split}, EMA weights": ema})
+        for key, ax, scale in (("loss", axes[0], 1), ("acc", axes[1], 100)):
+            series += [(f"{prefix}_{key}", split, ax, "-", scale),
+                       (f"ema_{prefix}_{key}", f"{split}, EMA weights", ax, "--", scale)]
     if has_penalty:
         series.append(("train_recurrence_penalty", "train", axes[2], "-", 1))
-    colours = {"train": "tab:blue", eval_split: "tab:orange", f"{eval_split}, EMA weights": "tab:green"}
     accuracies = []
     for key, label, ax, style, scale in series:
         points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]

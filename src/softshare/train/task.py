@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ class Task(ABC):
     so a run resumed mid-epoch sees exactly the batches it would have seen.
     """
 
-    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint
+    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint (validation only)
+    # What `evaluate` scores: "validation" (held-out training rows: metrics val_*, 'best' chosen on them)
+    # or "test" (val_size 0: metrics test_*, and no 'best' is ever chosen: that would be test selection)
+    eval_split: str = "validation"
 
     def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
         self.config, self.device, self.dist = config, device, dist
@@ -44,7 +48,24 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
+        """Metrics of `eval_split` (keys prefixed `val_` or `test_`), with the model in eval mode."""
+
+    @abstractmethod
+    def evaluation_note(self) -> str:
+        """One line for the log: what each epoch is scored on and how large it is."""
+
+    @property
+    def metric_prefix(self) -> str:
+        return "val" if self.eval_split == "validation" else "test"
+
+    @abstractmethod
+    def example_forward(self, model: nn.Module, batch: int) -> Any:
+        """`model`'s forward on a meta-device batch of `batch` examples shaped like the training data
+        (sizes the activations of a step before anything is allocated)."""
+
+    def data_fingerprint(self) -> str | None:
+        """A hash of the training (and validation) data: a resume refuses other data (None: unchecked)."""
+        return None
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""
@@ -52,3 +73,17 @@ class Task(ABC):
 
     def save_artifacts(self, run_path: Path) -> None:
         """Write task files into the run directory (e.g. the validation split). Rank 0 only."""
+
+
+def fingerprint(tensors: Iterable[torch.Tensor | bytes | str]) -> str:
+    """A short hash of the training data (tensors' bytes, or descriptions of files): a resume
+    checks it, so a changed --data-root cannot silently continue on other data."""
+    digest = hashlib.sha256()
+    for item in tensors:
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().contiguous()
+            digest.update(str((item.dtype, tuple(item.shape))).encode())
+            digest.update(item.view(torch.uint8).numpy().tobytes() if item.numel() else b"")
+        else:
+            digest.update(item.encode() if isinstance(item, str) else item)
+    return digest.hexdigest()[:16]

@@ -11,7 +11,9 @@ benchmark's extracted archives)::
 softshare writes uint8 .npy files. The public data are float64 .npy files for mazes and float
 tensors saved with ``torch.save`` as ``{L}_data.pth`` / ``{L}_targets.pth`` for prefix sums; the
 loaders read either (``.npy`` first). Every directory is written atomically: a temporary sibling
-renamed into place, so an error or Ctrl-C leaves no half-written set.
+renamed into place, so an error or Ctrl-C leaves no half-written set. A set directory carries
+softshare's output marker (kind "data"); replacing one keeps every file in it softshare did not
+write (a README of the public data, say).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 from numpy.lib.format import open_memmap
 
 from ...errors import SoftshareError
-from ...io import atomic_path
+from ...io import atomic_path, mark_output
 from .mazes import Progress, check_maze_args, fill_mazes, image_side
 from .prefix_sums import check_prefix_sum_args, prefix_sum_inputs
 
 _FLOAT_OR_BYTE = (np.uint8, np.float32, np.float64)
+DATA_KIND = "data"  # the output marker's kind in a set directory softshare wrote
 _CHECK_ROWS = 4096
 
 
@@ -49,7 +52,7 @@ def write_mazes(root: str | os.PathLike, split: str, size: int, count: int, seed
     check_maze_args(count, size, seed, split)
     side = image_side(size)
     target = maze_dir(root, split, size)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, keep_foreign=True) as tmp:
         tmp.mkdir()
         inputs = open_memmap(tmp / "inputs.npy", "w+", np.uint8, (count, 3, side, side))
         solutions = open_memmap(tmp / "solutions.npy", "w+", np.uint8, (count, side, side))
@@ -57,6 +60,7 @@ def write_mazes(root: str | os.PathLike, split: str, size: int, count: int, seed
         inputs.flush()
         solutions.flush()
         del inputs, solutions
+        mark_output(tmp, DATA_KIND)
     return target
 
 
@@ -66,11 +70,24 @@ def save_mazes(root: str | os.PathLike, split: str, size: int, inputs: np.ndarra
     _check_mazes(inputs, solutions, size, "inputs", "solutions")
     _check_bytes(inputs, solutions)
     target = maze_dir(root, split, size)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, keep_foreign=True) as tmp:
         tmp.mkdir()
         np.save(tmp / "inputs.npy", inputs)
         np.save(tmp / "solutions.npy", solutions)
+        mark_output(tmp, DATA_KIND)
     return target
+
+
+def written_by_softshare(folder: str | os.PathLike, files: tuple[str, ...]) -> bool:
+    """Whether a set directory without a marker is one an earlier softshare wrote: exactly `files`,
+    each a uint8 .npy (the public benchmark's are float); proof by content, not by the names."""
+    folder = Path(folder)
+    if sorted(p.name for p in folder.iterdir()) != sorted(files):
+        return False
+    try:
+        return all(np.load(folder / name, mmap_mode="r", allow_pickle=False).dtype == np.uint8 for name in files)
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def load_mazes(root: str | os.PathLike, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +107,11 @@ def save_prefix_sums(root: str | os.PathLike, length: int, bits: np.ndarray,
     _check_prefix_sums(bits, targets, length, "bits", "targets")
     _check_bytes(bits, targets)
     target = prefix_sum_dir(root, length)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, keep_foreign=True) as tmp:
         tmp.mkdir()
         np.save(tmp / f"{length}_data.npy", bits)
         np.save(tmp / f"{length}_targets.npy", targets)
+        mark_output(tmp, DATA_KIND)
     return target
 
 
