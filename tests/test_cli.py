@@ -328,9 +328,15 @@ def test_experiment_continues_a_study_begun_before_output_markers(monkeypatch, t
 
     monkeypatch.setattr(job, "run_experiment", lambda *args: None)
     study = tmp_path / "study"
-    (study / "runs" / "prefix-sums-ff-s0" / "checkpoints").mkdir(parents=True)
-    (study / "runs" / "prefix-sums-ff-s0" / "config.json").write_text("{}")
+    run = study / "runs" / "prefix-sums-ff-s0"  # a run of a version before markers, proven by its files' content
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(TrainConfig(task="prefix-sums", model="ff").to_dict()))
+    (run / "run_info.json").write_text('{"softshare_version": "0.1.0"}')
     assert main(["experiment", "algorithmic", "--out", str(study)]) == 0
+    fake = tmp_path / "fake" / "runs" / "r"  # what merely looks like one is not
+    (fake / "checkpoints").mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    assert main(["experiment", "algorithmic", "--out", str(tmp_path / "fake")]) == 2
     (tmp_path / "other" / "runs").mkdir(parents=True)  # a runs/ folder holding what is not a run
     (tmp_path / "other" / "runs" / "notes.txt").write_text("keep")
     capsys.readouterr()
@@ -463,8 +469,11 @@ def test_train_help_shows_each_tasks_own_defaults():
     prefix = resolve_config(overrides={"task": "prefix-sums"})
     mazes = resolve_config(overrides={"task": "mazes"})
     assert f"(default: mazes: {mazes.width}; prefix-sums: {prefix.width})" in flags["width"]
-    assert f"mazes: {mazes.depth}; prefix-sums: {prefix.depth}" in flags["depth"]
-    assert f"prefix-sums: {prefix.blocks}" in flags["blocks"] and f"prefix-sums: {prefix.head_convs}" in flags["head_convs"]
+    assert mazes.depth == prefix.depth and f"(default: {prefix.depth})" in flags["depth"]  # one value: both tasks
+    assert f"(default: 0.0; mazes: {mazes.grad_clip}; prefix-sums: {prefix.grad_clip})" in flags["grad_clip"]
+    for name in ("blocks", "head_convs", "alpha"):  # algorithmic fields: their tasks' values only
+        ours, theirs = getattr(mazes, name), getattr(prefix, name)
+        assert (f"(default: {ours})" if ours == theirs else f"mazes: {ours}; prefix-sums: {theirs})") in flags[name]
     assert f"(default: 0.1; mazes: {mazes.lr}; prefix-sums: {prefix.lr})" in flags["lr"].replace("%%", "%")
     assert f"(default: {TrainConfig.momentum})" in flags["momentum"]  # the same for every task: one value
 

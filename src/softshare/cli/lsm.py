@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
@@ -57,13 +58,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _written_by_softshare(out: Path) -> bool:
-    """An LSM directory of a version before markers: lsm.json holding softshare's matrices, and
-    PNGs beside it, nothing else (proof by content, not by the file's name)."""
-    if any(p.name != "lsm.json" and p.suffix != ".png" for p in out.iterdir()):
-        return False
+    """An LSM directory of a version before markers (or a run's lsm/ written by `train --lsm-every`):
+    softshare's matrices in lsm.json or history.jsonl, and its figures, nothing else (proof by
+    content, not by the files' names)."""
+    for entry in out.iterdir():
+        figures = entry.is_dir() and re.fullmatch(r"epoch_\d{4}", entry.name) and all(
+            p.suffix == ".png" for p in entry.iterdir())
+        if not (figures or entry.name in ("lsm.json", "history.jsonl") or entry.suffix == ".png"):
+            return False
     try:
-        banks = json.loads((out / "lsm.json").read_text())["banks"]
-        return isinstance(banks, list) and bool(banks) and all(
-            isinstance(b, dict) and {"bank", "layers", "matrix"} <= set(b) for b in banks)
+        records = [json.loads((out / "lsm.json").read_text())] if (out / "lsm.json").exists() else []
+        if (out / "history.jsonl").exists():
+            records += [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
+        return bool(records) and all(_lsm_banks(record["banks"]) for record in records)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _lsm_banks(banks: object) -> bool:
+    return isinstance(banks, list) and bool(banks) and all(
+        isinstance(b, dict) and {"bank", "layers", "matrix"} <= set(b) for b in banks)
