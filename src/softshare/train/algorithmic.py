@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, validation_count
+from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_examples, validation_count
 from ..errors import SoftshareError
-from ..eval.algorithmic import score
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, in_trained_layout, score, think, thinking_net
 from ..io import write_json
 from ..models import create_model
 from ..models.algorithmic import BODIES
@@ -68,6 +68,12 @@ class AlgorithmicTask(Task):
         else:  # val_size 0: train on all, evaluate on the test set at the training size
             self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
                                                          config.test_count, config.data_root)
+        self.select_x = self.select_y = None
+        if config.select_size:  # the best checkpoint is the one that thinks longest (see selection_metrics)
+            self.select_x, self.select_y = selection_examples(config.to_dict(), config.select_size,
+                                                              config.select_count, config.data_root)
+            self.primary_metric = "val_extrap_acc"
+            self.selection_metrics = ("val_extrap_acc", "val_acc")
         self.per_step = config.batch_size * dist.world_size
         if config.train_count < self.per_step:
             raise SoftshareError(f"train_count {config.train_count} is smaller than one step's batch "
@@ -131,7 +137,9 @@ class AlgorithmicTask(Task):
         return (1 - alpha) * full + alpha * progressive, solved.sum()
 
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Exact match and loss on the held-out set at the training size, after T iterations."""
+        """Exact match and loss on the held-out set at the training size, after T iterations; with
+        `select_size`, also exact match at the stable stopping rule on held-out instances of that
+        size, the net run as `softshare eval` runs it (a shared net folded, up to 20x T iterations)."""
         was_training = model.training
         model.eval()
         loss_sum, solved, batch = 0.0, 0.0, max(self.config.batch_size, 256)
@@ -145,7 +153,22 @@ class AlgorithmicTask(Task):
                 solved += right.sum().item()
         model.train(was_training)
         count = max(len(self.val_y), 1)
-        return {"val_loss": loss_sum / count, "val_acc": solved / count}
+        metrics = {"val_loss": loss_sum / count, "val_acc": solved / count}
+        if self.select_x is not None:
+            metrics.update(self._extrapolation(model, amp_dtype))
+        return metrics
+
+    def _extrapolation(self, model: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, float]:
+        """Validation exact match at the stable rule on the selection size (``val_extrap_acc``) and
+        the mean iteration the rule stops at (``val_extrap_stop``)."""
+        config = self.config
+        net, _ = thinking_net(model)
+        net = in_trained_layout(net, config.to_dict())
+        iterations = net.max_iterations or EXTRAPOLATION_FACTOR * config.depth
+        thought = think(net, config.task, self.select_x, self.select_y, iterations, max(config.batch_size, 100),
+                        self.device, amp_dtype, until_settled=True)
+        stable = thought["stop"]["stable"]
+        return {"val_extrap_acc": stable["exact_match"], "val_extrap_stop": stable["mean_iteration"]}
 
     def save_artifacts(self, run_path: Path) -> None:
         """data.json: where the training and validation rows come from (reproducibility)."""
