@@ -198,3 +198,33 @@ def test_coefficients_learn_at_their_own_rate():
         else:
             assert not ids & coefficient_ids and group["lr_scale"] in (1.0, pytest.approx(1 / 3))
             assert group["weight_decay"] == config.weight_decay
+
+
+def test_random_starting_states_train_and_resume_exactly(tmp_path):
+    """random_state: part of each batch starts from a random thought; the draws come from the
+    trainer's seeded RNG, so a run interrupted mid-epoch resumes to the same weights."""
+    fields = dict(task="prefix-sums", model="recurrent", width=8, depth=4, train_size=8, test_sizes=[8],
+                  train_count=60, test_count=10, batch_size=20, epochs=2, random_state=0.5)
+    train(tiny(tmp_path, name="whole", **fields))
+    stop = StopFlag()
+    calls = {"n": 0}
+    import softshare.train.algorithmic as algorithmic
+    original = algorithmic.AlgorithmicTask.loss
+
+    def loss_then_stop(self, model, batch):  # stop after the 4th step: mid-epoch 2
+        calls["n"] += 1
+        if calls["n"] == 4:
+            stop.requested = True
+        return original(self, model, batch)
+
+    algorithmic.AlgorithmicTask.loss = loss_then_stop
+    try:
+        assert train(tiny(tmp_path, name="split", **fields), stop=stop).interrupted
+    finally:
+        algorithmic.AlgorithmicTask.loss = original
+    train(tiny(tmp_path, name="split", **fields), resume="auto")
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    plain = tiny(tmp_path, name="plain", **{**fields, "random_state": 0.0})
+    train(plain)
+    assert not all(torch.equal(whole[k], weights(tmp_path / "plain")[k]) for k in whole)

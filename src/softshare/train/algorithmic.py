@@ -18,6 +18,7 @@ from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_e
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, in_trained_layout, score, think, thinking_net
 from ..io import write_json
+from ..wrappers import unwrap_model
 from ..models import create_model
 from ..models.algorithmic import BODIES
 from .task import Task
@@ -122,19 +123,41 @@ class AlgorithmicTask(Task):
         spectral norms of a pass that tracks gradients).
         """
         alpha, task = self.config.alpha, self.config.task
+        start = self._random_starts(model, batch.x)
         state = None
         with torch.set_grad_enabled(alpha < 1 and torch.is_grad_enabled()):
+            first = start(model) if start else None
             if alpha and batch.start:
-                logits, state = model(batch.x, self.config.depth, state_after=batch.start)
+                logits, state = model(batch.x, self.config.depth, state_after=batch.start, state=first)
                 state = state.detach()
             else:
-                logits = model(batch.x, self.config.depth)
+                logits = model(batch.x, self.config.depth, state=first)
             full, solved = score(task, logits, batch.y, batch.x)
         if alpha == 0:
             return full, solved.sum()
+        if state is None and start:
+            state = start(model)
         logits = model(batch.x, batch.count, start=batch.start, state=state)
         progressive = score(task, logits, batch.y, batch.x)[0]
         return (1 - alpha) * full + alpha * progressive, solved.sum()
+
+    def _random_starts(self, model: nn.Module, x: Tensor):
+        """With `random_state` > 0: a function giving the batch's first thought, where that fraction
+        of instances starts from a random state instead of the projection of its input (path
+        independence, Anil et al. 2022: a net whose answer does not depend on where its thought
+        starts has learned a step it can repeat). The draw is made once per batch, so every pass
+        of the step starts alike; the others keep the projection, with its gradient."""
+        fraction = self.config.random_state
+        if not fraction:
+            return None
+        net = unwrap_model(model)
+        with torch.no_grad():
+            embedded = net.embed(x)
+        shape = (len(x),) + (1,) * (embedded.dim() - 1)
+        scale = embedded.pow(2).mean(dim=tuple(range(1, embedded.dim())), keepdim=True).sqrt()
+        noise = torch.randn_like(embedded).abs_().mul_(scale)  # non-negative, like a state after a ReLU
+        chosen = torch.rand(shape, device=x.device) < fraction
+        return lambda _: torch.where(chosen, noise, net.embed(x))
 
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Exact match and loss on the held-out set at the training size, after T iterations; with

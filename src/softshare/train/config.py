@@ -72,6 +72,7 @@ class TrainConfig:
     depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
+    random_state: float = 0.0  # fraction of training instances whose thought starts from a random state
     blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
     recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
@@ -289,7 +290,7 @@ RANGES: dict[str, tuple] = {
     "train_size": _range(1, 10_000), "test_sizes": _range(1, 10_000), "train_count": _range(1, _COUNT),
     "test_count": _range(1, _COUNT),
     "select_size": _range(0, 10_000), "select_count": _range(1, 1_000_000), "width": _range(1, 4096), "depth": _range(1, 10_000),
-    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
+    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
     "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
 }

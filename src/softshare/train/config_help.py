@@ -62,6 +62,8 @@ FIELD_HELP: dict[str, str] = {
     "depth": "residual blocks (ff/shared) or iterations (recurrent)",
     "num_templates": "templates in the bank of the shared algorithmic net",
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
+    "random_state": "fraction of training instances whose thought starts from a random state instead of the "
+                    "projection of the input (path independence); 0 = off",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
     "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
     "recall_relu": "the ReLU after the recall conv as DeepThinking (--no-recall-relu: a linear recall)",
@@ -95,8 +97,8 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
                                 "image_size", "workers")},
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
                                       "select_size", "select_count", "width", "depth",
-                                      "num_templates", "alpha", "blocks", "lipschitz", "recall_relu", "head_convs",
-                                      "lr_throttle")},
+                                      "num_templates", "alpha", "random_state", "blocks", "lipschitz",
+                                      "recall_relu", "head_convs", "lr_throttle")},
 }
 
 
