@@ -77,6 +77,7 @@ class TrainConfig:
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
     recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
     head_convs: int = 3  # 3: DeepThinking's head (w -> w -> w/2 -> 2); 2: without its w -> w conv
+    recall_init: str = "pytorch"  # pytorch | he: the recall convs' initial scale (he: the ff body trains)
     lr_throttle: bool = False  # iteration weights learn at lr / depth (DeepThinking's maze recipe)
     # run and hardware
     name: str = ""
