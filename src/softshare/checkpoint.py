@@ -303,7 +303,9 @@ def describe_checkpoint(ckpt_path: Path, meta: dict) -> str:
                    "optimistic; score checkpoints/last for an honest one")
         else:
             best = meta.get("best_metric")
-            how = "chosen on validation accuracy" + (f" {best:.4f}" if isinstance(best, (int, float)) else "")
+            on = (f"validation exact match at size {config['select_size']} (stable rule)" if config.get("select_size")
+                  and config.get("task") != "classification" else "validation accuracy")
+            how = f"chosen on {on}" + (f" {best:.4f}" if isinstance(best, (int, float)) else "")
     elif which == "last":
         how = "the last epoch trained" + ("" if config.get("val_size") != 0 else " (the run has no validation split, "
                                                                                 "so no 'best')")

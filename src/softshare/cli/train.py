@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                        preset=preset if args.resume else None)
     if result.run_dir is not None and not result.interrupted:
         if result.best_metric is not None:
-            print(f"done: {result.run_dir} (checkpoints/best: epoch {result.best_epoch}, validation accuracy "
+            print(f"done: {result.run_dir} (checkpoints/best: epoch {result.best_epoch}, validation score "
                   f"{result.best_metric:.4f}, chosen on validation only; checkpoints/last: epoch {result.epochs_done})")
         else:
             print(f"done: {result.run_dir} (checkpoints/last: epoch {result.epochs_done}; no 'best' checkpoint: the "

@@ -23,6 +23,9 @@ class Task(ABC):
     """
 
     primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint (validation only)
+    # The 'best' checkpoint has the highest tuple of these metrics (compared in order; ties go to
+    # the later epoch); a task sets both (the first of these is its primary metric).
+    selection_metrics: tuple[str, ...] = ("val_acc",)
     # What `evaluate` scores: "validation" (held-out training rows: metrics val_*, 'best' chosen on them)
     # or "test" (val_size 0: metrics test_*, and no 'best' is ever chosen: that would be test selection)
     eval_split: str = "validation"
@@ -66,6 +69,12 @@ class Task(ABC):
     def data_fingerprint(self) -> str | None:
         """A hash of the training (and validation) data: a resume refuses other data (None: unchecked)."""
         return None
+
+    def selection_key(self, metrics: dict[str, float]) -> list[float] | None:
+        """What picks the best checkpoint from an epoch's metrics; None when it was not evaluated."""
+        if not all(name in metrics for name in self.selection_metrics):
+            return None
+        return [float(metrics[name]) for name in self.selection_metrics]
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""
