@@ -1,7 +1,11 @@
 """A model of your own with soft-shared layers: one bank of templates feeds several convs.
 
-    python examples/custom_model.py            # a few hundred steps on random data, ~10 s
+    python examples/custom_model.py            # 300 steps on one random batch (see below for how long)
     python examples/custom_model.py --steps 5  # what the test runs
+
+Measured 2026-12-02 on the project's 2-core AMD EPYC machine, busy (load average 4.5-6.7 from
+other jobs): 300 steps took 390 s of wall time and 197 s of CPU time (torch 2.13.0+cpu, both
+threads); on an idle machine expect well under the CPU time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Uses torchvision's resnet18 when torchvision is installed, otherwise the same architecture
 written out below (11,689,512 parameters either way).
 
-    python examples/share_resnet.py --out /tmp/resnet   # ~20 s on a CPU core
+    python examples/share_resnet.py --out /tmp/resnet   # 18 s (14 s of CPU), measured below
+
+Measured 2026-12-02 on the project's 2-core AMD EPYC machine at load average ~6.5 (other jobs
+running): 18.0 s of wall time, 14.2 s of CPU time, torch 2.13.0+cpu.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "label-free stopping rule and at the best iteration, running nets that can (recurrent, shared "
                     "folded into a loop) up to 20x the trained iterations, and (c) what the shared nets fold into.")
     a.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: presets prefix_sums_cpu/mazes_cpu (prefix sums, 5 seeds: about 90 min with "
-                        "--jobs 2 on 2 cores); gpu: prefix_sums_gpu/mazes_gpu (one GPU)")
+                   help="cpu: presets prefix_sums_cpu/mazes_cpu (prefix sums, the default variants and 5 seeds "
+                        "with --test-count 100 took 35 min with --jobs 2 on the idle 2-core machine, "
+                        "docs/algorithmic.md); gpu: prefix_sums_gpu/mazes_gpu (one GPU)")
     a.add_argument("--tasks", nargs="+", default=["prefix-sums"], choices=TASKS)
     a.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                    metavar="VARIANT", help=f"subset of {' '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})")

@@ -40,7 +40,7 @@ class Setting:
 
 
 SETTINGS = {
-    # 2 shared blocks (4 shared convs) per stage bank; ~1 min per epoch on 2 cores
+    # 2 shared blocks (4 shared convs) per stage bank; an epoch's time: docs/fashion_mnist.md
     "fashion_mnist": Setting("fashion_mnist_cpu", {"model": "swrn_22_1_2", "epochs": 2}),
     # 16 blocks (32 convs) drawing from one bank of 4 templates
     "mazes": Setting("mazes_cpu", {"model": "shared", "num_templates": 4, "width": 16, "depth": 16,
