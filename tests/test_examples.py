@@ -41,7 +41,8 @@ def test_share_resnet(tmp_path):
 
 def test_train_then_lsm_of_the_run(tmp_path):
     out = run("train_fashion_mnist.py", "--tiny", "--out-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert "swrn_16_1_1: test accuracy" in out and "folding at |cos| >= 0.9" in out
+    assert "swrn_16_1_1: validation accuracy" in out and "(held-out training images" in out
+    assert "test accuracy of the best checkpoint" in out and "folding at |cos| >= 0.9" in out
     run_dir = tmp_path / "runs" / "digits_example"
     assert (run_dir / "metrics.csv").exists() and (run_dir / "lsm" / "history.jsonl").exists()
     out = run("lsm_of_run.py", str(run_dir), "--out", str(tmp_path / "figs"), cwd=tmp_path)

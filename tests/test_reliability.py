@@ -64,15 +64,20 @@ def run(tmp_path_factory) -> Path:
 
 
 # -- outputs never destroy what the user had ---------------------------------------------------
-def test_demo_refuses_a_foreign_directory_and_a_file(tmp_path, capsys):
+def test_d7_demo_refuses_a_users_report_a_foreign_directory_and_a_file(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
+    mydemo = tmp_path / "mydemo"  # what a demo writes, but the user's (D7): not proven a demo's
+    mydemo.mkdir()
+    (mydemo / "report.md").write_text("# my report")
+    (mydemo / "results.json").write_text('{"mine": 1}')
     (tmp_path / "file").write_text("x")
     before = snapshot(tmp_path)
     assert "--overwrite" in refused(capsys, "demo", "--out", str(mine))
+    assert "--overwrite" in refused(capsys, "demo", "--out", str(mydemo))
     assert "is a file" in refused(capsys, "demo", "--out", str(tmp_path / "file"))
-    assert snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "mydemo"]
 
 
 def test_eval_out_refuses_a_directory_and_a_foreign_file(run, tmp_path, capsys):
@@ -510,16 +515,6 @@ def test_d6_lsm_refuses_a_users_lsm_json(run, tmp_path, capsys):
     assert main(["lsm", str(run), "--out", str(analysis), "--overwrite"]) == 0
     assert (analysis / "paper.md").read_text() == "draft" and "banks" in json.loads((analysis / "lsm.json").read_text())
     assert main(["lsm", str(run), "--out", str(analysis)]) == 0  # its own output now
-
-
-def test_d7_demo_refuses_a_users_report_and_never_moves_a_directory(tmp_path, capsys):
-    mydemo = tmp_path / "mydemo"
-    mydemo.mkdir()
-    (mydemo / "report.md").write_text("# my report")
-    (mydemo / "results.json").write_text('{"mine": 1}')
-    before = snapshot(tmp_path)
-    assert "--overwrite" in refused(capsys, "demo", "--out", str(mydemo))
-    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mydemo"]
 
 
 def test_rebuild_in_place_keeps_the_users_files_and_rolls_back(tmp_path):
