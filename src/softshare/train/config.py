@@ -176,6 +176,29 @@ PRESETS.update({
 })
 
 
+# A body's own recipe inside an algorithmic task's: applied after the preset, to the fields that the
+# config file and the flags leave unset, so `--preset prefix_sums_cpu --model ff` trains the ff body
+# with what makes it learn. Keyed by (task, body); bodies: ff, recurrent, shared_k1 and shared_kn
+# (two or more templates). docs/algorithmic.md says what each measured.
+BODY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    # The feed-forward control: its 30 distinct iterations get no gradient through the recall convs
+    # at PyTorch's default scale (He's keeps it), the progressive loss asks its head to read any
+    # depth of distinct iterations (DeepThinking trains ff nets at alpha 0 too), and a cosine decay
+    # steadies its 281k weights (tuning seeds 100-102: 96-98% validation exact match; docs/algorithmic.md)
+    ("prefix-sums", "ff"): dict(alpha=0.0, recall_init="he", schedule="cosine"),
+}
+
+
+def body_of(config: TrainConfig) -> str | None:
+    """The algorithmic body a config trains (ff, recurrent, shared_k1, shared_kn), None for images."""
+    if config.task not in TASK_DEFAULTS:
+        return None
+    body = config.model.rsplit("_", 1)[-1] if config.model.startswith(("prefix_", "maze_")) else config.model
+    if body == "shared":
+        return "shared_k1" if config.model_args.get("num_templates", config.num_templates) == 1 else "shared_kn"
+    return body
+
+
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Check a value from a file or flag against the field's annotation. Nothing is converted that
     would change it: no float to int (1.7 is not 1), no bool to int, no string to list."""
@@ -282,10 +305,11 @@ def config_layers(preset: str | None = None, config_file: str | None = None,
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, base: TrainConfig | None = None) -> TrainConfig:
-    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < file < flags.
+    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < body defaults
+    (BODY_DEFAULTS, by the resolved task and body) < file < flags.
 
     The file may name a ``preset:`` of its own (used unless `preset` is given). `base` (a
-    resumed run's saved config) replaces the defaults and task defaults."""
+    resumed run's saved config, already resolved) replaces the defaults, task and body defaults."""
     layers = config_layers(preset, config_file, overrides)
     config = base or TrainConfig()
     task = next((values["task"] for values, _ in reversed(layers) if "task" in values), config.task)
@@ -293,6 +317,11 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
         config = apply_overrides(config, TASK_DEFAULTS[task], f"{task} defaults")
     for values, source in layers:
         config = apply_overrides(config, values, source)
+    body = BODY_DEFAULTS.get((config.task, body_of(config))) if base is None else None
+    if body:
+        given = {key.replace("-", "_") for values, source in layers if not source.startswith("preset ") for key in values}
+        config = apply_overrides(config, {k: v for k, v in body.items() if k not in given},
+                                 f"{config.task} {body_of(config)} defaults")
     validate(config)
     return config
 
@@ -365,9 +394,10 @@ def default_text(name: str) -> str:
     """``default: 0.1`` or, where tasks differ, ``default: 0.1; mazes: 0.001; prefix-sums: 0.002``."""
     defaults = task_defaults(name)
     values = list(defaults.values())
-    if all(v == values[0] for v in values):
+    if all(v == values[0] for v in values) and not any(name in body for body in BODY_DEFAULTS.values()):
         return f"default: {values[0]}"
     items = [f"{value}" if task == "classification" else f"{task}: {value}" for task, value in defaults.items()]
+    items += [f"{task} {body}: {values[name]}" for (task, body), values in BODY_DEFAULTS.items() if name in values]
     return "default: " + "; ".join(items)
 
 
