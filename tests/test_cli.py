@@ -473,7 +473,8 @@ def test_train_help_shows_each_tasks_own_defaults():
     assert f"(default: 0.0; mazes: {mazes.grad_clip}; prefix-sums: {prefix.grad_clip})" in flags["grad_clip"]
     for name in ("blocks", "head_convs", "alpha"):  # algorithmic fields: their tasks' values only
         ours, theirs = getattr(mazes, name), getattr(prefix, name)
-        assert (f"(default: {ours})" if ours == theirs else f"mazes: {ours}; prefix-sums: {theirs})") in flags[name]
+        assert (f"(default: {ours})" if ours == theirs else f"mazes: {ours}; prefix-sums: {theirs}") in flags[name]
+    assert "prefix-sums ff: 0.0" in flags["alpha"]  # a body's own default (BODY_DEFAULTS) is shown too
     assert f"(default: 0.1; mazes: {mazes.lr}; prefix-sums: {prefix.lr})" in flags["lr"].replace("%%", "%")
     assert f"(default: {TrainConfig.momentum})" in flags["momentum"]  # the same for every task: one value
 

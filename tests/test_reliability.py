@@ -397,7 +397,7 @@ def test_divergence_names_the_checkpoint_kept(tmp_path):
 # -- output ownership by proof, not by look (D1-D8) -------------------------------------------------
 TRAIN_TINY = ("train", "--task", "prefix-sums", "--model", "recurrent", "--width", "4", "--depth", "2",
               "--train-count", "40", "--test-count", "8", "--test-sizes", "32", "--batch-size", "10",
-              "--device", "cpu")
+              "--select-size", "0", "--device", "cpu")
 
 
 def test_d1_a_directory_that_looks_like_a_run_is_not_trained_into(tmp_path, capsys):
