@@ -293,6 +293,23 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
     assert out.with_suffix(".png").exists()
 
 
+def test_eval_folds_a_k1_shared_run_and_lets_it_think_longer(tmp_path, capsys):
+    """`softshare eval` scores a soft-shared run as the study does: folded (k = 1: one loop), run past
+    its trained iterations, and says so; --no-fold scores the net as trained."""
+    train(tiny(tmp_path, name="k1", model="shared", num_templates=1, epochs=1))
+    run = tmp_path / "k1"
+    assert main(["eval", str(run), "--sizes", "9", "--iterations", "7", "--count", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "folded at |cos| >= 0.99 into loops [2] (its last loop runs longer than trained" in out
+    result = json.loads((run / "eval-best.json").read_text())
+    assert result["fold"]["loops"] == [2] and result["eval_iterations"] == 7 and len(result["accuracy"]["9"]) == 7
+    assert main(["eval", str(run), "--iterations", "7", "--no-fold", "--count", "4"]) == 2
+    assert "runs at most 2 iterations" in capsys.readouterr().err
+    assert main(["eval", str(run), "--sizes", "9", "--no-fold", "--count", "4", "--json"]) == 0
+    unfolded = json.loads(capsys.readouterr().out)
+    assert unfolded["fold"] is None and unfolded["iterations"] == [1, 2]
+
+
 def test_eval_refuses_too_many_iterations_for_ff(tmp_path, capsys):
     train(tiny(tmp_path, name="ff", model="ff", epochs=1))
     assert main(["eval", str(tmp_path / "ff"), "--iterations", "3", "--count", "2"]) == 2

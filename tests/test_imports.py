@@ -24,7 +24,7 @@ ALLOWED = {
     "checkpoint": BASE | {"layers", "models"},
     "data": BASE,
     "convert": BASE | {"layers", "models", "checkpoint", "data"},
-    "eval": BASE | {"layers", "models", "checkpoint", "data"},
+    "eval": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data"},
     "train": BASE | {"layers", "models", "analysis", "checkpoint", "data", "eval"},
     "studies": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train"},
     "cli": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train", "convert",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import softshare.studies.algorithmic as algorithmic_study
+import softshare.eval.algorithmic as evaluation
 import softshare.studies.demo as demo
 from helpers import TOY, _make_collinear
 from softshare import create_model
@@ -78,7 +78,7 @@ def test_markdown_table_has_a_row_per_run():
 def test_experiment_writes_results_and_continues(tmp_path, monkeypatch):
     # nets below LEARNED at the training size are scored at their trained iterations only; at this toy
     # size none learns, so lower the bar to exercise the long evaluation of nets that run longer
-    monkeypatch.setattr(algorithmic_study, "LEARNED", 0.0)
+    monkeypatch.setattr(evaluation, "LEARNED", 0.0)
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32, 40], "width": 4, "depth": 2}
     variants = ("ff", "shared_k1", "shared_k2", "recurrent")
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
@@ -117,4 +117,4 @@ def test_experiment_scores_nets_that_did_not_learn_at_their_trained_iterations(t
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32], "width": 4, "depth": 2}
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("recurrent",), (0,), overrides, "cpu")
     run = results["runs"][0]
-    assert run["test"]["32"]["at_trained"] < algorithmic_study.LEARNED and run["eval_iterations"] == 2
+    assert run["test"]["32"]["at_trained"] < evaluation.LEARNED and run["eval_iterations"] == 2

@@ -111,8 +111,8 @@ def test_model_names_per_task():
 def test_progressive_loss_continues_from_the_full_pass(preset):
     """The progressive loss takes the full pass's state after n iterations instead of running them
     again: the same loss, count and gradients as running the n iterations apart."""
-    from softshare.eval.algorithmic import score
-    from softshare.train.algorithmic import AlgorithmicTask
+    from softshare.eval.algorithmic import solved
+    from softshare.train.algorithmic import AlgorithmicTask, task_loss
     from softshare.train.distributed import DistInfo
 
     config = resolve_config(preset, overrides={"depth": 4, "width": 8, "train_count": 12, "test_count": 2,
@@ -124,12 +124,13 @@ def test_progressive_loss_continues_from_the_full_pass(preset):
 
     def apart():  # the computation as written out in the recipe
         with torch.set_grad_enabled(config.alpha < 1):
-            full, solved = score(config.task, model(batch.x, config.depth), batch.y, batch.x)
+            logits = model(batch.x, config.depth)
+            full, right = task_loss(config.task, logits, batch.y, batch.x), solved(config.task, logits, batch.y, batch.x)
         with torch.no_grad():
             _, state = model(batch.x, batch.start, return_state=True)
-        progressive = score(config.task, model(batch.x, batch.count, start=batch.start, state=state),
-                            batch.y, batch.x)[0]
-        return (1 - config.alpha) * full + config.alpha * progressive, solved.sum()
+        progressive = task_loss(config.task, model(batch.x, batch.count, start=batch.start, state=state),
+                                batch.y, batch.x)
+        return (1 - config.alpha) * full + config.alpha * progressive, right.sum()
 
     results = []
     for loss_fn in (apart, lambda: task.loss(model, batch)):

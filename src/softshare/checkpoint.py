@@ -172,6 +172,12 @@ def find_checkpoint(run_or_path: str | os.PathLike) -> Path:
                          f"pass {_ACCEPTS}, or train the run first")
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's meta.json, checked, without reading a tensor (see `find_checkpoint` for
+    the paths accepted): what a caller needs to decide before loading weights, or instead."""
+    return _read_meta(find_checkpoint(path))
+
+
 def _read_meta(directory: Path) -> dict[str, Any]:
     meta_path = directory / META_FILE
     fix = "re-save the checkpoint, or restore the directory from a backup"
@@ -341,9 +347,12 @@ def build_model_for(checkpoint: Checkpoint) -> nn.Module:
     return build()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
-    checkpoint = load_checkpoint(path, train_state=False)
+def load(path: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`.
+
+    `path` may be a `Checkpoint` already read (`load_checkpoint`), so a caller that needs its
+    meta too reads the weights once."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path, train_state=False)
     model = build_model_for(checkpoint)
     _load_strict(model, checkpoint)
     return model.to(device).eval()

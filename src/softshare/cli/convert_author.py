@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import read_meta
 from ..convert import convert_author
 from ._common import add_overwrite
 
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = convert_author(args.checkpoint, args.model, args.out, overwrite=args.overwrite)
-    meta = load_checkpoint(out).meta
+    meta = read_meta(out)
     epoch = f" (epoch {meta['epoch']})" if meta["epoch"] is not None else ""
     print(f"converted {args.checkpoint}{epoch} to {out}: {args.model}, "
           f"{meta['model']['num_classes']} classes")

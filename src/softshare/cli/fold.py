@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
     source = find_checkpoint(args.path)
     out = check_output(args.out, "fold", overwrite=args.overwrite, protect=[source])
-    model = load(source)
-    meta = load_checkpoint(source, train_state=False).meta
+    checkpoint = load_checkpoint(source, train_state=False)
+    model, meta = load(checkpoint), checkpoint.meta
     evaluate = evaluator_for(meta.get("config"), args.device, dataset=args.data) if args.data else None
     before = dict(evaluate(model)) if evaluate else None
     if args.sweep:

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..layers.structure import count_parameters
 from ..models import create_model, list_families, list_models
 from ._common import format_table, positive_int
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # count parameters without allocating them
         for name in list_models(args.pattern):
             model = create_model(name, num_classes=args.num_classes)
-            rows.append((name, sum(p.numel() for p in model.parameters())))
+            rows.append((name, count_parameters(model)))
     print(format_table(["model", "parameters"], rows))
     print("\nfamilies (any size matching the pattern works):")
     for family in list_families():

@@ -1,7 +1,8 @@
 """Mazes and prefix sums as a Task: data in memory, per-pixel/bit loss, the progressive loss.
 
-Which model family suits which task lives here (`resolve_model_name`); the models themselves
-know no task names. Scoring (exact match per instance) is `eval.algorithmic.score`.
+Which model family suits which task lives here (`resolve_model_name`), and the training loss
+(`task_loss`); the models themselves know no task names. Scoring (exact match per instance, every
+size, the stopping rules) is `eval.algorithmic`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, validation_count
 from ..errors import SoftshareError
-from ..eval.algorithmic import score
+from ..eval.algorithmic import solve_mask, solved
 from ..io import write_json
 from ..models import create_model
 from ..models.algorithmic import BODIES
+from .config import TrainConfig
 from .task import Task
 
 MODEL_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
@@ -30,6 +33,18 @@ class Batch(NamedTuple):
     y: Tensor  # int64 targets (N, *spatial)
     start: int  # progressive loss: iterations run without gradient first
     count: int  # ... then iterations run with gradient
+
+
+def task_loss(task: str, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels that count (a maze's open pixels; every bit)."""
+    mask = solve_mask(task, x)
+    loss = F.cross_entropy(logits.float(), y, reduction="none")
+    return loss.mean() if mask is None else (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def steps_per_epoch(config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of an algorithmic run (the last partial batch is dropped)."""
+    return config.train_count // (config.batch_size * world_size)
 
 
 def resolve_model_name(task: str, model: str) -> str:
@@ -90,7 +105,7 @@ class AlgorithmicTask(Task):
                             **{**kwargs, **config.model_args})
 
     def batches_per_epoch(self) -> int:
-        return self.config.train_count // self.per_step
+        return steps_per_epoch(self.config, self.dist.world_size)
 
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         config, steps = self.config, self.batches_per_epoch()
@@ -123,29 +138,29 @@ class AlgorithmicTask(Task):
                 state = state.detach()
             else:
                 logits = model(batch.x, self.config.depth)
-            full, solved = score(task, logits, batch.y, batch.x)
+            full, right = task_loss(task, logits, batch.y, batch.x), solved(task, logits, batch.y, batch.x)
         if alpha == 0:
-            return full, solved.sum()
+            return full, right.sum()
         logits = model(batch.x, batch.count, start=batch.start, state=state)
-        progressive = score(task, logits, batch.y, batch.x)[0]
-        return (1 - alpha) * full + alpha * progressive, solved.sum()
+        progressive = task_loss(task, logits, batch.y, batch.x)
+        return (1 - alpha) * full + alpha * progressive, right.sum()
 
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Exact match and loss on the held-out set at the training size, after T iterations."""
         was_training = model.training
         model.eval()
-        loss_sum, solved, batch = 0.0, 0.0, max(self.config.batch_size, 256)
+        loss_sum, right, batch = 0.0, 0.0, max(self.config.batch_size, 256)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16,
                                              enabled=amp_dtype is not None):
             for begin in range(0, len(self.val_y), batch):
                 x = self._to_device(self.val_x[begin:begin + batch])
                 y = self.val_y[begin:begin + batch].to(self.device)
-                loss, right = score(self.config.task, model(x, self.config.depth), y, x)
-                loss_sum += loss.item() * len(y)
-                solved += right.sum().item()
+                logits = model(x, self.config.depth)
+                loss_sum += task_loss(self.config.task, logits, y, x).item() * len(y)
+                right += solved(self.config.task, logits, y, x).sum().item()
         model.train(was_training)
         count = max(len(self.val_y), 1)
-        return {"val_loss": loss_sum / count, "val_acc": solved / count}
+        return {"val_loss": loss_sum / count, "val_acc": right / count}
 
     def save_artifacts(self, run_path: Path) -> None:
         """data.json: where the training and validation rows come from (reproducibility)."""

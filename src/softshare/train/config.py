@@ -64,7 +64,7 @@ class TrainConfig:
     train_count: int = 10000
     test_count: int = 1000
     width: int = 64
-    depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
+    depth: int = 8  # iterations the body runs in training (ff/shared: that many distinct iterations)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
     blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
@@ -168,7 +168,7 @@ PRESETS.update({
 })
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
+def _coerce(name: str, value: Any) -> Any:
     """Check/convert a value from a file against the field's annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
     origin = typing.get_origin(hint)
@@ -205,7 +205,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str)
         name = key.replace("-", "_")
         if name not in fields:
             raise unknown_name(f"config key (in {source})", key, fields)
-        clean[name] = _coerce(name, value, fields[name].type)
+        clean[name] = _coerce(name, value)
     return dataclasses.replace(config, **clean)
 
 

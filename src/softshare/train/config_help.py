@@ -52,7 +52,8 @@ FIELD_HELP: dict[str, str] = {
     "train_count": "training examples to generate",
     "test_count": "test examples per size",
     "width": "channels of the algorithmic nets",
-    "depth": "residual blocks (ff/shared) or iterations (recurrent)",
+    "depth": "iterations the algorithmic net runs in training (ff and shared: that many distinct iterations; "
+             "recurrent: one iteration run that many times)",
     "num_templates": "templates in the bank of the shared algorithmic net",
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import shutil
@@ -25,12 +24,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..analysis import recurrence_penalty
 from ..analysis.lsm import record_lsm
-from ..checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
 from ..io import LOCK_FILE, crash_point, exclusive_lock, recover_leftovers
 from ..layers import to_channels_last
+from ..layers.structure import count_parameters
 from ..models.registry import check_model_args
 from ..progress import Progress
 from .algorithmic import AlgorithmicTask, resolve_model_name
@@ -381,7 +381,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         run.write_info(config.to_dict(), device, dist.world_size, resumed)
         task.save_artifacts(run.path)
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
-                 sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
+                 count_parameters(model), task.batches_per_epoch())
         if config.lsm_every and start_epoch == 0 and start_batch == 0:
             record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
     barrier(dist)
@@ -542,11 +542,11 @@ def _diverged(problem: str, epoch: int, index: int, run_path: Path, config: Trai
     last = run_path / "checkpoints" / "last"
     clip = f" or with a tighter --grad-clip than {config.grad_clip:g}" if config.grad_clip else " or with --grad-clip 1"
     try:
-        meta = json.loads((last / "meta.json").read_text())
+        meta = read_meta(last)
         kept = f"kept: {last} (epoch {meta['epoch']}, step {meta['step']})"
         advice = (f"continue from it with a lower learning rate (the same command with --resume auto "
                   f"--lr {config.lr / 10:g}){clip}")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (SoftshareError, KeyError):
         kept = "kept: none yet (no checkpoint was written before it diverged)"
         advice = f"start again with a lower learning rate (--lr {config.lr / 10:g}){clip}"
     return TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {index + 1}: {problem}; checkpoint "
