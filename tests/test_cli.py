@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from helpers import TOY, foreign, tiny
 from softshare import load_into
 from softshare.analysis import sharing_stats
 from softshare.analysis.lsm import record_lsm
-from softshare.cli import build_parser, main
+import softshare.cli
+from softshare.cli import JOBS, build_parser, main
 from softshare.data.tasks import files as task_files
 from softshare.data.tasks import generate_mazes, load_mazes, load_prefix_sums, maze_dir, save_mazes
 from softshare.fold import loop_blocks
@@ -46,7 +48,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_core_jobs_are_registered_in_order():
     names = jobs()
     assert "models" in names and "params" in names
-    assert names.index("models") < names.index("params")  # ORDER 10, 20
+    assert names.index("models") < names.index("params")  # the order of JOBS
+
+
+def test_every_job_module_is_listed_and_help_imports_no_torch():
+    """A new module in cli/ must be added to JOBS (else it is unreachable); `softshare --help`
+    builds only the job list, so it loads neither torch nor matplotlib."""
+    package = Path(softshare.cli.__file__).parent
+    modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
+    assert {module for module, _ in JOBS.values()} == modules
+    probe = ("import sys, contextlib, io\nfrom softshare.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
+             "print(sorted(m for m in ('torch', 'matplotlib', 'softshare.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_help_lists_every_job_subprocess():

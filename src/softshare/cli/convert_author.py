@@ -8,13 +8,11 @@ from ..checkpoint import read_meta
 from ..convert import convert_author
 from ._common import add_overwrite
 
-ORDER = 80
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert-author", help="convert a checkpoint of the paper's reference code to a softshare checkpoint",
-        description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
+        "convert-author", description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
                     "softshare checkpoint directory giving the same logits. The file is read without running "
                     "any pickled code.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth.tar or model_best.pth.tar")

@@ -11,12 +11,10 @@ from ..eval import evaluate_checkpoint
 from ..fold import DEFAULT_THRESHOLD
 from ._common import add_overwrite, format_table, log_to_stdout, positive_int
 
-ORDER = 35
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="loss and top-1/top-5 error (or task exact-match) on the test set",
-                              description="Evaluate a run directory or checkpoint on the test set.")
+    p = subparsers.add_parser("eval", description="Evaluate a run directory or checkpoint on the test set.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--data", help="dataset name (default: the one it was trained on)")
     p.add_argument("--data-root", help="where the dataset files are")

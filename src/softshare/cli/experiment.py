@@ -16,13 +16,11 @@ from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experim
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
 from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
-ORDER = 70
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "experiment", help="reproducible studies: algorithmic (ff vs shared vs recurrent), recurrence",
-        description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
+        "experiment", description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
                     "write results.json, results.md (and plots) to --out. Rerunning the same command continues "
                     "an interrupted study.")
     studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)

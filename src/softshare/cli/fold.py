@@ -13,15 +13,13 @@ from ..fold.report import pick_metric, sweep_table, write_fold_report, write_swe
 from ..io import atomic_path, check_output, mark_output
 from ._common import _number, add_overwrite, log_to_stdout, positive_int
 
-ORDER = 50
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     threshold = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
     p = subparsers.add_parser(
-        "fold", help="fold blocks with collinear coefficients into explicit loops",
-        description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
+        "fold", description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
                     "threshold (for every shared layer of the block), rebuild each group as one block run in "
                     "a loop, and save the folded model as a checkpoint in DIR with fold_report.json/.md. "
                     "Blocks that fold with no neighbour become plain blocks (loops of length 1).")

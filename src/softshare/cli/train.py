@@ -9,13 +9,11 @@ from ..train.config import PRESETS, add_config_arguments, load_config_file, over
 from ..train.loop import train
 from ._common import log_to_stdout
 
-ORDER = 30
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model (paper recipe presets, CPU/GPU/torchrun DDP)",
-        description="Train with defaults < --preset < --config file < flags. The run directory "
+        "train", description="Train with defaults < --preset < --config file < flags. The run directory "
                     "runs/<name>/ gets the resolved config, metrics.jsonl, curves.png, train.log and "
                     "checkpoints/{last,best}. Several GPUs: torchrun --nproc-per-node N -m softshare train ...",
         epilog="presets: " + ", ".join(PRESETS))
