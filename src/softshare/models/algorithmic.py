@@ -29,6 +29,7 @@ growing when the net runs many more iterations than it was trained with.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -196,8 +197,7 @@ class AlgorithmicNet(nn.Module):
         if self.banks is not None:
             for bank in self.banks.values():
                 # PyTorch's default conv init, as the unshared convs here and DeepThinking's.
-                for template in bank.templates.data:
-                    nn.init.kaiming_uniform_(template, a=math.sqrt(5))
+                bank.reset_parameters(functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
                 with torch.no_grad():  # ... each at the scale of one template (rows of unit norm; k = 1: +1)
                     for layer in bank.layers:
