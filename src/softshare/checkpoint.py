@@ -26,6 +26,7 @@ from .errors import SoftshareError
 from .io import atomic_path, crash_point
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
+from .models.registry import current_name
 from .version import __version__
 from .wrappers import unwrap_model
 
@@ -261,7 +262,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     meta = _read_meta(directory)
     state = _read_weights(directory, meta.get("aliases", {}), map_location)
     extra = _read_train_state(directory, map_location) if train_state else None
-    return Checkpoint(state, meta, extra, directory)
+    return Checkpoint(_current_names(state, meta), meta, extra, directory)
+
+
+def _current_names(state: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The state dict (and meta's bank layer names, in place) under the module names the model's
+    family uses today (`register_family(renamed=...)`): older checkpoints keep loading."""
+    name = meta["model"].get("name")
+    renamed = {key: current_name(name, key) for key in state}
+    if all(key == new for key, new in renamed.items()):
+        return state
+    for bank in meta.get("banks", []):
+        if isinstance(bank.get("layers"), list):
+            bank["layers"] = [current_name(name, layer) if isinstance(layer, str) else layer
+                              for layer in bank["layers"]]
+    return {renamed[key]: tensor for key, tensor in state.items()}
 
 
 # -- loading into models ------------------------------------------------------------------------

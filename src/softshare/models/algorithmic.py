@@ -191,7 +191,7 @@ class AlgorithmicNet(nn.Module):
             iterations = [Iteration(*args, banks=dict(self.banks)) for _ in range(depth)]
         else:
             iterations = [Iteration(*args) for _ in range(1 if body == "recurrent" else depth)]
-        self.blocks = nn.ModuleList(iterations)
+        self.iterations = nn.ModuleList(iterations)  # what one step of the schedule runs (recurrent: one)
         wide = [_conv(dim, width, width), nn.ReLU()] if head_convs == 3 else []
         self.head = nn.Sequential(*wide, _conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
         if self.banks is not None:
@@ -205,13 +205,13 @@ class AlgorithmicNet(nn.Module):
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
-        params = {id(p): p for p in self.blocks.parameters()}
+        params = {id(p): p for p in self.iterations.parameters()}
         if self.banks is not None:
             params.update({id(p): p for p in self.banks.parameters()})
         return list(params.values())
 
     def _loop_tail(self) -> LoopIteration | None:
-        last = self.blocks[-1]
+        last = self.iterations[-1]
         return last if isinstance(last, LoopIteration) and last.length >= 2 else None
 
     @property
@@ -237,9 +237,9 @@ class AlgorithmicNet(nn.Module):
         a final loop repeats its last step.
         """
         if self.body == "recurrent":
-            return [(self.blocks[0], None)] * (end or 1)
+            return [(self.iterations[0], None)] * (end or 1)
         steps: list[tuple[nn.Module, int | None]] = []
-        for block in self.blocks:
+        for block in self.iterations:
             if isinstance(block, LoopIteration):
                 steps += [(block, min(t, block.length - 1)) for t in range(block.iterations or block.length)]
             else:
@@ -337,8 +337,9 @@ def _register(prefix: str, body: str) -> None:
                               lipschitz, fold, recall_relu, head_convs)
 
     name = f"{prefix}_{body}"
+    # `iterations` was called `blocks` until softshare 0.1.0 (ambiguous with residual blocks per iteration)
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,
-                    input_size=(24, 24) if dim == 2 else (32,))(build)
+                    input_size=(24, 24) if dim == 2 else (32,), renamed=(("blocks.", "iterations."),))(build)
 
 
 for _prefix in _DIMS:
