@@ -118,3 +118,21 @@ def test_experiment_scores_nets_that_did_not_learn_at_their_trained_iterations(t
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("recurrent",), (0,), overrides, "cpu")
     run = results["runs"][0]
     assert run["test"]["32"]["at_trained"] < evaluation.LEARNED and run["eval_iterations"] == 2
+
+
+def test_recurrence_study_scores_folding_and_reuses_its_finished_runs(tmp_path, monkeypatch):
+    import softshare.studies.recurrence as recurrence
+
+    tiny_setting = recurrence.Setting("mazes_cpu", {"model": "shared", "num_templates": 1, "width": 4, "depth": 3,
+                                                    "train_count": 20, "test_count": 4, "batch_size": 10,
+                                                    "epochs": 1, "test_sizes": [9]})
+    monkeypatch.setattr(recurrence, "SETTINGS", {"mazes": tiny_setting})
+    results = run_study(tmp_path, tasks=("mazes",), lambdas=(0.0,), seeds=(0,), device="cpu")
+    (row,) = results["rows"]
+    # k = 1: every layer of a role is a multiple of its one template, so all 3 iterations fold into one loop
+    assert row["loops"] == [[3]] and row["layers_folded"] == row["shared_layers"] == 3 * 5
+    assert row["accuracy"] == row["folded_accuracy"]  # folding is exact at |cos| = 1
+    weights = tmp_path / "runs" / "mazes-reg0-s0" / "checkpoints" / "last" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert run_study(tmp_path, tasks=("mazes",), lambdas=(0.0,), seeds=(0,), device="cpu")["rows"] == [row]
+    assert weights.stat().st_mtime_ns == before  # reused, not retrained
