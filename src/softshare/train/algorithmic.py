@@ -22,6 +22,7 @@ from ..eval.algorithmic import solve_mask, solved
 from ..io import write_json
 from ..models import create_model
 from ..models.algorithmic import BODIES
+from ..models.registry import check_model_args
 from .config import TrainConfig
 from .task import Task
 
@@ -59,6 +60,12 @@ def resolve_model_name(task: str, model: str) -> str:
     names = ", ".join([*BODIES, *(f"{prefix}_{body}" for body in BODIES)])
     raise SoftshareError(f"model {model!r} cannot be trained on {task} (it needs a {prefix} model that "
                          f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
+
+
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work."""
+    model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
+    check_model_args(model, config.model_args)
 
 
 class AlgorithmicTask(Task):
