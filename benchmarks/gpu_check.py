@@ -53,7 +53,8 @@ import softshare  # noqa: E402
 from softshare.data import BatchLoader  # noqa: E402
 from softshare.train.config import TrainConfig, resolve_config  # noqa: E402
 from softshare.train.distributed import DistInfo  # noqa: E402
-from softshare.train.loop import amp_dtype, build_optimizer, learning_rate, make_task, train  # noqa: E402
+from softshare.train.loop import amp_dtype, make_task, train  # noqa: E402
+from softshare.train.optim import build_optimizer, learning_rate  # noqa: E402
 
 REPORT_JSON, REPORT_MD = "gpu-report.json", "gpu-report.md"
 FORMAT = "softshare-gpu-report"

@@ -31,7 +31,8 @@ from softshare.io import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lo
 from softshare.models import create_model
 from softshare.train.config import RANGES, TrainConfig
 from softshare.train.config_help import FIELD_CHOICES
-from softshare.train.loop import SPIKE_STEPS, LossMonitor, TrainingDiverged, train
+from softshare.train.loop import train
+from softshare.train.monitor import SPIKE_STEPS, LossMonitor, TrainingDiverged
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

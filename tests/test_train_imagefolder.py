@@ -17,7 +17,8 @@ from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.eval import evaluate_checkpoint, evaluator_for
 from softshare.train.config import resolve_config
-from softshare.train.loop import scale_lr, train
+from softshare.train.loop import train
+from softshare.train.optim import scale_lr
 
 TINY = dict(dataset="imagefolder", model="swrn_26_1_2", model_args={"base_width": 8}, image_size=32, batch_size=16,
             epochs=12, lr=0.05, warmup_epochs=1.0, schedule="cosine", weight_decay=5e-4, workers=1, device="cpu")

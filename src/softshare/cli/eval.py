@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         split = "val" if result["dataset"] == IMAGEFOLDER else "test"
         print(f"{result['checkpoint']} on {result['dataset']} {split} set ({result['count']} images): "
-              f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
-              f"top-5 error {100 * result['top5_error']:.2f}%")
+              f"loss {result['loss']:.4f}  top-1 error {100 * (1 - result['acc']):.2f}%  "
+              f"top-5 error {100 * (1 - result['top5_acc']):.2f}%")
     return 0
 
 

@@ -24,6 +24,7 @@ from ..models import create_model
 from ..models.algorithmic import BODIES
 from ..models.registry import check_model_args
 from .config import TrainConfig
+from .config_help import CUSTOM
 from .task import Task
 
 MODEL_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
@@ -63,7 +64,10 @@ def resolve_model_name(task: str, model: str) -> str:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work."""
+    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work
+    (a custom task's model is the caller's own: nothing to check by name)."""
+    if config.task == CUSTOM:
+        return
     model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
     check_model_args(model, config.model_args)
 
@@ -81,6 +85,8 @@ class AlgorithmicTask(Task):
     def __init__(self, config, device, dist) -> None:
         super().__init__(config, device, dist)
         self.model_name = resolve_model_name(config.task, config.model)  # fail before making data
+        self.unit = "mazes" if config.task == "mazes" else "strings"
+        self.find_unused_parameters = config.alpha > 0  # the progressive loss runs only some iterations
         val_count = validation_count(config.to_dict())
         x, y = examples(config.task, config.train_size, config.train_count + val_count, config.seed,
                         root=config.data_root)
@@ -90,6 +96,7 @@ class AlgorithmicTask(Task):
         else:  # val_size 0: train on all, evaluate on the test set at the training size
             self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
                                                          config.test_count, config.data_root)
+            self.eval_split = "test"
         self.per_step = config.batch_size * dist.world_size
         if config.train_count < self.per_step:
             raise SoftshareError(f"train_count {config.train_count} is smaller than one step's batch "

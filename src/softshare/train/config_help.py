@@ -7,13 +7,15 @@ stays in `config.validate`.
 
 from __future__ import annotations
 
-ALL_TASKS = ("classification", "mazes", "prefix-sums")
+CUSTOM = "custom"  # a model and data of the user's own, trained through softshare.fit
+ALL_TASKS = ("classification", "mazes", "prefix-sums", CUSTOM)
 IMAGE = ("classification",)
 ALGORITHMIC = ("mazes", "prefix-sums")
 
 # field -> one-line help
 FIELD_HELP: dict[str, str] = {
-    "task": "what to learn: image classification or an algorithmic task",
+    "task": "what to learn: image classification or an algorithmic task (custom: softshare.fit's own model "
+            "and data, from Python)",
     "model": "registered model name (softshare models), e.g. swrn_28_10_2; algorithmic: ff, shared, recurrent",
     "model_args": "extra create_model arguments as JSON, e.g. '{\"num_templates\": 4}'",
     "dataset": "image dataset (cifar10, cifar100, fashion_mnist, mnist, digits...), or imagefolder: "
@@ -73,6 +75,8 @@ FIELD_HELP: dict[str, str] = {
     "lsm_every": "record the Layer Similarity Matrix every N epochs; 0 = off",
     "checkpoint_every": "save checkpoints/last every N epochs (and after the last)",
     "logger": "metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb",
+    "log_every": "tensorboard/wandb: the training loss and lr every N optimizer steps (the epoch's metrics are "
+                 "logged at every epoch); 0 = off",
 }
 
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -85,8 +89,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 
 # fields that mean something for some tasks only (the rest apply to all)
 FIELD_TASKS: dict[str, tuple[str, ...]] = {
-    **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "label_smoothing",
-                                "image_size", "workers")},
+    **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "image_size", "workers")},
+    "label_smoothing": (*IMAGE, CUSTOM),  # custom: of the default cross-entropy loss
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count", "width", "depth",
                                       "num_templates", "alpha", "blocks", "lipschitz", "recall_relu", "head_convs",
                                       "lr_throttle")},

@@ -21,7 +21,12 @@ class Task(ABC):
     so a run resumed mid-epoch sees exactly the batches it would have seen.
     """
 
-    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint
+    primary_metric: str = "val_acc"  # picks the 'best' checkpoint
+    higher_is_better: bool = True  # of `primary_metric`
+    unit: str = "examples"  # what `batch_size_of` counts: the progress line's rate is in these per second
+    counts_correct: bool = True  # whether `loss` counts correct instances (a `train_acc` to report)
+    eval_split: str = "validation"  # what `evaluate` scores: held-out training data, or "test"
+    find_unused_parameters: bool = False  # DDP: a step may leave some parameters without gradient
 
     def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
         self.config, self.device, self.dist = config, device, dist
@@ -30,7 +35,8 @@ class Task(ABC):
     def build_model(self) -> nn.Module: ...
 
     @abstractmethod
-    def batches_per_epoch(self) -> int: ...
+    def batches_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the lr schedule's and the progress line's unit)."""
 
     @abstractmethod
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Any]: ...
