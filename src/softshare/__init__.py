@@ -27,6 +27,7 @@ _EXPORTS = {
     **dict.fromkeys(("load", "save_checkpoint", "load_checkpoint", "load_into", "find_checkpoint", "read_meta",
                      "Checkpoint"), "checkpoint"),
     "param_groups": "train.optim",
+    "fit": "train.fit",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -63,4 +64,5 @@ if TYPE_CHECKING:  # what static tools and IDEs see
         to_channels_last,
     )
     from .models import create_model, list_models, register_family
+    from .train.fit import fit
     from .train.optim import param_groups
