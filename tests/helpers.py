@@ -322,7 +322,7 @@ def train_on_two_ranks(tmp_path: Path, overrides: dict, preset: str | None = Non
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=400, env=env)
+                          str(script)], capture_output=True, text=True, timeout=1200, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
@@ -393,3 +393,10 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         x = self.layer2(self.layer1(self.act1(self.bn1(self.conv1(x)))))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def brighter_half(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` 1x8x8 noise images labelled 1 where the top half is brighter than the bottom half."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=generator)
+    return x, (x[:, 0, :4].mean(dim=(1, 2)) > x[:, 0, 4:].mean(dim=(1, 2))).long()

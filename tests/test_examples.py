@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.slow  # end to end, a process each: `make test-slow` (CI runs both)
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=cwd)
+                         timeout=1800, env=env, cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

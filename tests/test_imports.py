@@ -28,7 +28,7 @@ ALLOWED = {
     "data": BASE,
     "convert": BASE | {"layers", "models", "checkpoint", "data"},
     "eval": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data"},
-    "train": BASE | {"layers", "models", "analysis", "checkpoint", "data", "eval"},
+    "train": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "convert", "eval"},
     "studies": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train"},
     "cli": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train", "convert",
                    "studies"},

@@ -104,13 +104,13 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     while not metrics.exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 130, out
     assert "resume" in out and "Traceback" not in out
     state = load_checkpoint(tmp_path / "sig" / "checkpoints" / "last").train_state
     assert state["epoch"] >= 1
     done = subprocess.run(cmd[:6] + ["--epochs", str(state["epoch"] + 1)] + cmd[8:] + ["--resume", "auto"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
 

@@ -43,6 +43,7 @@ def test_gpu_presets_keep_deepthinkings_body_and_cpu_presets_say_where_they_leav
     assert body(resolve_config("mazes_cpu")) == (False, 2, 1e-3, False, 1.0)
 
 
+@pytest.mark.slow  # a few hundred steps of learning: about a minute
 def test_tiny_maze_run_learns(tmp_path):
     """Size-9 mazes: loss falls and training exact match leaves the trivial 0% within seconds.
 
