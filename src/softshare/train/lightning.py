@@ -63,9 +63,12 @@ class SoftshareCallback(pl.Callback):
         if not named_banks(pl_module):
             raise SoftshareError(f"{type(pl_module).__name__} has no template banks: share it first "
                                  f"(softshare.share(model, k)) to use the softshare callback")
-        if self.exclude_coefficients_from_decay:
+        if self.exclude_coefficients_from_decay:  # before a resumed run's optimizer state is loaded
             for index, optimizer in enumerate(trainer.optimizers):
                 _no_decay_on_coefficients(trainer, index, optimizer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after a resumed run's loops are restored: a resumed run keeps the history it has
         if self.lsm_every and trainer.is_global_zero and trainer.current_epoch == 0:
             record_lsm(pl_module, self._run_dir(trainer), 0)  # the starting point
 
