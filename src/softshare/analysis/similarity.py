@@ -32,9 +32,13 @@ class LayerSimilarity:
     bank: str
     layers: list[str]
     matrix: torch.Tensor  # (n_layers, n_layers), float64
+    coefficients: torch.Tensor | None = None  # (n_layers, k) float64: the vectors compared (how they move in training)
 
     def to_dict(self) -> dict:
-        return {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist()}
+        record = {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist()}
+        if self.coefficients is not None:
+            record["coefficients"] = self.coefficients.tolist()
+        return record
 
 
 def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
@@ -42,7 +46,7 @@ def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
     results = []
     for bank_name, _, users in named_banks(model):
         coefficients = torch.stack([layer.coefficients.detach().to("cpu", torch.float64) for _, layer in users])
-        results.append(LayerSimilarity(bank_name, [name for name, _ in users], abs_cosine(coefficients)))
+        results.append(LayerSimilarity(bank_name, [name for name, _ in users], abs_cosine(coefficients), coefficients))
     return results
 
 

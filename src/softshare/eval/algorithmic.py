@@ -51,7 +51,8 @@ LEARNED = 0.05  # below this exact match at the training size a net is not run l
 
 @torch.no_grad()
 def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, batch_size: int,
-          device: torch.device, amp_dtype: torch.dtype | None = None, patience: int = STOP_PATIENCE) -> dict:
+          device: torch.device, amp_dtype: torch.dtype | None = None, patience: int = STOP_PATIENCE,
+          until_settled: bool = False) -> dict:
     """Exact match after each of 1..`iterations` iterations, and where two label-free rules stop.
 
     - ``stable``: each instance stops at the first iteration whose prediction equals those of the
@@ -61,7 +62,10 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
       over the pixels that count), DeepThinking's ``max_conf`` test mode.
 
     Neither rule looks at labels: they only score the prediction each rule picked. States are
-    scored as they come, so memory does not grow with `iterations`. Returns ``{"exact_match":
+    scored as they come, so memory does not grow with `iterations`. `until_settled` ends a batch
+    once every instance has settled (the stable rule's result is then exact; the per-iteration
+    curve counts a stopped batch's instances as unsolved and the confident rule sees only the
+    iterations run): a cheap per-epoch validation. Returns ``{"exact_match":
     [per iteration], "stop": {rule: {"exact_match", "mean_iteration"}}, "patience"}``.
     """
     check_positive("patience", patience)
@@ -99,6 +103,8 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
                 best_at = torch.where(better, index + 1, best_at)
                 best_right = torch.where(better, right, best_right)
                 previous = prediction
+                if until_settled and bool((stop_at < iterations).all()):
+                    break
         stop_right = torch.where(unchanged >= patience, stop_right, right)  # never settled: the last prediction
         totals += torch.stack([stop_right.sum(), stop_at.sum(), best_right.sum(), best_at.sum()]).double()
     model.train(was_training)
@@ -130,8 +136,13 @@ def default_iterations(model: nn.Module, trained: int) -> int:
 
 
 def thinking_net(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tuple[nn.Module, FoldResult | None]:
-    """The net to score past its trained iterations: a soft-shared net folded at `threshold`
-    (a final loop of 2 or more iterations then runs any number), anything else as it is."""
+    """The net to run longer than trained, and what folding did for it.
+
+    A soft-shared net (one with template banks) is folded at `threshold`, so a final run of
+    collinear iterations becomes a loop that can run any number of times; every other net is
+    returned as it is (None). The same in `softshare eval`, the studies and the per-epoch
+    validation that picks a run's best checkpoint.
+    """
     if not named_banks(model):
         return model, None
     folded = fold_model(model, threshold)

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, validation_count
+from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_examples, validation_count
 from ..errors import SoftshareError
-from ..eval.algorithmic import solve_mask, solved
+from ..eval.algorithmic import default_iterations, in_trained_layout, solve_mask, solved, think, thinking_net
 from ..io import write_json
+from ..wrappers import unwrap_model
 from ..models import create_model
 from ..models.algorithmic import BODIES
 from ..models.registry import check_model_args
@@ -97,6 +98,12 @@ class AlgorithmicTask(Task):
             self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
                                                          config.test_count, config.data_root)
             self.eval_split = "test"
+        self.select_x = self.select_y = None
+        if config.select_size:  # the best checkpoint is the one that thinks longest (see selection_metrics)
+            self.select_x, self.select_y = selection_examples(config.to_dict(), config.select_size,
+                                                              config.select_count, config.data_root)
+            self.primary_metric = "val_extrap_acc"
+            self.selection_metrics = ("val_extrap_acc", "val_acc")
         self.per_step = config.batch_size * dist.world_size
         if config.train_count < self.per_step:
             raise SoftshareError(f"train_count {config.train_count} is smaller than one step's batch "
@@ -112,7 +119,7 @@ class AlgorithmicTask(Task):
         config = self.config
         kwargs = {"width": config.width, "depth": config.depth, "blocks": config.blocks,
                   "lipschitz": config.lipschitz, "recall_relu": config.recall_relu,
-                  "head_convs": config.head_convs}
+                  "head_convs": config.head_convs, "recall_init": config.recall_init}
         if self.model_name.endswith("_shared"):
             kwargs["num_templates"] = config.num_templates
         return create_model(self.model_name, num_classes=2, in_channels=IN_CHANNELS[config.task],
@@ -145,22 +152,46 @@ class AlgorithmicTask(Task):
         spectral norms of a pass that tracks gradients).
         """
         alpha, task = self.config.alpha, self.config.task
+        start = self._random_starts(model, batch.x)
         state = None
         with torch.set_grad_enabled(alpha < 1 and torch.is_grad_enabled()):
+            first = start(model) if start else None
             if alpha and batch.start:
-                logits, state = model(batch.x, self.config.depth, state_after=batch.start)
+                logits, state = model(batch.x, self.config.depth, state_after=batch.start, state=first)
                 state = state.detach()
             else:
-                logits = model(batch.x, self.config.depth)
+                logits = model(batch.x, self.config.depth, state=first)
             full, right = task_loss(task, logits, batch.y, batch.x), solved(task, logits, batch.y, batch.x)
         if alpha == 0:
             return full, right.sum()
+        if state is None and start:
+            state = start(model)
         logits = model(batch.x, batch.count, start=batch.start, state=state)
         progressive = task_loss(task, logits, batch.y, batch.x)
         return (1 - alpha) * full + alpha * progressive, right.sum()
 
+    def _random_starts(self, model: nn.Module, x: Tensor):
+        """With `random_state` > 0: a function giving the batch's first thought, where that fraction
+        of instances starts from a random state instead of the projection of its input (path
+        independence, Anil et al. 2022: a net whose answer does not depend on where its thought
+        starts has learned a step it can repeat). The draw is made once per batch, so every pass
+        of the step starts alike; the others keep the projection, with its gradient."""
+        fraction = self.config.random_state
+        if not fraction:
+            return None
+        net = unwrap_model(model)
+        with torch.no_grad():
+            embedded = net.embed(x)
+        shape = (len(x),) + (1,) * (embedded.dim() - 1)
+        scale = embedded.pow(2).mean(dim=tuple(range(1, embedded.dim())), keepdim=True).sqrt()
+        noise = torch.randn_like(embedded).abs_().mul_(scale)  # non-negative, like a state after a ReLU
+        chosen = torch.rand(shape, device=x.device) < fraction
+        return lambda _: torch.where(chosen, noise, net.embed(x))
+
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Exact match and loss on the held-out set at the training size, after T iterations."""
+        """Exact match and loss on the held-out set at the training size, after T iterations; with
+        `select_size`, also exact match at the stable stopping rule on held-out instances of that
+        size, the net run as `softshare eval` runs it (a shared net folded, up to 20x T iterations)."""
         was_training = model.training
         model.eval()
         loss_sum, right, batch = 0.0, 0.0, max(self.config.batch_size, 256)
@@ -174,7 +205,22 @@ class AlgorithmicTask(Task):
                 right += solved(self.config.task, logits, y, x).sum().item()
         model.train(was_training)
         count = max(len(self.val_y), 1)
-        return {"val_loss": loss_sum / count, "val_acc": right / count}
+        metrics = {"val_loss": loss_sum / count, "val_acc": right / count}
+        if self.select_x is not None:
+            metrics.update(self._extrapolation(model, amp_dtype))
+        return metrics
+
+    def _extrapolation(self, model: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, float]:
+        """Validation exact match at the stable rule on the selection size (``val_extrap_acc``) and
+        the mean iteration the rule stops at (``val_extrap_stop``)."""
+        config = self.config
+        net, _ = thinking_net(model)
+        net = in_trained_layout(net, config.to_dict())
+        iterations = default_iterations(net, config.depth)
+        thought = think(net, config.task, self.select_x, self.select_y, iterations, max(config.batch_size, 100),
+                        self.device, amp_dtype, until_settled=True)
+        stable = thought["stop"]["stable"]
+        return {"val_extrap_acc": stable["exact_match"], "val_extrap_stop": stable["mean_iteration"]}
 
     def save_artifacts(self, run_path: Path) -> None:
         """data.json: where the training and validation rows come from (reproducibility)."""

@@ -23,7 +23,7 @@ class Position:
 
     epoch: int = 0
     batch: int = 0
-    best: float | None = None
+    best: list[float] | float | None = None  # the task's selection key (older runs: one number)
     best_epoch: int | None = None
     epoch_sums: torch.Tensor | None = None
     monitor: LossMonitor = field(default_factory=LossMonitor)
@@ -46,4 +46,14 @@ def save_training_checkpoint(run: RunDir, which: str, model: nn.Module, config: 
         save_checkpoint(run.checkpoints / "ema", ema.module, config=config.to_dict(), epoch=position.epoch,
                         step=position.batch, metrics={k: v for k, v in metrics.items() if k.startswith("ema_")})
     save_checkpoint(run.checkpoints / which, model, config=config.to_dict(), epoch=position.epoch, step=position.batch,
-                    metrics=metrics, best_metric=position.best, train_state=state)
+                    metrics=metrics, best_metric=primary(position.best), train_state=state)
+
+
+def as_key(best: float | list[float]) -> list[float]:
+    """A recorded best as a selection key (runs before selection keys recorded one number)."""
+    return list(best) if isinstance(best, (list, tuple)) else [best]
+
+
+def primary(best: float | list[float] | None) -> float | None:
+    """The primary metric of a selection key (what results and checkpoint metadata report)."""
+    return None if best is None else as_key(best)[0]

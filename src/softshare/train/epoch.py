@@ -83,18 +83,30 @@ class EpochOutcome:
     stopped_at: int | None = None
 
 
+def recurrence_weight(config: TrainConfig, epoch: float) -> float:
+    """The recurrence penalty's weight at (fractional) `epoch`: `recurrence_reg`, or with
+    `recurrence_reg_anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that
+    the net is then free to leave)."""
+    if not config.recurrence_reg_anneal:
+        return config.recurrence_reg
+    return config.recurrence_reg * max(0.0, 1.0 - epoch / config.recurrence_reg_anneal)
+
+
 def step_loss(config: TrainConfig, task: Task, model: nn.Module, train_model: nn.Module, batch,
-              autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, float, float, object]:
+              autocast_dtype: torch.dtype | None, reg_weight: float | None = None
+              ) -> tuple[torch.Tensor, float, float, object]:
     """The loss one step minimises: the task's loss through `train_model` (`model` itself, or it
-    compiled / DDP-wrapped) plus the weighted recurrence penalty. Returns (loss to backpropagate,
-    task loss value, penalty value, what the task counts as correct)."""
+    compiled / DDP-wrapped) plus the recurrence penalty weighted by `reg_weight` (default
+    `config.recurrence_reg`). Returns (loss to backpropagate, task loss value, penalty value, what
+    the task counts as correct)."""
+    reg_weight = config.recurrence_reg if reg_weight is None else reg_weight
     with torch.autocast(task.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         loss, correct = task.loss(train_model, batch)
         penalty = recurrence_penalty(model) if config.recurrence_reg else None
     loss_value = loss.item()  # the task loss alone: comparable with the validation loss
     penalty_value = penalty.item() if penalty is not None else 0.0
-    if penalty is not None:
-        loss = loss + config.recurrence_reg * penalty
+    if penalty is not None and reg_weight:
+        loss = loss + reg_weight * penalty
     return loss, loss_value, penalty_value, correct
 
 
@@ -121,8 +133,10 @@ def train_epoch(t: Training, epoch: int, start_batch: int, sums_so_far: torch.Te
     for index, batch in enumerate(task.train_batches(epoch, start_batch), start=start_batch):
         lr = learning_rate(config, epoch + index / per_epoch)
         set_learning_rate(t.optimizer, lr)
-        loss, loss_value, penalty_value, correct = step_loss(config, task, t.model, t.train_model, batch, t.autocast)
-        total_value = loss_value + config.recurrence_reg * penalty_value  # what the step minimises
+        reg_weight = recurrence_weight(config, epoch + index / per_epoch)
+        loss, loss_value, penalty_value, correct = step_loss(config, task, t.model, t.train_model, batch, t.autocast,
+                                                             reg_weight)
+        total_value = loss_value + reg_weight * penalty_value  # what the step minimises
         problem = t.monitor.problem(total_value)
         if any_rank(problem is not None, dist, device):
             raise diverged(problem or "the loss exploded on another rank", epoch, index, t.run_path, config)

@@ -40,7 +40,7 @@ def fit(model: nn.Module, train_data: Iterable, val_data: Iterable | None = None
     mappings (``model(**batch)``). `loss(output, target)` (a mapping batch: ``loss(output, batch)``)
     returns the mean loss; None is cross-entropy on class logits (``label_smoothing`` applies),
     which also reports accuracy and picks the best checkpoint by validation accuracy (else by
-    validation loss). `val_data` is scored after every ``eval_every`` epochs. `config` fields:
+    the lowest validation loss; its checkpoint records it negated as ``best_metric``). `val_data` is scored after every ``eval_every`` epochs. `config` fields:
     see ``softshare train --help`` (e.g. ``epochs``, ``optimizer``, ``lr``, ``weight_decay``,
     ``schedule`` (default constant), ``recurrence_reg``, ``ema_decay``, ``lsm_every``, ``logger``,
     ``device``, ``seed``). Coefficients of shared layers never get weight decay.
@@ -84,7 +84,7 @@ class ModuleTask(Task):
         self.model, self.train_data, self.val_data, self.loss_fn = model, train_data, val_data, loss
         self.counts_correct = loss is None
         self.primary_metric = "val_acc" if loss is None else "val_loss"
-        self.higher_is_better = loss is None
+        self.selection_metrics = (self.primary_metric,)
         # torchrun: each rank takes every world_size-th batch, unless the loader already shards
         sampler = getattr(train_data, "sampler", None)
         self.shard = dist.enabled and not isinstance(sampler, torch.utils.data.DistributedSampler)
@@ -99,6 +99,12 @@ class ModuleTask(Task):
 
     def build_model(self) -> nn.Module:
         return self.model
+
+    def selection_key(self, metrics: dict[str, float]) -> list[float] | None:
+        """Highest validation accuracy, or with a loss of the caller's own, lowest validation loss
+        (negated: the key is compared as higher is better); ties go to the later epoch."""
+        key = super().selection_key(metrics)
+        return key if key is None or self.counts_correct else [-key[0]]
 
     def batches_per_epoch(self) -> int:
         return self.per_epoch

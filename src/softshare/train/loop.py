@@ -31,11 +31,11 @@ from ..layers import to_channels_last
 from ..layers.structure import count_parameters
 from ..progress import Progress
 from .algorithmic import AlgorithmicTask, check_model
-from .checkpoints import Position, save_training_checkpoint
+from .checkpoints import Position, as_key, primary, save_training_checkpoint
 from .classification import ClassificationTask
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, average_buffers, barrier, cleanup, init_distributed
-from .epoch import StopFlag, Training, step_backward, step_loss, train_epoch
+from .epoch import StopFlag, Training, recurrence_weight, step_backward, step_loss, train_epoch
 from .imagefolder import ImageFolderTask
 from .loggers import make_sinks
 from .monitor import LossMonitor, TrainingDiverged, diverged
@@ -47,7 +47,7 @@ from .task import Task
 log = logging.getLogger("softshare.train")
 
 __all__ = ["train", "run_training", "TrainResult", "make_task", "build_model", "amp_dtype", "seed_everything",
-           "StopFlag", "TrainingDiverged", "step_loss", "step_backward"]
+           "StopFlag", "TrainingDiverged", "step_loss", "step_backward", "recurrence_weight"]
 
 TaskBuilder = Callable[[TrainConfig, torch.device, DistInfo], Task]
 PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line at most this often (rate, ETA, loss)
@@ -162,12 +162,14 @@ def _train(config: TrainConfig, build_task: TaskBuilder, checkpoint, changed: di
                 if run is not None:
                     save_training_checkpoint(run, "last", model, config, optimizer, position, metrics, ema)
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, outcome.stopped_at)
-                return TrainResult(model, run_path if run else None, epoch, metrics, position.best, interrupted=True)
+                return TrainResult(model, run_path if run else None, epoch, metrics, primary(position.best),
+                                   interrupted=True)
             metrics = _end_of_epoch(training, epoch, outcome.sums, outcome.seconds)
-            improved = _improves(task, metrics, position.best)
+            key = task.selection_key(metrics)
+            improved = key is not None and (position.best is None or key >= as_key(position.best))  # ties: later
             position.epoch, position.batch, position.epoch_sums = epoch + 1, 0, None
             if improved:
-                position.best, position.best_epoch = metrics[task.primary_metric], epoch + 1
+                position.best, position.best_epoch = key, epoch + 1
             if run is not None:
                 _record(run, training, metrics)
                 # best before last: a crash in between leaves best newer than last, never older
@@ -180,7 +182,7 @@ def _train(config: TrainConfig, build_task: TaskBuilder, checkpoint, changed: di
                 if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
                     record_lsm(model, run.path, epoch + 1)
             barrier(dist)
-    return TrainResult(model, run_path if run else None, config.epochs, metrics, position.best)
+    return TrainResult(model, run_path if run else None, config.epochs, metrics, primary(position.best))
 
 
 def _end_of_epoch(t: Training, epoch: int, sums: torch.Tensor, seconds: float) -> dict:
@@ -202,14 +204,6 @@ def _end_of_epoch(t: Training, epoch: int, sums: torch.Tensor, seconds: float) -
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise diverged("the weights became non-finite", epoch, task.batches_per_epoch() - 1, t.run_path, config)
     return metrics
-
-
-def _improves(task: Task, metrics: dict, best: float | None) -> bool:
-    """Whether this epoch's primary metric beats the best so far (ties keep the earlier epoch)."""
-    if task.primary_metric not in metrics:
-        return False
-    value = metrics[task.primary_metric]
-    return best is None or (value > best if task.higher_is_better else value < best)
 
 
 def _record(run: RunDir, t: Training, metrics: dict) -> None:

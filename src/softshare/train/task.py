@@ -21,8 +21,11 @@ class Task(ABC):
     so a run resumed mid-epoch sees exactly the batches it would have seen.
     """
 
-    primary_metric: str = "val_acc"  # picks the 'best' checkpoint
-    higher_is_better: bool = True  # of `primary_metric`
+    primary_metric: str = "val_acc"  # the first of `selection_metrics`: what results report as "best"
+    # The 'best' checkpoint has the highest tuple of these metrics (compared in order; ties go to
+    # the later epoch); a task sets both. A metric where lower is better enters negated
+    # (`selection_key`), e.g. a loss.
+    selection_metrics: tuple[str, ...] = ("val_acc",)
     unit: str = "examples"  # what `batch_size_of` counts: the progress line's rate is in these per second
     counts_correct: bool = True  # whether `loss` counts correct instances (a `train_acc` to report)
     eval_split: str = "validation"  # what `evaluate` scores: held-out training data, or "test"
@@ -51,6 +54,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
+
+    def selection_key(self, metrics: dict[str, float]) -> list[float] | None:
+        """What picks the best checkpoint from an epoch's metrics; None when it was not evaluated."""
+        if not all(name in metrics for name in self.selection_metrics):
+            return None
+        return [float(metrics[name]) for name in self.selection_metrics]
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""
