@@ -34,7 +34,7 @@ ALLOWED = {
                    "studies"},
 }
 OPTIONAL_DEPENDENCIES = {"sklearn", "wandb"}  # may be imported inside the function that needs them
-OPTIONAL_MODULES = {"torch.utils.tensorboard"}  # needs the optional `tensorboard` package
+OPTIONAL_MODULES = {"torch.utils.tensorboard", "torch.utils.tensorboard.summary"}  # need the optional `tensorboard`
 
 
 def module_name(path: Path) -> str:

@@ -328,9 +328,9 @@ def test_aligned_coefficients_start_nearly_recurrent():
     from softshare.analysis import abs_cosine
     torch.manual_seed(0)
     net = build("prefix_shared", width=4, depth=30, blocks=1, num_templates=2, coef_init="aligned", coef_noise=0.1)
-    rows = torch.stack([it.conv1.coefficients.detach() for it in net.blocks])
+    rows = torch.stack([it.conv1.coefficients.detach() for it in net.iterations])
     assert torch.allclose(rows.norm(dim=1), torch.ones(30))
     assert abs_cosine(rows).min() > 0.9
     torch.manual_seed(0)
     paper = build("prefix_shared", width=4, depth=30, blocks=1, num_templates=2)
-    assert abs_cosine(torch.stack([it.conv1.coefficients.detach() for it in paper.blocks])).min() < 0.5
+    assert abs_cosine(torch.stack([it.conv1.coefficients.detach() for it in paper.iterations])).min() < 0.5

@@ -192,7 +192,7 @@ def test_coefficients_learn_at_their_own_rate():
                                                           "coef_weight_decay": 0.5, "lr_throttle": True})
     model = create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1, num_templates=2)
     optimizer = build_optimizer(config, model)
-    coefficient_ids = {id(layer.coefficients) for it in model.blocks for layer in (it.recall, it.conv1, it.conv2)}
+    coefficient_ids = {id(layer.coefficients) for it in model.iterations for layer in (it.recall, it.conv1, it.conv2)}
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
         if ids <= coefficient_ids:  # iteration parameters: throttled by 1/depth on top

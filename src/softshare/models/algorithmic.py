@@ -232,10 +232,9 @@ class AlgorithmicNet(nn.Module):
         get it (a unit-norm coefficient row then gives each layer the same variance).
         """
         if self.banks is not None:
-            for template in self.banks["recall"].templates:
-                nn.init.kaiming_normal_(template, nonlinearity="relu")
+            self.banks["recall"].reset_parameters(functools.partial(nn.init.kaiming_normal_, nonlinearity="relu"))
         else:
-            for iteration in self.blocks:
+            for iteration in self.iterations:
                 nn.init.kaiming_normal_(iteration.recall.weight, nonlinearity="relu")
 
     def iteration_parameters(self) -> list[nn.Parameter]:
