@@ -17,9 +17,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softshare"
 
 # What each part of softshare may import (besides itself); see docs/DESIGN.md, "Layout".
-BASE = {"errors", "io", "version", "wrappers", "device", "progress"}
+BASE = {"errors", "storage", "version", "wrappers", "device", "progress"}
 ALLOWED = {
-    "errors": set(), "io": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "errors": set(), "storage": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
     "layers": {"errors"},
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},

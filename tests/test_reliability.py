@@ -25,7 +25,7 @@ from softshare.cli import main
 from softshare.data.dataset import split_indices
 from softshare.data.idx import read_idx
 from softshare.errors import SoftshareError
-from softshare.io import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lock, mark_output,
+from softshare.storage import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lock, mark_output,
                           recover_leftovers)
 from softshare.models import create_model
 from softshare.train.config import RANGES, TrainConfig

@@ -13,7 +13,7 @@ from softshare import create_model
 from softshare.studies.algorithmic import run_experiment
 from softshare.studies.demo import DemoConfig, run_demo
 from softshare.errors import SoftshareError
-from softshare.io import output_complete, output_kind
+from softshare.storage import output_complete, output_kind
 from softshare.studies.recurrence import folded_layers, markdown, run_study
 
 

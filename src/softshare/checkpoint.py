@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import SoftshareError
-from .io import atomic_path, crash_point
+from .storage import atomic_path, crash_point
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
 from .models.registry import current_name

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..data.tasks import (check_maze_args, check_prefix_sum_args, generate_prefix_sums, image_side, maze_dir,
                           prefix_sum_dir, save_prefix_sums, write_mazes)
 from ..errors import SoftshareError
-from ..io import check_output
+from ..storage import check_output
 from ._common import add_overwrite
 
 

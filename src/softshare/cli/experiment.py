@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, mark_output, output_kind
+from ..storage import check_output, mark_output, output_kind
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
 from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int

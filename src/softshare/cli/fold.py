@@ -10,7 +10,7 @@ from ..errors import SoftshareError
 from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ._common import _number, add_overwrite, log_to_stdout, positive_int
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ..io import check_output, mark_output
+from ..storage import check_output, mark_output
 from ._common import add_overwrite, format_table
 
 

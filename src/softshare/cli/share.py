@@ -11,7 +11,7 @@ from torch import nn
 from ..checkpoint import save_checkpoint
 from ..convert import share
 from ..errors import SoftshareError
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ..layers.structure import count_parameters
 from ..models import create_model
 from ._common import add_overwrite, json_object, positive_int

@@ -24,7 +24,7 @@ from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
 from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
-from ..io import check_output, write_json
+from ..storage import check_output, write_json
 from ..layers import named_banks, to_channels_last
 from ..layers.structure import count_parameters
 from .plots import animate_maze_thinking, maze_predictions, plot_accuracy_vs_iterations, plot_maze_predictions

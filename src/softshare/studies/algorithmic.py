@@ -32,7 +32,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, LEARNED, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ..io import save_figure, write_json, write_text
+from ..storage import save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 from ..train.loop import train
 from ..train.algorithmic import steps_per_epoch

@@ -28,7 +28,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, rebuild_dir, save_figure, write_json, write_text
+from ..storage import check_output, rebuild_dir, save_figure, write_json, write_text
 from ..train.algorithmic import steps_per_epoch
 from ..train.config import TrainConfig, resolve_config
 from ..train.run_dir import read_metrics

@@ -21,7 +21,7 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.run import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, fold_model, foldable_sites, plan_loops
-from ..io import write_json, write_text
+from ..storage import write_json, write_text
 from ..train.config import resolve_config
 from ..train.loop import train
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_examples, validation_count
 from ..errors import SoftshareError
 from ..eval.algorithmic import default_iterations, in_trained_layout, solve_mask, solved, think, thinking_net
-from ..io import write_json
+from ..storage import write_json
 from ..wrappers import unwrap_model
 from ..models import create_model
 from ..models.algorithmic import BODIES

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import BatchLoader, load_dataset, split_indices
 from ..eval.classification import classifier_sums, summarise
-from ..io import write_json
+from ..storage import write_json
 from ..models import create_model
 from .task import Task
 

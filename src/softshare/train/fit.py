@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..data.loader import stream_seed
 from ..errors import SoftshareError
-from ..io import write_json
+from ..storage import write_json
 from .config import TrainConfig, resolve_config
 from .config_help import CUSTOM
 from .loop import run_training

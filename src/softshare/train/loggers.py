@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SoftshareError
-from ..io import atomic_path
+from ..storage import atomic_path
 from .config_help import FIELD_CHOICES
 
 LOGGERS = FIELD_CHOICES["logger"]  # jsonl (metrics.jsonl, always), csv, tensorboard, wandb

@@ -26,7 +26,7 @@ from ..analysis.lsm import record_lsm
 from ..data.imagefolder import IMAGEFOLDER
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import crash_point
+from ..storage import crash_point
 from ..layers import to_channels_last
 from ..layers.structure import count_parameters
 from ..progress import Progress

@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..device import device_description
 from ..errors import SoftshareError
-from ..io import LOCK_FILE, atomic_path, exclusive_lock, recover_leftovers, save_figure, write_json
+from ..storage import LOCK_FILE, atomic_path, exclusive_lock, recover_leftovers, save_figure, write_json
 from ..version import __version__
 
 log = logging.getLogger("softshare.train")
