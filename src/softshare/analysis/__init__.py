@@ -1,5 +1,5 @@
 """Reading trained shared nets: layer similarity (|cos|, roles, the recurrence penalty), LSM
-figures (matplotlib), parameter accounting. Imports `layers` and the bottom row (`errors`, `io`
+figures (matplotlib), parameter accounting. Imports `layers` and the bottom row (`errors`, `storage`
 for writing figures, `wrappers`)."""
 
 from .dynamics import coefficient_dynamics, plot_dynamics, random_similarity
