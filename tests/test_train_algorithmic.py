@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from helpers import tiny
 from softshare import SoftshareError
-from softshare.train.algorithmic import resolve_model_name
+from softshare.train.algorithmic import AlgorithmicTask, resolve_model_name
+from softshare.train.distributed import DistInfo
+from softshare.train.optim import build_optimizer
 from softshare.train.config import resolve_config
 from softshare.train.loop import StopFlag, train
 
@@ -32,15 +34,33 @@ def test_task_defaults_are_adam_and_explicit_fields_win():
     assert resolve_config("mazes_cpu").task == "mazes"
 
 
-def test_gpu_presets_keep_deepthinkings_body_and_cpu_presets_say_where_they_leave_it():
-    """The *_gpu presets are DeepThinking's published settings (ReLU after recall, 3-conv head;
-    mazes: throttle, no clip); the CPU presets use what measured better on 2 cores (docs)."""
-    def body(c):
-        return (c.recall_relu, c.head_convs, c.lr, c.lr_throttle, c.grad_clip)
-    assert body(resolve_config("prefix_sums_gpu")) == (True, 3, 1e-3, False, 1.0)
-    assert body(resolve_config("mazes_gpu")) == (True, 3, 1e-3, True, 0.0)
-    assert body(resolve_config("prefix_sums_cpu")) == (False, 2, 2e-3, False, 1.0)
-    assert body(resolve_config("mazes_cpu")) == (False, 2, 1e-3, False, 1.0)
+def test_gpu_presets_build_deepthinkings_body_and_cpu_presets_the_cpu_one():
+    """What each preset builds, read off the model and optimizer the trainer makes from it: the
+    *_gpu presets DeepThinking's body (ReLU after the recall conv, a 3-conv head; mazes: iteration
+    weights throttled to lr / depth, no clipping), the CPU presets a linear recall, a 2-conv head,
+    no throttle and clip 1 (docs/algorithmic.md says why)."""
+    def built(preset):
+        config = resolve_config(preset, overrides={"width": 8, "train_count": 8, "test_count": 2, "batch_size": 4,
+                                                    "val_size": 2, "select_size": 0})
+        task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
+        model = task.build_model().eval()
+        seen = {}  # what the recall conv gave, and what the first residual conv then got
+        iteration = model.iterations[0]
+        iteration.recall.register_forward_hook(lambda m, args, out: seen.setdefault("recall", out))
+        iteration.conv1.register_forward_pre_hook(lambda m, args: seen.setdefault("conv1_in", args[0]))
+        with torch.no_grad():
+            model(task.train_x[:2], 1)
+        assert (seen["recall"] < 0).any()  # so a ReLU would show
+        relu_after_recall = torch.equal(seen["conv1_in"], seen["recall"].relu())
+        assert relu_after_recall or torch.equal(seen["conv1_in"], seen["recall"])
+        head = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in model.head)
+        scales = sorted({round(g["lr_scale"] * config.depth, 6) for g in build_optimizer(config, model).param_groups})
+        return relu_after_recall, head, scales, config.grad_clip
+
+    assert built("prefix_sums_gpu") == (True, 3, [30.0], 1.0)
+    assert built("mazes_gpu") == (True, 3, [1.0, 30.0], 0.0)  # iteration weights at lr / 30
+    assert built("prefix_sums_cpu") == (False, 2, [30.0], 1.0)
+    assert built("mazes_cpu") == (False, 2, [30.0], 1.0)
 
 
 @pytest.mark.slow  # a few hundred steps of learning: about a minute
