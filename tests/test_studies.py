@@ -17,6 +17,7 @@ from softshare.storage import output_complete, output_kind
 from softshare.studies.recurrence import folded_layers, markdown, run_study
 
 
+@pytest.mark.slow  # three training processes, then the evaluation: the demo end to end
 def test_toy_demo_writes_the_report(tmp_path):
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
     text = report.read_text()
@@ -75,6 +76,7 @@ def test_markdown_table_has_a_row_per_run():
     assert text.count("| mazes |") == 2 and "4/32" in text
 
 
+@pytest.mark.slow  # four runs trained and scored, twice
 def test_experiment_writes_results_and_continues(tmp_path, monkeypatch):
     # nets below LEARNED at the training size are scored at their trained iterations only; at this toy
     # size none learns, so lower the bar to exercise the long evaluation of nets that run longer

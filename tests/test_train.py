@@ -61,7 +61,8 @@ def restore_global_flags():
     torch.backends.cudnn.benchmark = saved[2]
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],  # compiling: ~10 s
+                         ids=["eager", "compiled"])
 def test_short_training_bf16_channels_last(device, tmp_path, compiled, monkeypatch, restore_global_flags):
     if compiled and device.type == "cpu":
         # Inductor's C++ build takes ~1 min on 2 cores; aot_eager traces the same graphs (dynamo and
@@ -95,6 +96,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(device, tmp_pat
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow  # two `softshare train` processes
 def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     cmd = [sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--epochs", "50",
            "--out-dir", str(tmp_path), "--name", "sig", "--device", "cpu"]
@@ -115,6 +117,7 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     assert "resumed from" in done.stdout
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_ddp_with_gloo(tmp_path):
     train_on_two_ranks(tmp_path, {**TINY, "out_dir": str(tmp_path), "name": "ddp", "epochs": 3}, "digits_tiny")
     assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"

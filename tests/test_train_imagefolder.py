@@ -72,6 +72,7 @@ def test_resume_mid_epoch_gives_identical_weights(imagefolder, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_gloo_run_ends_with_identical_weights(imagefolder, tmp_path):
     train_on_two_ranks(tmp_path, {**TINY, "data_root": str(imagefolder), "out_dir": str(tmp_path), "name": "ddp",
                                   "epochs": 2, "batch_size": 8, "lr": 0.05, "lr_reference_batch": 8})
