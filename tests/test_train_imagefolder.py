@@ -29,6 +29,7 @@ def tiny_config(tmp_path: Path, root: Path, **overrides):
                                      **overrides})
 
 
+@pytest.mark.slow  # 12 epochs with a DataLoader worker process
 def test_tiny_imagefolder_trains_well_above_chance(imagefolder, tmp_path):
     result = train(tiny_config(tmp_path, imagefolder))
     assert result.final_metrics["val_acc"] >= 0.55  # 4 classes: chance 0.25
