@@ -180,6 +180,29 @@ PRESETS.update({
 })
 
 
+# A body's own recipe inside an algorithmic task's: applied after the preset, to the fields that the
+# config file and the flags leave unset, so `--preset prefix_sums_cpu --model ff` trains the ff body
+# with what makes it learn. Keyed by (task, body); bodies: ff, recurrent, shared_k1 and shared_kn
+# (two or more templates). docs/algorithmic.md says what each measured.
+BODY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    # The feed-forward control: its 30 distinct iterations get no gradient through the recall convs
+    # at PyTorch's default scale (He's keeps it), the progressive loss asks its head to read any
+    # depth of distinct iterations (DeepThinking trains ff nets at alpha 0 too), and a cosine decay
+    # steadies its 281k weights (tuning seeds 100-102: 96-98% validation exact match; docs/algorithmic.md)
+    ("prefix-sums", "ff"): dict(alpha=0.0, recall_init="he", schedule="cosine"),
+}
+
+
+def body_of(config: TrainConfig) -> str | None:
+    """The algorithmic body a config trains (ff, recurrent, shared_k1, shared_kn), None for images."""
+    if config.task not in TASK_DEFAULTS:
+        return None
+    body = config.model.rsplit("_", 1)[-1] if config.model.startswith(("prefix_", "maze_")) else config.model
+    if body == "shared":
+        return "shared_k1" if config.model_args.get("num_templates", config.num_templates) == 1 else "shared_kn"
+    return body
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check/convert a value from a file against the field's annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -241,7 +264,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None, file_values: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < file < flags.
+    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < body defaults
+    (BODY_DEFAULTS, by the resolved task and body) < file < flags.
 
     The file may name a ``preset:`` of its own (used unless `preset` is given). `file_values`
     are the file's contents when the caller has read it already (`load_config_file`)."""
@@ -265,6 +289,11 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
         config = apply_overrides(config, TASK_DEFAULTS[task], f"{task} defaults")
     for values, source in layers:
         config = apply_overrides(config, values, source)
+    body = BODY_DEFAULTS.get((config.task, body_of(config)))
+    if body:
+        given = {key.replace("-", "_") for values, source in layers if not source.startswith("preset ") for key in values}
+        config = apply_overrides(config, {k: v for k, v in body.items() if k not in given},
+                                 f"{config.task} {body_of(config)} defaults")
     validate(config)
     return config
 
