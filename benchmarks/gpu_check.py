@@ -191,7 +191,8 @@ def part_tests(ctx: Context) -> dict:
     """The device-parametrised tests on the device; counts and the names of failures from JUnit XML."""
     device = ctx.device
     xml = ctx.work / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "device",  # slow ones too: on CPU they are slow (bf16 is emulated), not here
+    # every device test, the slow-marked ones too: they are slow on a CPU (bf16 is emulated), not on a GPU
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "device",
            "--device", str(device), f"--junitxml={xml}", "--timeout", "300", str(REPO / "tests")]
     if ctx.dry_run:  # the plumbing only: the suite itself runs these tests on CPU anyway
         cmd += ["-k", "test_shared_conv_on_device_matches_conv_on_mixed_weight and fp32"]
