@@ -155,7 +155,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # match in 1,600 steps (seed 0), this one reached 13-38% (3 seeds; docs/algorithmic.md)
     "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=4000,
                   test_count=100, width=16, batch_size=50, epochs=20, alpha=0.01, grad_clip=1.0,
-                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2),
+                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2,
+                  select_size=13, select_count=50),
     # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations), with
     # what made width 32 learn in every seed on 2 CPU cores (docs/algorithmic.md, "Why"): one
     # residual block per iteration, a linear recall, a 2-conv head and lr 2e-3
