@@ -17,9 +17,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softshare"
 
 # What each part of softshare may import (besides itself); see docs/DESIGN.md, "Layout".
-BASE = {"errors", "storage", "version", "wrappers", "device", "progress"}
+BASE = {"errors", "storage", "version", "wrappers", "device", "progress", "pretrained"}
 ALLOWED = {
     "errors": set(), "storage": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "pretrained": {"errors"},
     "layers": {"errors"},
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},

@@ -27,6 +27,7 @@ from .storage import atomic_path, crash_point
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
 from .models.registry import current_name
+from .pretrained import is_pretrained, pretrained_path
 from .version import __version__
 from .wrappers import unwrap_model
 
@@ -35,7 +36,8 @@ VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "state.pt"
-_ACCEPTS = "a run directory (runs/<name>/), a checkpoint directory or its model.safetensors"
+_ACCEPTS = ("a run directory (runs/<name>/), a checkpoint directory or its model.safetensors, or "
+            "pretrained:NAME (softshare.pretrained.catalogue())")
 
 
 @dataclass
@@ -157,7 +159,10 @@ def save_checkpoint(
 
 # -- finding and reading ------------------------------------------------------------------------
 def find_checkpoint(run_or_path: str | os.PathLike) -> Path:
-    """The checkpoint directory for a run directory (best, else last), checkpoint dir or weights file."""
+    """The checkpoint directory for a run directory (best, else last), checkpoint dir, weights file,
+    or a net shipped with softshare (``pretrained:NAME``)."""
+    if is_pretrained(run_or_path):
+        return pretrained_path(str(run_or_path))
     path = Path(run_or_path)
     if not path.exists():
         raise SoftshareError(f"{path} does not exist; pass {_ACCEPTS}")
