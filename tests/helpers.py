@@ -354,3 +354,49 @@ def collinear_net() -> nn.Module:
 def shared_swrn() -> nn.Module:
     torch.manual_seed(0)
     return create_model("swrn_16_1_2", num_classes=4).eval()
+
+
+# -- a timm-style ResNet softshare did not build (softshare.fit, the Lightning callback) -------------
+class BasicBlock(nn.Module):
+    """timm's ResNet BasicBlock layout: conv1/bn1/act1/conv2/bn2, identity or 1x1 downsample, act2."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class TinyResNet(nn.Module):
+    """stem -> 2 stages of `depth` BasicBlocks (widths w, 2w) -> pool -> fc: share() turns each
+    stage's same-shape 3x3 convs into one bank."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 8, depth: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(*[BasicBlock(width, width) for _ in range(depth)])
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width)
+                                                                       for _ in range(depth - 1)])
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.act1(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def brighter_half(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` 1x8x8 noise images labelled 1 where the top half is brighter than the bottom half."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=generator)
+    return x, (x[:, 0, :4].mean(dim=(1, 2)) > x[:, 0, 4:].mean(dim=(1, 2))).long()

@@ -85,6 +85,7 @@ def gpu_dry_report(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "gpu-report.json").read_text())
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_part(gpu_dry_report):
     out, report = gpu_dry_report
     gpu_check = _load_script("gpu_check")
@@ -95,6 +96,7 @@ def test_gpu_check_dry_run_runs_every_part(gpu_dry_report):
         assert 0 < part["seconds"] <= part["cap_s"] and (out / part["log"]).exists()
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_sections_hold_plausible_values(gpu_dry_report):
     _, report = gpu_dry_report
     data = {name: part["data"] for name, part in report["parts"].items()}
@@ -126,6 +128,7 @@ def test_gpu_check_dry_run_sections_hold_plausible_values(gpu_dry_report):
     assert ddp["ok"] and ddp["weights_identical"] and ddp["returncodes"] == [0, 0] and ddp["run_world_size"] == 2
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_targets_and_markdown(gpu_dry_report):
     out, report = gpu_dry_report
     targets = {t["target"]: t for t in report["targets"]}
@@ -143,6 +146,7 @@ def test_gpu_check_dry_run_targets_and_markdown(gpu_dry_report):
     assert md.count("| PASS |") + md.count("| FAIL |") == sum(t["pass"] is not None for t in report["targets"])
 
 
+@pytest.mark.slow
 def test_gpu_check_rerun_into_a_report_directory_and_refusals(gpu_dry_report, tmp_path):
     out, _ = gpu_dry_report
     again = run_gpu_check("--dry-run", "--out", str(out), "--only", "env")

@@ -14,8 +14,8 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
+import sys
 import typing
 from pathlib import Path
 
@@ -29,12 +29,13 @@ from softshare.cli import main
 from softshare.data.dataset import split_indices
 from softshare.data.idx import read_idx
 from softshare.errors import SoftshareError
-from softshare.io import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lock, mark_output, output_lock,
-                          rebuild_dir, recover_leftovers)
+from softshare.storage import (OUTPUT_MARKER, atomic_path, check_output, exclusive_lock, mark_output, output_lock,
+                               rebuild_dir, recover_leftovers)
 from softshare.models import create_model
 from softshare.train.config import RANGES, TrainConfig
 from softshare.train.config_help import FIELD_CHOICES
-from softshare.train.loop import SPIKE_STEPS, LossMonitor, TrainingDiverged, train
+from softshare.train.loop import train
+from softshare.train.monitor import SPIKE_STEPS, LossMonitor, TrainingDiverged
 from softshare.train.run_dir import read_metrics
 
 
@@ -160,6 +161,7 @@ def test_check_output_rules(tmp_path):
 
 
 # -- checkpoints survive a crash at any instant -------------------------------------------------
+@pytest.mark.slow  # a dozen killed-and-resumed training processes
 def test_kill_torture_resumes_to_the_uninterrupted_weights(tmp_path):
     """Kill a real training process at 10 named points inside the save (the first checkpoint
     write, between the renames of a swap, between best and last...) and at random instants;
@@ -531,7 +533,7 @@ def test_rebuild_in_place_keeps_the_users_files_and_rolls_back(tmp_path):
         raise RuntimeError
     assert snapshot(out) == {"report.md": b"old report", "thesis.tex": b"years of work"}
     assert out.stat().st_ino == inode
-    code = ("import os, sys; from softshare.io import rebuild_dir\n"
+    code = ("import os, sys; from softshare.storage import rebuild_dir\n"
             "with rebuild_dir(sys.argv[1], 'demo', ['report.md', 'runs']) as w:\n"
             "    (w / 'report.md').write_text('half'); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 9
@@ -627,16 +629,16 @@ WRITING_JOBS = {
 def test_a_read_only_place_is_one_line_before_any_work(job, run, tmp_path, capsys, monkeypatch):
     """Every writing job probes its output's place first (a read-only file system or no permission:
     what root cannot be shown with chmod, so the probe's failure is injected here)."""
-    import softshare.io
+    import softshare.storage
 
-    real = softshare.io.tempfile.mkstemp
+    real = softshare.storage.tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):
         if Path(dir).resolve().is_relative_to(tmp_path.resolve()):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(softshare.io.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(softshare.storage.tempfile, "mkstemp", read_only)
     line = refused(capsys, *WRITING_JOBS[job](run, tmp_path))
     assert "read-only" in line, line
     assert not any(tmp_path.iterdir())

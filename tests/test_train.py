@@ -21,7 +21,10 @@ from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.train.config import PRESETS, resolve_config
 from softshare.train.loggers import make_sinks
-from softshare.train.loop import TrainingDiverged, train
+import softshare.train.loop as loop
+from softshare.train.distributed import DistInfo
+from softshare.train.loop import make_task, train
+from softshare.train.monitor import TrainingDiverged
 from softshare.train.optim import build_optimizer
 
 TINY = dict(dataset="digits", model="swrn_16_1_2", batch_size=64, lr=0.05, schedule="cosine",
@@ -82,6 +85,7 @@ def restore_global_flags():
     torch.backends.cudnn.benchmark = saved[2]
 
 
+@pytest.mark.slow  # bf16 is emulated on a CPU (and compiling takes its time): the GPU check runs it on CUDA
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_short_training_bf16_channels_last(device, tmp_path, compiled, monkeypatch, restore_global_flags):
     if compiled and device.type == "cpu":
@@ -121,10 +125,10 @@ def test_rates_after_a_mid_epoch_resume_count_the_whole_epoch(tmp_path, monkeypa
     reports its seconds (before the stop and after it) and all its images over them."""
     import types
 
-    import softshare.train.loop as loop
+    import softshare.train.epoch as epoch_module
 
     ticks = iter(range(10 ** 6))
-    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(epoch_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     config = functools.partial(tiny_config, epochs=2, deterministic=True)
     train(config(tmp_path), stop=StopAfter(30))  # stopped after 13 of epoch 2's 18 batches
     before = load_checkpoint(tmp_path / "run" / "checkpoints" / "last").train_state["epoch_seconds"]
@@ -134,6 +138,7 @@ def test_rates_after_a_mid_epoch_resume_count_the_whole_epoch(tmp_path, monkeypa
     assert row["images_per_s"] == round(18 * 64 / row["seconds"], 1)  # every image of the epoch over them
 
 
+@pytest.mark.slow  # two `softshare train` processes
 def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     cmd = [sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--epochs", "50",
            "--out-dir", str(tmp_path), "--name", "sig", "--device", "cpu"]
@@ -153,6 +158,7 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     assert "resumed from" in done.stdout
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_ddp_with_gloo(tmp_path):
     train_on_two_ranks(tmp_path, {**TINY, "out_dir": str(tmp_path), "name": "ddp", "epochs": 3}, "digits_tiny")
     assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"
@@ -230,7 +236,7 @@ def test_param_groups_put_exactly_the_coefficients_in_no_decay():
     torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # accepted by an optimizer as is
 
 
-def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
+def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog, monkeypatch):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -238,7 +244,8 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
     from softshare.analysis import recurrence_penalty
 
     config = tiny_config(tmp_path, epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.01, ema_decay=0.9,
-                         recurrence_reg=0.5, logger=["jsonl", "csv", "tensorboard"])
+                         recurrence_reg=0.5, logger=["jsonl", "csv", "tensorboard"], log_every=5)
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # a progress line per step (default: one per 30 s)
     with caplog.at_level("INFO", logger="softshare.train"):
         result = train(config)
     run = tmp_path / "run"
@@ -265,9 +272,14 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
     assert [(s.step, s.value) for s in events.Scalars("acc/val")] == [
         (r["epoch"], pytest.approx(r["val_acc"])) for r in rows]
     assert "recurrence_penalty/train" in events.Tags()["scalars"]
-    # no terminal here: progress came as log lines with rate and ETA
+    # ... the training loss and lr every 5 optimizer steps, and the config as hparams and text
+    per_epoch = make_task(config, torch.device("cpu"), DistInfo()).batches_per_epoch()
+    assert [s.step for s in events.Scalars("step/lr")] == list(range(5, 2 * per_epoch + 1, 5))
+    assert {"step/train_loss", "step/train_recurrence_penalty"} <= set(events.Tags()["scalars"])
+    assert events.PluginTagToContent("hparams") and "config/text_summary" in events.Tags()["tensors"]
+    # no terminal here: progress came as log lines with rate, ETA and the task's unit
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/2: ")]
-    assert lines and "batch/s" in lines[0] and "ETA" in lines[0]
+    assert lines and "step/s" in lines[0] and "ETA" in lines[0] and "images/s=" in lines[0]
     # AdamW: decoupled decay on weights, none on the sharing coefficients
     groups = load_checkpoint(run / "checkpoints" / "last").train_state["optimizer"]["param_groups"]
     assert all(g["decoupled_weight_decay"] for g in groups)

@@ -136,12 +136,15 @@ class _OutputBytes(TorchDispatchMode):
 def activation_bytes(skeleton: nn.Module, forward: Callable[[nn.Module, int], object]) -> tuple[int, int]:
     """(bytes per example, bytes independent of the batch) a forward of the meta `skeleton` creates:
     `forward(model, batch)` runs it on a meta batch of that size; measured at batch 1 and 2."""
-    measured = []
+    measured, was_training = [], skeleton.training
     skeleton.eval()
-    for batch in (1, 2):
-        counter = _OutputBytes()
-        with torch.no_grad(), counter:
-            forward(skeleton, batch)
-        measured.append(counter.bytes)
+    try:
+        for batch in (1, 2):
+            counter = _OutputBytes()
+            with torch.no_grad(), counter:
+                forward(skeleton, batch)
+            measured.append(counter.bytes)
+    finally:
+        skeleton.train(was_training)
     per_example = max(measured[1] - measured[0], 0)
     return per_example, max(measured[0] - per_example, 0)

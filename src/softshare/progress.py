@@ -35,7 +35,8 @@ class Progress:
         desc: what is progressing, e.g. ``"epoch 3/10"``.
         log: where the lines go when there is no terminal.
         bar: force the bar on (True) or off (False); None: a bar iff stderr is a terminal.
-        every_s, every_fraction: a line after this long or this share of the work, whichever first.
+        every_s, every_fraction: a line after this long or this share of the work, whichever first
+            (`every_fraction` None: after `every_s` only, e.g. at most one line per 30 s of a run).
         weights: the relative cost of each step (e.g. the size of each test set), when steps differ:
             the percentage and the ETA are of the work, not of the step count, so a job whose
             last steps are the largest does not promise to end early.
@@ -43,7 +44,8 @@ class Progress:
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0,
                  log: logging.Logger | None = None, bar: bool | None = None, enabled: bool = True,
-                 every_s: float = 30.0, every_fraction: float = 0.1, weights: Sequence[float] | None = None) -> None:
+                 every_s: float = 30.0, every_fraction: float | None = 0.1,
+                 weights: Sequence[float] | None = None) -> None:
         if weights is not None:
             total = len(weights)
         self._work = list(itertools.accumulate(weights, initial=0.0)) if weights is not None else None
@@ -60,7 +62,7 @@ class Progress:
                                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}"))
         self._start = self._last = time.perf_counter()
         self._initial = initial
-        self._next_fraction = self._fraction() + every_fraction if total else None
+        self._next_fraction = self._fraction() + every_fraction if total and every_fraction else None
 
     def _done(self, count: int) -> float:
         """Work done after `count` steps (steps themselves unless weighted)."""
@@ -70,6 +72,12 @@ class Progress:
 
     def _fraction(self) -> float:
         return self._done(self.count) / self._done(self.total) if self.total and self._done(self.total) else 0.0
+
+    def describe(self, desc: str) -> None:
+        """A new description (e.g. the epoch) for the lines and the bar that follow."""
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc, refresh=False)
 
     def set(self, **values: object) -> None:
         self.values = values

@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import SoftshareError
-from ..io import save_figure
+from ..storage import save_figure
 from .lsm import read_lsm_history
 from .similarity import abs_cosine
 

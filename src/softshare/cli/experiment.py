@@ -13,19 +13,17 @@ from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, mark_output, output_lock
+from ..storage import check_output, mark_output, output_lock
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, plan_experiment, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, check_study, run_study
 from ..train.run_dir import is_run
 from ._common import add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
-ORDER = 70
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "experiment", help="reproducible studies: algorithmic (ff vs shared vs recurrent), recurrence",
-        description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
+        "experiment", description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
                     "write results.json, results.md (and plots) to --out. Rerunning the same command continues "
                     "an interrupted study.")
     studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)

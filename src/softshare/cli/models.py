@@ -6,15 +6,14 @@ import argparse
 
 import torch
 
+from ..layers.structure import count_parameters
 from ..models import create_model, list_families, list_models
 from ._common import format_table, positive_int
 
-ORDER = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list registered models and their parameter counts",
-                              description="List the named models of every registered family.")
+    p = subparsers.add_parser("models", description="List the named models of every registered family.")
     p.add_argument("pattern", nargs="?", default="*", help="glob filter on model names (default: all)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classifier size used for the counts")
     p.set_defaults(func=run)
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # count parameters without allocating them
         for name in list_models(args.pattern):
             model = create_model(name, num_classes=args.num_classes)
-            rows.append((name, sum(p.numel() for p in model.parameters())))
+            rows.append((name, count_parameters(model)))
     print(format_table(["model", "parameters"], rows))
     print("\nfamilies (any size matching the pattern works):")
     for family in list_families():

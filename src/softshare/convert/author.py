@@ -25,7 +25,7 @@ from ..budget import build_skeleton, memory_budget
 from ..checkpoint import LOAD_BYTES_PER_PARAM, dedupe_state_dict, save_checkpoint
 from ..data.unpickle import NUMPY_GLOBALS, AllowListUnpickler
 from ..errors import SoftshareError
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ..models import create_model
 
 

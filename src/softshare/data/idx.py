@@ -21,7 +21,7 @@ import torch
 
 from ..budget import BUDGET_ENV, memory_budget
 from ..errors import SoftshareError
-from ..io import atomic_path
+from ..storage import atomic_path
 from .dataset import ImageDataset, channel_stats, pad_images
 from .download import download_file
 

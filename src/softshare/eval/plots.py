@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor, nn
 
-from ..io import atomic_path, save_figure
+from ..storage import atomic_path, save_figure
 
 
 def plot_accuracy_vs_iterations(result: dict, path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import BatchLoader, load_dataset, split_indices
 from ..eval.classification import classifier_sums, summarise
-from ..io import write_json
+from ..storage import write_json
 from ..models import create_model
 from .task import Task, fingerprint
 
@@ -23,6 +23,7 @@ class ImageClassifierTask(Task):
     with label smoothing, and validation metrics from `classifier_sums`."""
 
     primary_metric = "val_acc"
+    unit = "images"
     train_loader: Any
 
     def batches_per_epoch(self) -> int:
@@ -38,10 +39,9 @@ class ImageClassifierTask(Task):
         return loss, (logits.argmax(1) == y).sum()
 
     def split_metrics(self, sums: torch.Tensor) -> dict[str, float]:
-        """Loss, accuracy and top-5 error of `eval_split`, keyed ``val_*`` or ``test_*``."""
+        """Loss, accuracy and top-5 accuracy of `eval_split`, keyed ``val_*`` or ``test_*``."""
         metrics = summarise(sums)
-        return {f"{self.metric_prefix}_{key}": metrics[name]
-                for key, name in (("loss", "loss"), ("acc", "acc"), ("top5_error", "top5_error"))}
+        return {f"{self.metric_prefix}_{key}": metrics[key] for key in ("loss", "acc", "top5_acc")}
 
 
 class ClassificationTask(ImageClassifierTask):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -15,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import SoftshareError, unknown_name
-from .config_help import ALL_TASKS, FIELD_CHOICES, FIELD_HELP, FIELD_TASKS, applies
+from .config_help import ALL_TASKS, CUSTOM, FIELD_CHOICES, FIELD_TASKS, applies
 
 
 @dataclass
@@ -27,7 +26,9 @@ class TrainConfig:
     """
 
     # what to train
-    task: str = "classification"  # classification | mazes | prefix-sums
+    task: str = "classification"  # classification | mazes | prefix-sums | custom (softshare.fit)
+    # a registered model name; on mazes / prefix sums also the body (ff, shared, recurrent), which
+    # `algorithmic.resolve_model_name` turns into the task's family; custom: the model's class
     model: str = "swrn_28_10_2"
     model_args: dict = field(default_factory=dict)  # extra create_model kwargs
     dataset: str = "cifar10"
@@ -69,7 +70,7 @@ class TrainConfig:
     select_size: int = 0  # > 0: the best checkpoint thinks best at this size (held-out, stable rule)
     select_count: int = 200  # held-out instances at select_size
     width: int = 64
-    depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
+    depth: int = 8  # iterations the body runs in training (ff/shared: that many distinct iterations)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
     random_state: float = 0.0  # fraction of training instances whose thought starts from a random state
@@ -92,6 +93,7 @@ class TrainConfig:
     lsm_every: int = 0
     checkpoint_every: int = 1
     logger: list[str] = field(default_factory=lambda: ["jsonl"])  # + csv | tensorboard | wandb
+    log_every: int = 50  # TensorBoard / W&B: training loss and lr every N optimizer steps; 0 = off
 
     def run_name(self) -> str:
         return self.name or f"{self.task}-{self.dataset if self.task == 'classification' else ''}-{self.model}".replace("--", "-")
@@ -154,7 +156,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # match in 1,600 steps (seed 0), this one reached 13-38% (3 seeds; docs/algorithmic.md)
     "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=4000,
                   test_count=100, width=16, batch_size=50, epochs=20, alpha=0.01, grad_clip=1.0,
-                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2),
+                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2,
+                  select_size=13, select_count=50),
     # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations), with
     # what made width 32 learn in every seed on 2 CPU cores (docs/algorithmic.md, "Why"): one
     # residual block per iteration, a linear recall, a 2-conv head and lr 2e-3
@@ -162,6 +165,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                         test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1, lr=2e-3,
                         recall_relu=False, head_convs=2, select_size=128, select_count=200),
 }
+# softshare.fit: your model, data and loss; the recipe fields (optimizer, lr, epochs...) are yours to
+# give. A constant lr unless a schedule is asked for, and your model's memory layout as it is.
+TASK_DEFAULTS[CUSTOM] = dict(schedule="constant", lr_milestones=[], channels_last=False, dataset="")
 PRESETS.update({
     "mazes_cpu": dict(TASK_DEFAULTS["mazes"], task="mazes"),
     "prefix_sums_cpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums"),
@@ -199,7 +205,7 @@ def body_of(config: TrainConfig) -> str | None:
     return body
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
+def _coerce(name: str, value: Any) -> Any:
     """Check a value from a file or flag against the field's annotation. Nothing is converted that
     would change it: no float to int (1.7 is not 1), no bool to int, no string to list."""
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -249,7 +255,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str)
         name = key.replace("-", "_")
         if name not in fields:
             raise unknown_name(f"config key (in {source})", key, fields)
-        clean[name] = _coerce(name, value, fields[name].type)
+        clean[name] = _coerce(name, value)
     return dataclasses.replace(config, **clean)
 
 
@@ -283,11 +289,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_layers(preset: str | None = None, config_file: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> list[tuple[dict[str, Any], str]]:
+                  overrides: dict[str, Any] | None = None,
+                  file_values: dict[str, Any] | None = None) -> list[tuple[dict[str, Any], str]]:
     """[(values, source)] of the preset, the file and the flags, lowest priority first.
 
-    The file may name a ``preset:`` of its own (used unless `preset` is given)."""
-    file_values = load_config_file(config_file) if config_file else {}
+    The file may name a ``preset:`` of its own (used unless `preset` is given). `file_values`
+    are the file's contents when the caller has read it already (`load_config_file`)."""
+    file_values = dict(file_values if file_values is not None else load_config_file(config_file) if config_file
+                       else {})
     if "preset" in file_values:  # a file may build on a preset; --preset on the command line wins
         named = file_values.pop("preset")
         if not isinstance(named, str):
@@ -304,13 +313,15 @@ def config_layers(preset: str | None = None, config_file: str | None = None,
 
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
-                   overrides: dict[str, Any] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+                   overrides: dict[str, Any] | None = None, file_values: dict[str, Any] | None = None,
+                   base: TrainConfig | None = None) -> TrainConfig:
     """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < body defaults
     (BODY_DEFAULTS, by the resolved task and body) < file < flags.
 
-    The file may name a ``preset:`` of its own (used unless `preset` is given). `base` (a
+    The file may name a ``preset:`` of its own (used unless `preset` is given). `file_values`
+    are the file's contents when the caller has read it already (`load_config_file`). `base` (a
     resumed run's saved config, already resolved) replaces the defaults, task and body defaults."""
-    layers = config_layers(preset, config_file, overrides)
+    layers = config_layers(preset, config_file, overrides, file_values)
     config = base or TrainConfig()
     task = next((values["task"] for values, _ in reversed(layers) if "task" in values), config.task)
     if base is None and task in TASK_DEFAULTS:
@@ -358,6 +369,7 @@ RANGES: dict[str, tuple] = {
     "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
     "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
+    "log_every": _range(0, 1_000_000_000),
 }
 # The allowed values of the fields with choices are config_help.FIELD_CHOICES (also the CLI's choices).
 
@@ -383,11 +395,12 @@ def validate(config: TrainConfig) -> None:
 
 
 def task_defaults(name: str) -> dict[str, Any]:
-    """{task: the default of field `name` for that task} over the tasks it applies to (what a run
-    of each task gets with no preset, file or flag)."""
+    """{task: the default of field `name` for that task} over the command line's tasks it applies to
+    (what a run of each task gets with no preset, file or flag; `custom` is softshare.fit's)."""
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     base = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    return {task: TASK_DEFAULTS.get(task, {}).get(name, base) for task in FIELD_TASKS.get(name, ALL_TASKS)}
+    tasks = [task for task in FIELD_TASKS.get(name, ALL_TASKS) if task != CUSTOM] or ["classification"]
+    return {task: TASK_DEFAULTS.get(task, {}).get(name, base) for task in tasks}
 
 
 def default_text(name: str) -> str:
@@ -399,33 +412,3 @@ def default_text(name: str) -> str:
     items = [f"{value}" if task == "classification" else f"{task}: {value}" for task, value in defaults.items()]
     items += [f"{task} {body}: {values[name]}" for (task, body), values in BODY_DEFAULTS.items() if name in values]
     return "default: " + "; ".join(items)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (``--batch-size``...), defaulting to 'not given'."""
-    hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("config fields (override preset and --config)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        tasks = FIELD_TASKS.get(f.name)
-        where = f" [{', '.join(tasks)}]" if tasks else ""
-        help_text = f"{FIELD_HELP[f.name]}{where} ({default_text(f.name)})".replace("%", "%%")
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_text)
-        if f.name in FIELD_CHOICES:
-            kwargs["choices"] = FIELD_CHOICES[f.name]
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is list:
-            kwargs.update(nargs="*", type=args[0])
-        elif hint is dict:
-            kwargs.update(type=json.loads, metavar="JSON")
-        else:
-            kwargs["type"] = next((a for a in args if a is not type(None)), hint)
-        group.add_argument(flag, **kwargs)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}

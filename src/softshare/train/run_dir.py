@@ -1,4 +1,5 @@
-"""The run directory: config, provenance, per-epoch metrics, curves, log; and whose it is.
+"""The run directory: whose it is and owning it for a run (lock, leftovers of a killed writer),
+config, provenance, per-epoch metrics, curves, log.
 
 A directory is a run only by proof: the output marker softshare writes into every run (kind
 "run"), or, for runs of versions before markers, a config.json holding exactly a training
@@ -30,10 +31,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..checkpoint import META_FILE, read_meta
-from ..device import device_description, resolve_device
+from ..device import device_description
 from ..errors import SoftshareError
-from ..io import (LOCK_FILE, OUTPUT_MARKER, atomic_path, check_writable, exclusive_lock, mark_output, output_kind,
-                  recover_leftovers, save_figure, write_json)
+from ..storage import (LOCK_FILE, OUTPUT_MARKER, atomic_path, check_writable, exclusive_lock, mark_output,
+                       output_kind, recover_leftovers, save_figure, write_json)
 from ..version import __version__
 from .config import TrainConfig
 
@@ -248,8 +249,8 @@ def read_metrics(run_path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def local_device(spec: str, local_rank: int) -> torch.device:
-    device = resolve_device(spec)
+def local_device(device: torch.device, local_rank: int) -> torch.device:
+    """This process's device: under torchrun on CUDA, GPU `local_rank` (made the current one)."""
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

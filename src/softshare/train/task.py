@@ -22,13 +22,17 @@ class Task(ABC):
     so a run resumed mid-epoch sees exactly the batches it would have seen.
     """
 
-    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint (validation only)
+    primary_metric: str = "val_acc"  # the first of `selection_metrics`: what results report as "best"
     # The 'best' checkpoint has the highest tuple of these metrics (compared in order; ties go to
-    # the later epoch); a task sets both (the first of these is its primary metric).
+    # the later epoch); a task sets both. A metric where lower is better enters negated
+    # (`selection_key`), e.g. a loss.
     selection_metrics: tuple[str, ...] = ("val_acc",)
+    unit: str = "examples"  # what `batch_size_of` counts: the progress line's rate is in these per second
+    counts_correct: bool = True  # whether `loss` counts correct instances (a `train_acc` to report)
     # What `evaluate` scores: "validation" (held-out training rows: metrics val_*, 'best' chosen on them)
     # or "test" (val_size 0: metrics test_*, and no 'best' is ever chosen: that would be test selection)
     eval_split: str = "validation"
+    find_unused_parameters: bool = False  # DDP: a step may leave some parameters without gradient
 
     def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
         self.config, self.device, self.dist = config, device, dist
@@ -37,7 +41,8 @@ class Task(ABC):
     def build_model(self) -> nn.Module: ...
 
     @abstractmethod
-    def batches_per_epoch(self) -> int: ...
+    def batches_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the lr schedule's and the progress line's unit)."""
 
     @abstractmethod
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Any]: ...
@@ -53,18 +58,19 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Metrics of `eval_split` (keys prefixed `val_` or `test_`), with the model in eval mode."""
 
-    @abstractmethod
     def evaluation_note(self) -> str:
-        """One line for the log: what each epoch is scored on and how large it is."""
+        """One line for the log: what each epoch is scored on and how large it is ("": nothing to say)."""
+        return ""
 
     @property
     def metric_prefix(self) -> str:
         return "val" if self.eval_split == "validation" else "test"
 
-    @abstractmethod
     def example_forward(self, model: nn.Module, batch: int) -> Any:
         """`model`'s forward on a meta-device batch of `batch` examples shaped like the training data
-        (sizes the activations of a step before anything is allocated)."""
+        (sizes the activations of a step before anything is allocated); the base class runs none
+        (a model and data of the caller's own: already in memory)."""
+        return None
 
     def data_fingerprint(self) -> str | None:
         """A hash of the training (and validation) data: a resume refuses other data (None: unchecked)."""
