@@ -58,7 +58,7 @@ def test_every_job_module_is_listed_and_help_imports_no_torch():
     probe = ("import sys, contextlib, io\nfrom softshare.cli import main\n"
              "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
              "print(sorted(m for m in ('torch', 'matplotlib', 'softshare.train') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=1200)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
 
 
@@ -522,3 +522,7 @@ def test_eval_names_the_checkpoint_how_it_was_chosen_and_the_split(tmp_path, cap
     assert main(["eval", str(tmp_path / "r" / "checkpoints" / "last"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == "test" and result["epoch"] == 1 and "the last epoch trained" in result["chosen"]
+    assert main(["eval", str(tmp_path / "r"), "--out", str(tmp_path / "e.json"), "--no-fold"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-fold, --out only apply to runs on an algorithmic task: drop them" in err[0], err
+    assert not (tmp_path / "e.json").exists()

@@ -680,10 +680,10 @@ def test_ctrl_c_pressed_twice_ends_in_one_line(tmp_path):
     (("--batch-size", "20", "--train-count", "99999999", "--train-size", "10000"), "needs about"),
 ])
 def test_sizes_from_flags_are_refused_before_allocation(tmp_path, capsys, flags, message):
-    line = refused(capsys, "train", "--task", "prefix-sums", "--device", "cpu", "--out-dir", str(tmp_path),
-                   "--name", "big", *flags)
+    line = refused(capsys, "train", "--task", "prefix-sums", "--device", "cpu", "--out-dir",
+                   str(tmp_path / "new" / "runs"), "--name", "big", *flags)
     assert message in line
-    assert not any(tmp_path.iterdir())  # no run directory left behind, not even its lock
+    assert not any(tmp_path.iterdir())  # no run directory left behind, not its lock, not the --out-dir made for it
 
 
 def test_the_memory_budget_is_stated_and_overridable(tmp_path, capsys, monkeypatch):

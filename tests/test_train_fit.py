@@ -25,7 +25,7 @@ JOB = Path(__file__).with_name("fit_job.py")
 def fit_job(out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "KILL_AT"}
     env.update(OMP_NUM_THREADS="1", **({"KILL_AT": kill_at} if kill_at else {}))
-    return subprocess.run([sys.executable, str(JOB), str(out)], capture_output=True, text=True, timeout=600, env=env,
+    return subprocess.run([sys.executable, str(JOB), str(out)], capture_output=True, text=True, env=env,
                           cwd=JOB.parent)
 
 

@@ -76,8 +76,9 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
         return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
     if task_options:
-        raise SoftshareError(f"{ckpt_path} is an image classifier; {', '.join(sorted(task_options))} apply only "
-                             f"to runs on an algorithmic task")
+        flags = ", ".join("--no-fold" if name == "fold" else f"--{name}" for name in sorted(task_options))
+        raise SoftshareError(f"{ckpt_path} is an image classifier; {flags} only apply to runs on an algorithmic "
+                             f"task: drop {'it' if len(task_options) == 1 else 'them'}")
     if not (dataset or config.get("dataset")):
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")
     evaluate = evaluator_for(config, device, dataset, data_root, download, batch_size)

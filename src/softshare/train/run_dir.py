@@ -91,8 +91,8 @@ def own_run_dir(run_path: Path, *, continuing: bool, overwrite: bool = False) ->
     A new or empty directory may always be; a proven run only when `continuing` it (resume), or
     started afresh with `overwrite`; anything else (a user's directory, whatever it holds) only
     with `overwrite`, and then only the run's own entries are ever replaced. Nothing is left
-    behind if the run fails before writing: a directory created here is removed, a lock file
-    created here too.
+    behind if the run fails before writing: the directories created here (the run's, and the
+    --out-dir folders made for it) are removed, a lock file created here too.
     """
     if os.path.lexists(run_path) and (not run_path.is_dir() or run_path.is_symlink()):
         what = "a symbolic link" if run_path.is_symlink() else "a file"
@@ -111,7 +111,7 @@ def own_run_dir(run_path: Path, *, continuing: bool, overwrite: bool = False) ->
                                  f"start it afresh with --overwrite (its checkpoints and metrics are deleted), or "
                                  f"pick another --name")
     check_writable(run_path)
-    created = not run_path.exists()
+    created = [folder for folder in (run_path, *run_path.parents) if not folder.exists()]  # innermost first
     locked_before = (run_path / LOCK_FILE).exists()
     try:
         run_path.mkdir(parents=True, exist_ok=True)
@@ -130,6 +130,11 @@ def own_run_dir(run_path: Path, *, continuing: bool, overwrite: bool = False) ->
         left = [p.name for p in run_path.iterdir()] if run_path.is_dir() else []
         if left == [LOCK_FILE] and created:
             shutil.rmtree(run_path, ignore_errors=True)  # failed before writing anything
+            for folder in created[1:]:  # and the --out-dir folders made for it, unless something else is there now
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         elif LOCK_FILE in left and not locked_before and not is_run(run_path):
             with contextlib.suppress(FileNotFoundError):
                 (run_path / LOCK_FILE).unlink()
