@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import os
 import subprocess
 import sys
@@ -354,3 +355,14 @@ def collinear_net() -> nn.Module:
 def shared_swrn() -> nn.Module:
     torch.manual_seed(0)
     return create_model("swrn_16_1_2", num_classes=4).eval()
+
+
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """A torchvision-style ResNet-18 (torchvision's module names and 11,689,512 parameters), the one
+    examples/share_resnet.py falls back to: torchvision itself is not a dependency."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "share_resnet.py"
+    spec = importlib.util.spec_from_file_location("share_resnet_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    return example.ResNet18(num_classes)
