@@ -366,3 +366,103 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
     spec.loader.exec_module(example)
     torch.manual_seed(0)
     return example.ResNet18(num_classes)
+
+
+# -- stand-ins for timm's Conv/Linear subclasses (timm is not a dependency) ---------------------------
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight standardised per output channel in forward (BiT, NFNets)."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def pad_same(x, kernel_size, stride, dilation):
+    """timm's pad_same: TensorFlow's asymmetric 'SAME' padding for any stride."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
+        total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(x, [*pads[1], *pads[0]])
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: 'same' padding for strided convs, computed from the input in forward."""
+
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d: standardisation with a learned per-channel gain (an extra parameter)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels,), 1.5))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class TimmLinear(nn.Linear):
+    """timm's Linear: overrides forward (a cast under TorchScript), computes what nn.Linear does."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class TaggedConv2d(nn.Conv2d):
+    """A subclass that only adds an attribute: nn.Conv2d's forward."""
+
+    tag = "mine"
+
+
+class FrozenKernelConv2d(nn.Conv2d):
+    """A subclass whose forward ignores `self.weight` (a kernel copied at construction): refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("kernel", self.weight.detach().clone())
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, self.bias, self.stride, self.padding)
+
+
+class SubclassNet(nn.Module):
+    """Three layers of each kind above (same shapes), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.std = nn.Sequential(*[StdConv2d(8, 8, 3, padding=1) for _ in range(3)])
+        self.same = nn.Sequential(*[Conv2dSame(8, 8, 3, stride=2 if i == 0 else 1) for i in range(3)])
+        self.scaled = nn.Sequential(*[ScaledStdConv2d(8, 8, 3, padding=1, bias=False) for _ in range(3)])
+        self.tagged = nn.Sequential(*[TaggedConv2d(8, 8, 1) for _ in range(3)])
+        self.frozen = nn.Sequential(*[FrozenKernelConv2d(8, 8, 1) for _ in range(3)])
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(*[TimmLinear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in (self.std, self.same, self.scaled, self.tagged, self.frozen):
+            for layer in stage:
+                x = torch.relu(layer(x))
+        x = x.mean((2, 3))
+        for layer in self.mlp:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def subclass_net() -> SubclassNet:
+    return SubclassNet().double()

@@ -402,10 +402,43 @@ def test_share_of_a_registered_model_and_bad_builders(capsys):
     assert main(["share", "wrn_16_1", "-k", "1"]) == 0
     assert "Conv2d[64, 64, 3, 3] x3" in capsys.readouterr().out
     assert main(["share", "nowhere.at.all:build"]) == 2
-    assert "cannot import nowhere.at.all:build" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no module named 'nowhere'" in err and "cannot build nowhere.at.all:build" in err
+    assert main(["share", "helpers:nothing_here"]) == 2
+    assert "helpers has no callable 'nothing_here'" in capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "softshare", "share", "helpers:foreign", "-k", "x"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def broken_package(root: Path, name: str) -> dict:
+    """A package that is installed but raises at import (torchvision's wheel for another torch
+    does: RuntimeError); returns the environment that finds it first."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_broken_optional_package_is_one_line_exit_2(tmp_path):
+    """`softshare share` of a builder in a broken package, and a preset needing a broken scikit-learn."""
+    env = broken_package(tmp_path / "site", "torchvision")
+    out = subprocess.run([sys.executable, "-m", "softshare", "share", "torchvision.models:resnet18"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "torchvision.models is installed but fails to import (RuntimeError: operator torchvision::nms" in out.stderr
+    env = broken_package(tmp_path / "site2", "sklearn")
+    out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--out-dir",
+                          str(tmp_path / "runs"), "--epochs", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "sklearn.datasets is installed but fails to import (RuntimeError" in out.stderr and "softshare[digits]" in out.stderr
+
+
+def test_share_group_by(capsys):
+    assert main(["share", "wrn_28_2", "-k", "2", "--group-by", "stage"]) == 0
+    assert "3 of " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["share", "wrn_28_2", "--group-by", "block"])
+    assert exit_info.value.code == 2 and "invalid choice: 'block'" in capsys.readouterr().err
 
 
 def test_params_takes_model_args(capsys):

@@ -162,6 +162,13 @@ def test_eval_mode_exports_with_gradients_on(kind):
     assert any(node.op_type == "Conv" for node in graph.node)
 
 
+@pytest.mark.parametrize("kind", ["shared", "tied", "foreign shared"])
+def test_scripting_a_shared_net_says_to_unshare_it(kind):
+    with pytest.raises(SoftshareError, match=r"^torch.jit.script cannot compile soft-shared layers.*unshare\(model\)") as info:
+        torch.jit.script(EXPORTABLE[kind]())
+    assert "\n" not in str(info.value)
+
+
 def test_unshared_net_scripts():
     model = unshare(shared_swrn())
     x = torch.randn(2, 3, 12, 12)

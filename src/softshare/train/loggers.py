@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftshareError
+from ..errors import SoftshareError, import_optional
 from ..io import atomic_path
 from .config_help import FIELD_CHOICES
 
@@ -54,12 +54,9 @@ class TensorBoardSink(MetricSink):
     """
 
     def __init__(self, run_path: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SoftshareError("--logger tensorboard needs the tensorboard package: "
-                                 "pip install 'softshare[tensorboard]' -c constraints.txt") from None
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+        tensorboard = import_optional("torch.utils.tensorboard", "--logger tensorboard needs the tensorboard package: "
+                                      "pip install 'softshare[tensorboard]' -c constraints.txt")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(run_path / "tensorboard"))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         row = rows[-1]
@@ -76,11 +73,8 @@ class WandbSink(MetricSink):
     """A Weights & Biases run named after the run directory, config attached."""
 
     def __init__(self, run_path: Path, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise SoftshareError("--logger wandb needs the wandb package (pip install wandb) and a login "
-                                 "(wandb login), or WANDB_MODE=offline") from None
+        wandb = import_optional("wandb", "--logger wandb needs the wandb package (pip install 'softshare[wandb]' "
+                                         "-c constraints.txt) and a login (wandb login), or WANDB_MODE=offline")
         self.run = wandb.init(name=run_path.name, dir=str(run_path), config=config, resume="allow",
                               id=f"softshare-{run_path.name}")
 
