@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow bench gpu-check venv clean data-fashion-mnist
 
-.venv/.installed: pyproject.toml constraints.txt
+.venv/.installed: pyproject.toml constraints.txt src/softshare/version.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) setuptools
 	$(PIP) --no-build-isolation -e '.[test]'
