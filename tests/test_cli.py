@@ -74,7 +74,10 @@ def test_models_prints_names_and_counts(capsys):
     assert rows["swrn_28_10_1"] == "12,287,212"
     assert rows["swrn_28_10_2"] == "17,125,630"
     assert rows["swrn_28_14_2"] == "33,537,790"
-    assert r"swrn_(\d+)_(\d+)_(\d+)" in out  # families and their patterns
+    families = dict(re.findall(r"^(\S+(?: \(L: [\d, or]+\))?)\s+(\w+\s+[\d,]+)\s{2}", out, re.MULTILINE))
+    assert re.split(r"\s+", families["swrn_L_w_k"]) == ["swrn_16_4_1", "1,974,752"]  # readable, an example, its size
+    assert re.split(r"\s+", families["resnet_L (L: 26, 50, 101 or 152)"]) == ["resnet_50", "23,528,522"]
+    assert "\\d" not in out and "(?!" not in out  # no regexes
 
 
 def test_models_pattern_and_num_classes(capsys):
