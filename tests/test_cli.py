@@ -444,6 +444,29 @@ def test_share_group_by(capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'block'" in capsys.readouterr().err
 
 
+def test_curves_of_several_runs_in_one_figure(tmp_path, capsys, monkeypatch):
+    from softshare.train import run_dir
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 / e, "train_acc": 0.5, "val_acc": 0.6}) + "\n"
+            for e in (1, 2)))
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"val_size": 0, "label_smoothing": 0.1}))
+    drawn = []
+    real = run_dir.curves_figure
+    monkeypatch.setattr("softshare.cli.curves.curves_figure", lambda *a: drawn.append(a) or real(*a))
+    assert main(["curves", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--out",
+                 str(tmp_path / "fig"), "--format", "svg"]) == 0
+    assert (tmp_path / "fig.svg").read_bytes().startswith(b"<?xml")
+    runs, title, split, note = drawn[0]
+    assert list(runs) == ["a", "metrics"] and split == "test" and "label smoothing 0.1" in note
+    assert main(["curves", str(tmp_path / "a"), "--out", str(tmp_path / "fig.svg")]) == 2  # not its file to replace
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "a"), "--labels", "x", "y", "--out", str(tmp_path / "g.png")]) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
 def test_params_takes_model_args(capsys):
     assert main(["params", "maze_shared", "--model-args", '{"width": 16, "depth": 16}']) == 0
     out = capsys.readouterr().out

@@ -32,9 +32,18 @@ class LayerSimilarity:
     bank: str
     layers: list[str]
     matrix: torch.Tensor  # (n_layers, n_layers), float64
+    # a bank of one template: each layer's coefficient, its scale c_i (the matrix is all ones by
+    # construction, so the scales are what there is to see); None for k > 1
+    scales: list[float] | None = None
 
     def to_dict(self) -> dict:
-        return {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist()}
+        return {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist(),
+                **({"scales": self.scales} if self.scales is not None else {})}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> LayerSimilarity:
+        return cls(record["bank"], record["layers"], torch.tensor(record["matrix"], dtype=torch.float64),
+                   record.get("scales"))
 
 
 def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
@@ -42,7 +51,8 @@ def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:
     results = []
     for bank_name, _, users in named_banks(model):
         coefficients = torch.stack([layer.coefficients.detach().to("cpu", torch.float64) for _, layer in users])
-        results.append(LayerSimilarity(bank_name, [name for name, _ in users], abs_cosine(coefficients)))
+        scales = coefficients[:, 0].tolist() if coefficients.shape[1] == 1 else None
+        results.append(LayerSimilarity(bank_name, [name for name, _ in users], abs_cosine(coefficients), scales))
     return results
 
 

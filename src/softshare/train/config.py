@@ -85,6 +85,7 @@ class TrainConfig:
     lsm_every: int = 0
     checkpoint_every: int = 1
     logger: list[str] = field(default_factory=lambda: ["jsonl"])  # + csv | tensorboard | wandb
+    figure_format: str = "png"  # png | pdf | svg: curves and LSM figures
 
     def run_name(self) -> str:
         return self.name or f"{self.task}-{self.dataset if self.task == 'classification' else ''}-{self.model}".replace("--", "-")

@@ -7,6 +7,8 @@ stays in `config.validate`.
 
 from __future__ import annotations
 
+from ..io import FIGURE_FORMATS
+
 ALL_TASKS = ("classification", "mazes", "prefix-sums")
 IMAGE = ("classification",)
 ALGORITHMIC = ("mazes", "prefix-sums")
@@ -72,6 +74,7 @@ FIELD_HELP: dict[str, str] = {
     "lsm_every": "record the Layer Similarity Matrix every N epochs; 0 = off",
     "checkpoint_every": "save checkpoints/last every N epochs (and after the last)",
     "logger": "metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb",
+    "figure_format": "format of the run's figures (curves, LSM): png, or vector pdf or svg for a paper",
 }
 
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -80,6 +83,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("multistep", "cosine", "constant"),
     "amp": ("auto", "bf16", "none"),
     "logger": ("jsonl", "csv", "tensorboard", "wandb"),
+    "figure_format": FIGURE_FORMATS,
 }
 
 # fields that mean something for some tasks only (the rest apply to all)

@@ -64,7 +64,7 @@ SAFE_ON_RESUME = ("epochs", "lr", "schedule", "lr_milestones", "lr_gamma", "warm
                   "eval_every", "checkpoint_every", "lsm_every")
 # Where and how the run executes, not what it computes: silently taken from the command line.
 RUNTIME_FIELDS = ("device", "amp", "compile", "channels_last", "deterministic", "data_root", "download",
-                  "name", "out_dir", "workers", "logger")
+                  "name", "out_dir", "workers", "logger", "figure_format")
 
 
 @dataclass
@@ -383,7 +383,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         log.info("run %s: %s on %s, %d parameters, %d batches/epoch", run.path, config.model, device,
                  sum(p.numel() for p in model.parameters()), task.batches_per_epoch())
         if config.lsm_every and start_epoch == 0 and start_batch == 0:
-            record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
+            record_lsm(model, run.path, 0, config.figure_format)  # the starting point; fails early for a model without banks
     barrier(dist)
 
     train_model: nn.Module = model
@@ -475,7 +475,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
                 save("last", ema)
             if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
-                    record_lsm(model, run.path, epoch + 1)
+                    record_lsm(model, run.path, epoch + 1, config.figure_format)
         barrier(dist)
     for sink in sinks:
         sink.close()

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..device import device_description, resolve_device
 from ..errors import SoftshareError
-from ..io import atomic_path, save_figure, write_json
+from ..io import atomic_path, figure_path, save_figure, write_json
 from ..version import __version__
 
 log = logging.getLogger("softshare.train")
@@ -54,6 +54,7 @@ class RunDir:
                                  f"choose another --out-dir or fix its permissions") from None
         self.checkpoints = path / "checkpoints"
         self.metrics_path = path / "metrics.jsonl"
+        self.config: dict | None = None  # the resolved config, once `write_info` has written it
         self._attach_log()
 
     def _attach_log(self) -> None:
@@ -79,6 +80,7 @@ class RunDir:
         if resumed is not None:
             resumes = [*resumes, {**resumed, "at": now, "argv": sys.argv}]
         write_json(self.path / "config.json", config)
+        self.config = config
         write_json(info_path, {
             "softshare_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
             "python": platform.python_version(), "device": device_description(device),
@@ -101,10 +103,15 @@ class RunDir:
 
     def plot_curves(self, eval_split: str = "validation") -> None:
         """Per epoch: task loss, accuracy in percent, and the recurrence penalty when it was on;
-        training and `eval_split` ("validation" or "test") apart, EMA weights dashed."""
+        training and `eval_split` ("validation" or "test") apart, EMA weights dashed; in the
+        run's figure format (`curves.<figure_format>`), with a note when label smoothing makes
+        the training loss higher than the evaluation loss."""
         rows = self.read_metrics()
         if rows:
-            save_figure(curves_figure(rows, self.path.name, eval_split), self.path / "curves.png", dpi=110)
+            config = self.config or {}
+            path = figure_path(self.path / "curves", config.get("figure_format", "png"))
+            save_figure(curves_figure({self.path.name: rows}, self.path.name, eval_split,
+                                      curves_note(config, eval_split)), path)
 
 
 def read_metrics(run_path: str | os.PathLike) -> list[dict]:
@@ -123,26 +130,47 @@ def local_device(spec: str, local_rank: int) -> torch.device:
     return device
 
 
-def curves_figure(rows: list[dict], title: str, eval_split: str = "validation") -> Figure:
-    """The figure of `RunDir.plot_curves` (see there) from metrics rows."""
-    has_penalty = any(r.get("train_recurrence_penalty") is not None for r in rows)
-    fig = Figure(figsize=(13 if has_penalty else 9.5, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3 if has_penalty else 2)
-    series = [("train_loss", "train", axes[0], "-", 1), ("val_loss", eval_split, axes[0], "-", 1),
-              ("ema_val_loss", f"{eval_split}, EMA weights", axes[0], "--", 1),
-              ("train_acc", "train", axes[1], "-", 100), ("val_acc", eval_split, axes[1], "-", 100),
-              ("ema_val_acc", f"{eval_split}, EMA weights", axes[1], "--", 100)]
-    if has_penalty:
-        series.append(("train_recurrence_penalty", "train", axes[2], "-", 1))
-    colours = {"train": "tab:blue", eval_split: "tab:orange", f"{eval_split}, EMA weights": "tab:green"}
+def curves_note(config: dict, eval_split: str) -> str | None:
+    """Why the training loss sits above the evaluation loss, when label smoothing is the reason."""
+    smoothing = config.get("label_smoothing") or 0.0
+    if not smoothing:
+        return None
+    return (f"Training loss is measured with label smoothing {smoothing:g} on augmented batches, the {eval_split} "
+            f"loss without either: so the training loss is the higher one.")
+
+
+SPLIT_STYLES = {"train": ("--", "o", "none"), "eval": ("-", "o", None), "ema": (":", "s", None)}
+
+
+def curves_figure(runs: dict[str, list[dict]], title: str, eval_split: str = "validation",
+                  note: str | None = None) -> Figure:
+    """The figure of `RunDir.plot_curves` for one run, or several runs on shared axes: `runs`
+    maps a label to its metrics rows. One run: a colour per split. Several: a colour per run, a
+    line style per split (train dashed, `eval_split` solid, EMA dotted). `note` goes under the plots."""
+    has_penalty = any(r.get("train_recurrence_penalty") is not None for rows in runs.values() for r in rows)
+    fig = Figure(figsize=(13 if has_penalty else 10, 4.2 if note else 3.9), layout="constrained")
+    axes = fig.subplots(1, 3 if has_penalty else 2, sharex=True)
+    single = len(runs) == 1
+    splits = [("train", "train"), ("val", eval_split), ("ema_val", f"{eval_split}, EMA weights")]
     accuracies = []
-    for key, label, ax, style, scale in series:
-        points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, marker="o", ms=3, label=label, color=colours[label])
-            if scale == 100:
-                accuracies += [value for _, value in points]
-    axes[0].set(xlabel="epoch", ylabel="task loss", title="loss (without the regulariser)")
+    for index, (label, rows) in enumerate(runs.items()):
+        for prefix, split in splits:
+            kind = "train" if prefix == "train" else "ema" if prefix.startswith("ema") else "eval"
+            style, marker, face = SPLIT_STYLES[kind]
+            colour = {"train": "tab:blue", "eval": "tab:orange", "ema": "tab:green"}[kind] if single else f"C{index}"
+            name = split if single else f"{label}, {split}"
+            for ax, key, scale in ((axes[0], f"{prefix}_loss", 1), (axes[1], f"{prefix}_acc", 100)):
+                points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, marker=marker, ms=3.5, mfc=face, color=colour, label=name)
+                    if scale == 100:
+                        accuracies += [value for _, value in points]
+            if has_penalty and prefix == "train":
+                points = [(r["epoch"], r["train_recurrence_penalty"]) for r in rows
+                          if r.get("train_recurrence_penalty") is not None]
+                if points:
+                    axes[2].plot(*zip(*points), "-", marker="o", ms=3.5, color=colour, label=label if not single else "train")
+    axes[0].set(xlabel="epoch", ylabel="task loss", title="loss (without the regulariser)" if has_penalty else "loss")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if accuracies:  # never a zoom that makes one example look like a cliff: at least 10 points shown
         low = max(0.0, min(min(accuracies) - 2, 90.0))
@@ -152,8 +180,9 @@ def curves_figure(rows: list[dict], title: str, eval_split: str = "validation") 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and (single or ax is axes[1]):  # several runs: one legend
             ax.legend(fontsize=8)
     fig.suptitle(title)
+    if note:
+        fig.supxlabel(note, fontsize=8.5)
     return fig
-
