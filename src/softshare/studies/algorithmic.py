@@ -45,6 +45,7 @@ TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
 RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
 EVAL_VERSION = 3  # bump when the cached per-run evaluation changes meaning
+LSM_FIGURES = "lsm-evaluated"  # a shared run's LSM figures, beside its evaluation
 LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
@@ -165,15 +166,19 @@ def _trained_size_exact_match(model, config: TrainConfig, device: torch.device) 
     return think(model, config.task, x, y, config.depth, 100, device)["exact_match"][-1]
 
 
-def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE) -> dict:
+def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE,
+                 figure_format: str = "png") -> dict:
     """Parameters, folding (shared nets) and exact match per size at the trained iterations, the
-    stopping rule and the best iteration; cached in ``study-eval.json`` beside the run."""
+    stopping rule and the best iteration; cached in ``study-eval.json`` beside the run. A shared
+    net's LSM figures go to ``lsm-evaluated/`` (drawn again when asked in another format)."""
     path = run_path / "study-eval.json"
     settings = {"version": EVAL_VERSION, "sizes": config.test_sizes, "count": config.test_count,
                 "patience": patience, "threshold": DEFAULT_THRESHOLD, "epochs": config.epochs}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
+            if config.model == "shared" and not any((run_path / LSM_FIGURES).glob(f"*.{figure_format}")):
+                save_lsm(load(find_checkpoint(run_path)), run_path / LSM_FIGURES, figure_format)
             return cached["result"]
     device = resolve_device(config.device)
     # the best checkpoint by validation exact match at the training size (the first epoch that
@@ -185,7 +190,7 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
     evaluated = model
     if config.model == "shared":
         folded = fold_model(model, DEFAULT_THRESHOLD)
-        save_lsm(model, run_path / "lsm-evaluated")
+        save_lsm(model, run_path / LSM_FIGURES, figure_format)
         before = _trained_size_exact_match(model, config, device)
         after = _trained_size_exact_match(folded.model, config, device)
         loops = folded.loops[0]
