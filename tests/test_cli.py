@@ -290,10 +290,11 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
         stable = result["stop"][size]["stable"]
         assert 0 <= stable["exact_match"] <= 1 and 1 <= stable["mean_iteration"] <= 5
     out = tmp_path / "elsewhere" / "e.json"
-    assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out)]) == 0
+    assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out), "--format", "pdf"]) == 0
     assert "size" in capsys.readouterr().out
     assert list(json.loads(out.read_text())["accuracy"]) == ["9", "11"]  # the run's test sizes
-    assert out.with_suffix(".png").exists()
+    assert out.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    assert (out.parent / "e-mazes.pdf").exists() and (out.parent / "e-mazes.gif").exists()
 
 
 def test_eval_refuses_too_many_iterations_for_ff(tmp_path, capsys):

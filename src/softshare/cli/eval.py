@@ -8,7 +8,7 @@ import json
 
 from ..data.imagefolder import IMAGEFOLDER
 from ..eval import evaluate_checkpoint
-from ._common import add_overwrite, format_table, log_to_stdout, positive_int
+from ._common import add_figure_format, add_overwrite, format_table, log_to_stdout, positive_int
 
 ORDER = 35
 
@@ -32,13 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="stopping rule: stop once a prediction is unchanged for this many iterations (default 10)")
     task.add_argument("--count", type=positive_int, help="instances per size (default: the run's test_count)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
-    add_overwrite(task, "the --out file (and the .png beside it)")
+    add_overwrite(task, "the --out file (and the figures beside it)")
+    add_figure_format(task)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience", "overwrite")
                     if getattr(args, k)}
+    if args.figure_format != "png":
+        task_options["figure_format"] = args.figure_format
     # progress lines on long test sets, unless stdout is for the JSON
     with contextlib.nullcontext() if args.json else log_to_stdout("softshare.eval"):
         result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,

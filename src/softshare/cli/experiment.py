@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, mark_output, output_kind
+from ..io import FIGURE_FORMATS, check_output, mark_output, output_kind
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
-from ._common import log_to_stdout, nonnegative_float, nonnegative_int, positive_int
+from ._common import add_figure_format, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 ORDER = 70
 
@@ -69,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>])")
+    add_figure_format(p)
 
 
 def _claim(out: str, kind: str) -> str:
@@ -86,7 +87,7 @@ def _unmarked_study(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink() or output_kind(path) is not None or not (path / "runs").is_dir():
         return False
     allowed = {"runs", "results.json", "results.md"}
-    if any(p.name not in allowed and p.suffix != ".png" for p in path.iterdir()):
+    if any(p.name not in allowed and p.suffix.lstrip(".") not in FIGURE_FORMATS for p in path.iterdir()):
         return False
     return all(p.is_dir() and (p / "config.json").is_file() for p in (path / "runs").iterdir())
 
@@ -97,7 +98,7 @@ def run_algorithmic(args: argparse.Namespace) -> int:
     out = _claim(args.out or f"runs/experiment-algorithmic-{args.scale}", "experiment algorithmic")
     with log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
-                       args.device, args.jobs, args.patience)
+                       args.device, args.jobs, args.patience, args.figure_format)
     print(f"done: {out}/results.md")
     return 0
 
@@ -105,6 +106,7 @@ def run_algorithmic(args: argparse.Namespace) -> int:
 def run_recurrence(args: argparse.Namespace) -> int:
     out = _claim(args.out or "runs/experiment-recurrence", "experiment recurrence")
     with log_to_stdout("softshare.experiment", "softshare.train"):
-        run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
+        run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs,
+                  args.figure_format)
     print(f"done: {out}/results.md")
     return 0

@@ -9,7 +9,7 @@ from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_his
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
 from ..io import check_output, mark_output
-from ._common import add_overwrite, format_table
+from ._common import add_figure_format, add_overwrite, format_table
 
 ORDER = 40
 
@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
     p.add_argument("--out", metavar="DIR", help="output directory (default for a run directory: RUN/lsm)")
     add_overwrite(p, "--out")
+    add_figure_format(p)
     p.set_defaults(func=run)
 
 
@@ -38,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     model = load(path)
     if out.exists() and not out.is_dir():
         raise SoftshareError(f"{out} is a file; the LSM figures go into a directory: remove it or pass --out DIR")
-    written = save_lsm(model, out)
+    written = save_lsm(model, out, args.figure_format)
     mark_output(out, "lsm")
     if is_run and read_lsm_history(path):
-        written.append(plot_lsm_history(path))
+        written.append(plot_lsm_history(path, figure_format=args.figure_format))
     for similarity in layer_similarity(model):
         names = short_layer_names(similarity.layers)
         rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]

@@ -21,10 +21,11 @@ from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..io import check_output, write_json
+from ..io import check_output, figure_path, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations, to_channels_last
 from ..progress import progress
-from .plots import animate_maze_thinking, maze_predictions, plot_accuracy_vs_iterations, plot_maze_predictions
+from .plots import (animate_maze_thinking, maze_predictions, pick_mazes, plot_accuracy_vs_iterations,
+                    plot_maze_predictions)
 
 log = logging.getLogger("softshare.eval")
 
@@ -46,6 +47,7 @@ def score(task: str, logits: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tens
 
 STOP_PATIENCE = 10  # the stable rule: iterations a prediction must stay unchanged before it stops
 STOP_RULES = ("stable", "confident")
+MAZES_SHOWN = 8  # mazes per size scored for the figure, to find one the net solves and one it does not
 EXTRAPOLATION_FACTOR = 20  # unbounded nets are scored up to this many times their trained iterations
 
 
@@ -132,29 +134,32 @@ def default_iterations(model: nn.Module, trained: int) -> int:
 def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
                              data_root: str | None = None, out: str | None = None,
-                             patience: int = STOP_PATIENCE, overwrite: bool = False) -> dict:
+                             patience: int = STOP_PATIENCE, overwrite: bool = False,
+                             figure_format: str = "png") -> dict:
     """Exact match per test size after each of 1..`iterations` iterations and at the stopping
-    rules (`think`); writes JSON and a plot (for mazes also input/target/prediction figures).
+    rules (`think`); writes JSON and a plot (for mazes also input/target/prediction figures and a
+    GIF), the figures in `figure_format`.
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
+    plots beside it) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
     holding anything but an earlier eval result is refused unless `overwrite`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
+    figure_path("plot", figure_format)  # a bad format is refused before any work
     if out:  # before any work: never clobber a user's file (or the plot beside a new result)
         check_output(out, "eval", overwrite=overwrite, directory=False)
         if not Path(out).exists():
-            check_output(Path(out).with_suffix(".png"), "eval plot", overwrite=overwrite, directory=False)
+            check_output(_plot_path(Path(out), figure_format), "eval plot", overwrite=overwrite, directory=False)
     ckpt_path = find_checkpoint(path)
     meta = load_checkpoint(ckpt_path, train_state=False).meta
     config = meta.get("config") or {}
     if config.get("task") not in IN_CHANNELS:
         raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
     if out and config["task"] == "mazes" and not Path(out).exists():  # the maze figure beside a new result
-        for extra in (_mazes_plot_path(Path(out)), _mazes_animation_path(Path(out))):
+        for extra in (_mazes_plot_path(Path(out), figure_format), _mazes_animation_path(Path(out))):
             check_output(extra, "eval plot", overwrite=overwrite, directory=False)
     dev = resolve_device(device)
     model = in_trained_layout(load(ckpt_path, device=dev), config)
@@ -169,7 +174,7 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
         x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
         thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
         accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
-        examples[size] = (x[:1], y[:1])
+        examples[size] = (x[:MAZES_SHOWN], y[:MAZES_SHOWN])  # the figure shows one solved, one not
     result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "task": config["task"],
               "model": meta["model"]["name"],
               "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
@@ -177,13 +182,14 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
               "accuracy": accuracy, "stop": stop}
     json_path = Path(out) if out else _default_eval_path(ckpt_path)
     write_json(json_path, result)
-    plots = {"plot": json_path.with_suffix(".png")}
+    plots = {"plot": _plot_path(json_path, figure_format)}
     plot_accuracy_vs_iterations(result, plots["plot"])
     if config["task"] == "mazes":
-        predictions = maze_predictions(model, examples, iterations, dev)
-        plots["mazes_plot"] = _mazes_plot_path(json_path)
-        plot_maze_predictions(examples, predictions, min(trained, iterations), plots["mazes_plot"])
-        plots["mazes_animation"] = animate_maze_thinking(examples, predictions, _mazes_animation_path(json_path))
+        at = min(trained, iterations)
+        rows = pick_mazes(examples, maze_predictions(model, examples, iterations, dev), at)
+        plots["mazes_plot"] = _mazes_plot_path(json_path, figure_format)
+        plot_maze_predictions(rows, at, plots["mazes_plot"])
+        plots["mazes_animation"] = animate_maze_thinking(rows, _mazes_animation_path(json_path))
     return {**result, "json": str(json_path), **{k: str(v) for k, v in plots.items()}}
 
 
@@ -193,12 +199,16 @@ def in_trained_layout(model: nn.Module, config: dict) -> nn.Module:
     return to_channels_last(model) if config.get("channels_last") else model
 
 
-def _mazes_plot_path(json_path: Path) -> Path:
-    return json_path.with_name(json_path.stem + "-mazes.png")
+def _plot_path(json_path: Path, figure_format: str) -> Path:
+    return figure_path(json_path.with_suffix(""), figure_format)
+
+
+def _mazes_plot_path(json_path: Path, figure_format: str) -> Path:
+    return figure_path(json_path.with_name(json_path.stem + "-mazes"), figure_format)
 
 
 def _mazes_animation_path(json_path: Path) -> Path:
-    return _mazes_plot_path(json_path).with_suffix(".gif")
+    return json_path.with_name(json_path.stem + "-mazes.gif")
 
 
 def _default_eval_path(ckpt_path: Path) -> Path:

@@ -58,8 +58,10 @@ def folded_layers(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tup
 
 
 def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lambdas: tuple[float, ...] = LAMBDAS,
-              seeds: tuple[int, ...] = (0,), device: str = "auto", epochs: int | None = None) -> dict:
-    """Train (or reuse) one run per (task, lambda, seed); write results.json and results.md."""
+              seeds: tuple[int, ...] = (0,), device: str = "auto", epochs: int | None = None,
+              figure_format: str = "png") -> dict:
+    """Train (or reuse) one run per (task, lambda, seed); write results.json and results.md (the
+    runs' own figures in `figure_format`)."""
     _check(tasks, lambdas, seeds)
     out = Path(out_dir)
     rows = []
@@ -67,7 +69,7 @@ def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lam
         setting = SETTINGS[task]
         for lam in lambdas:
             for seed in seeds:
-                rows.append(_run_one(out, task, setting, lam, seed, device, epochs))
+                rows.append(_run_one(out, task, setting, lam, seed, device, epochs, figure_format))
     results = {"threshold": DEFAULT_THRESHOLD, "rows": rows, "torch": torch.__version__,
                "hardware": environment_description(device)}
     write_json(out / "results.json", results)
@@ -86,8 +88,9 @@ def _check(tasks: tuple[str, ...], lambdas: tuple[float, ...], seeds: tuple[int,
 
 
 def _run_one(out: Path, task: str, setting: Setting, lam: float, seed: int, device: str,
-             epochs: int | None) -> dict:
+             epochs: int | None, figure_format: str = "png") -> dict:
     overrides = {**setting.overrides, "recurrence_reg": lam, "seed": seed, "device": device,
+                 "figure_format": figure_format,
                  "out_dir": str(out / "runs"), "name": f"{task}-reg{lam:g}-s{seed}",
                  **({"epochs": epochs} if epochs else {})}
     config = resolve_config(setting.preset, overrides=overrides)
