@@ -115,7 +115,8 @@ def test_layer_similarity_on_hand_set_coefficients():
     assert result[0].matrix.dtype == torch.float64
     torch.testing.assert_close(result[0].matrix, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(result[1].matrix, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert result[1].to_dict() == {"bank": "x.bank", "layers": ["x", "y"], "matrix": [[1.0, 0.0], [0.0, 1.0]]}
+    assert result[1].to_dict() == {"bank": "x.bank", "layers": ["x", "y"], "matrix": [[1.0, 0.0], [0.0, 1.0]],
+                                   "coefficients": [[3.0, 4.0], [4.0, -3.0]]}  # the vectors compared
 
 
 def test_layer_similarity_of_swrn_in_forward_order():
@@ -214,3 +215,31 @@ def test_lsm_figures_in_every_format(model, tmp_path, figure_format, magic):
     assert (tmp_path / "run" / "lsm" / f"history.{figure_format}").read_bytes().startswith(magic)
 
 
+def test_coefficient_dynamics_against_the_random_control(tmp_path):
+    """Random k=2 directions: mean |cos| of neighbours is 2/pi (E|cos theta|, theta uniform), and the
+    nearest of 30 others is almost 1 by chance alone (why that number proves nothing at k=2)."""
+    from softshare.analysis import random_similarity
+    from softshare.analysis.dynamics import bank_dynamics
+    control = random_similarity(30, 2, samples=400)
+    assert control["consecutive_mean"] == pytest.approx(2 / math.pi, abs=0.02)
+    assert control["nearest_mean"] > 0.99
+    collinear = torch.tensor([[1.0, 2.0]] * 5) * torch.tensor([[1.0], [-2.0], [0.5], [3.0], [1.0]])
+    summary = bank_dynamics(collinear, start=collinear.flip(1))
+    assert summary["consecutive_min"] == pytest.approx(1.0) and summary["consecutive_at_0.99"] == 1.0
+    assert summary["cos_to_start_mean"] == pytest.approx(4 / 5)  # |cos((1,2), (2,1))|
+
+
+def test_history_keeps_the_coefficients_for_the_dynamics(model, tmp_path):
+    from softshare.analysis import coefficient_dynamics, plot_dynamics
+    record_lsm(model, tmp_path, 0)
+    with torch.no_grad():
+        for layer in model.modules():
+            if hasattr(layer, "coefficients"):
+                layer.coefficients.mul_(-3)  # same directions: nothing turned
+    record_lsm(model, tmp_path, 1)
+    history = coefficient_dynamics(tmp_path)
+    assert [h["epoch"] for h in history] == [0, 1]
+    for name, bank in history[1]["banks"].items():
+        assert bank["cos_to_start_mean"] == pytest.approx(1.0)
+        assert bank["norm_mean"] == pytest.approx(3 * history[0]["banks"][name]["norm_mean"])
+    assert plot_dynamics(tmp_path).is_file()

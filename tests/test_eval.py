@@ -111,6 +111,29 @@ def test_evaluation_uses_the_trained_layout_with_the_same_results():
     torch.testing.assert_close(model(x, return_all=True), before, atol=1e-5, rtol=1e-4)
 
 
+def test_until_settled_gives_the_stable_rule_of_the_full_run():
+    torch.manual_seed(0)
+    net = create_model("prefix_recurrent", in_channels=1, width=8, depth=4, blocks=1)
+    x = torch.rand(24, 1, 16).round() - 0.5
+    y = torch.randint(0, 2, (24, 16))
+    full = think(net, "prefix-sums", x, y, 200, 8, torch.device("cpu"), patience=3)
+    cheap = think(net, "prefix-sums", x, y, 200, 8, torch.device("cpu"), patience=3, until_settled=True)
+    assert cheap["stop"]["stable"] == full["stop"]["stable"]
+
+
+def test_thinking_net_folds_a_shared_net_into_a_loop_that_runs_longer():
+    from softshare.eval.algorithmic import thinking_net
+    torch.manual_seed(0)
+    shared = create_model("prefix_shared", in_channels=1, width=4, depth=5, blocks=1, num_templates=1)
+    net, loops = thinking_net(shared)
+    assert loops == [5] and net.max_iterations is None and shared.max_iterations == 5
+    x = torch.rand(3, 1, 8).round() - 0.5
+    torch.testing.assert_close(net(x, 5), shared(x, 5))  # the same function within the trained iterations
+    assert net(x, 40).shape == shared(x, 5).shape
+    recurrent = create_model("prefix_recurrent", in_channels=1, width=4, depth=5, blocks=1)
+    assert thinking_net(recurrent) == (recurrent, None)
+
+
 # -- figures ------------------------------------------------------------------------------------------
 def _mazes(count: int, size: int):
     from softshare.data.tasks import generate_mazes

@@ -140,3 +140,91 @@ def test_progressive_loss_continues_from_the_full_pass(preset):
     (loss_a, correct_a, grads_a), (loss_b, correct_b, grads_b) = results
     assert torch.equal(loss_a, loss_b) and torch.equal(correct_a, correct_b)
     assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_best_checkpoint_is_the_one_that_thinks_longest_ties_to_the_later_epoch(tmp_path):
+    """With select_size the per-epoch validation scores held-out longer strings at the stable rule
+    (every epoch's score in metrics.jsonl); 'best' is the highest (val_extrap_acc, val_acc), and
+    among equal epochs the later one."""
+    config = tiny(tmp_path, task="prefix-sums", model="shared", num_templates=1, width=8, depth=3, train_size=8,
+                  test_sizes=[8], train_count=60, test_count=10, batch_size=20, epochs=3, select_size=16,
+                  select_count=12, name="select")
+    train(config)
+    rows = metrics(tmp_path / "select")
+    assert all({"val_extrap_acc", "val_extrap_stop"} <= set(r) for r in rows)
+    keys = [(r["val_extrap_acc"], r["val_acc"]) for r in rows]
+    best_epoch = max(range(len(keys)), key=lambda i: (keys[i], i)) + 1  # ties: the later epoch
+    best = json.loads((tmp_path / "select" / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["epoch"] == best_epoch and best["best_metric"] == rows[best_epoch - 1]["val_extrap_acc"]
+
+
+def test_selection_strings_are_held_out_from_every_test_set():
+    from softshare.data.tasks import evaluation_examples, selection_examples
+    config = resolve_config("prefix_sums_cpu").to_dict()
+    x_val, _ = selection_examples(config, 128, 200)
+    x_test, _ = evaluation_examples(config, 128, 1000)
+    val, test = {tuple(r) for r in x_val[:, 0].tolist()}, {tuple(r) for r in x_test[:, 0].tolist()}
+    assert len(val) == 200 and not val & test
+    with pytest.raises(SoftshareError, match="must differ from the training size"):
+        selection_examples(config, 32, 10)
+    mazes = resolve_config("mazes_cpu").to_dict()
+    x_val, _ = selection_examples(mazes, 13, 4)
+    x_test, _ = evaluation_examples(mazes, 13, 4)
+    assert x_val.shape == x_test.shape and not torch.equal(x_val, x_test)  # the train split at 13, not test
+
+
+def test_recurrence_weight_anneals_linearly_to_zero():
+    from softshare.train.loop import recurrence_weight
+    config = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0, "recurrence_reg_anneal": 10})
+    assert [recurrence_weight(config, e) for e in (0, 5, 10, 20)] == [2.0, 1.0, 0.0, 0.0]
+    constant = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0})
+    assert recurrence_weight(constant, 25) == 2.0
+
+
+def test_coefficients_learn_at_their_own_rate():
+    """coef_lr_scale multiplies the scheduled lr of the coefficient group only (and composes
+    with the throttle); coef_weight_decay decays only them."""
+    from softshare.models import create_model
+    from softshare.train.optim import build_optimizer
+    config = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "coef_lr_scale": 10.0, "depth": 3,
+                                                          "coef_weight_decay": 0.5, "lr_throttle": True})
+    model = create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1, num_templates=2)
+    optimizer = build_optimizer(config, model)
+    coefficient_ids = {id(layer.coefficients) for it in model.blocks for layer in (it.recall, it.conv1, it.conv2)}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        if ids <= coefficient_ids:  # iteration parameters: throttled by 1/depth on top
+            assert (group["lr_scale"], group["weight_decay"]) == (pytest.approx(10.0 / 3), 0.5)
+        else:
+            assert not ids & coefficient_ids and group["lr_scale"] in (1.0, pytest.approx(1 / 3))
+            assert group["weight_decay"] == config.weight_decay
+
+
+def test_random_starting_states_train_and_resume_exactly(tmp_path):
+    """random_state: part of each batch starts from a random thought; the draws come from the
+    trainer's seeded RNG, so a run interrupted mid-epoch resumes to the same weights."""
+    fields = dict(task="prefix-sums", model="recurrent", width=8, depth=4, train_size=8, test_sizes=[8],
+                  train_count=60, test_count=10, batch_size=20, epochs=2, random_state=0.5)
+    train(tiny(tmp_path, name="whole", **fields))
+    stop = StopFlag()
+    calls = {"n": 0}
+    import softshare.train.algorithmic as algorithmic
+    original = algorithmic.AlgorithmicTask.loss
+
+    def loss_then_stop(self, model, batch):  # stop after the 4th step: mid-epoch 2
+        calls["n"] += 1
+        if calls["n"] == 4:
+            stop.requested = True
+        return original(self, model, batch)
+
+    algorithmic.AlgorithmicTask.loss = loss_then_stop
+    try:
+        assert train(tiny(tmp_path, name="split", **fields), stop=stop).interrupted
+    finally:
+        algorithmic.AlgorithmicTask.loss = original
+    train(tiny(tmp_path, name="split", **fields), resume="auto")
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    plain = tiny(tmp_path, name="plain", **{**fields, "random_state": 0.0})
+    train(plain)
+    assert not all(torch.equal(whole[k], weights(tmp_path / "plain")[k]) for k in whole)

@@ -1,6 +1,7 @@
 """Reading trained shared nets: layer similarity (|cos|, roles, the recurrence penalty), LSM
 figures, parameter accounting. Imports `layers` only (figures: matplotlib)."""
 
+from .dynamics import coefficient_dynamics, plot_dynamics, random_similarity
 from .lsm import LSM_DIR, plot_lsm, plot_lsm_history, read_lsm_history, record_lsm, save_lsm, short_layer_names
 from .similarity import (
     FoldSite,
@@ -16,5 +17,6 @@ from .stats import BankStats, SharingStats, sharing_stats
 __all__ = [
     "abs_cosine", "LayerSimilarity", "layer_similarity", "FoldSite", "block_runs", "shared_roles",
     "recurrence_penalty", "LSM_DIR", "plot_lsm", "save_lsm", "record_lsm", "read_lsm_history", "plot_lsm_history",
-    "short_layer_names", "BankStats", "SharingStats", "sharing_stats",
+    "short_layer_names", "BankStats", "SharingStats", "sharing_stats", "coefficient_dynamics", "plot_dynamics",
+    "random_similarity",
 ]

@@ -21,6 +21,7 @@ from ..checkpoint import find_checkpoint, load, load_checkpoint
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..fold import DEFAULT_THRESHOLD, fold_model
 from ..io import check_output, figure_path, write_json
 from ..layers import LoopBlock, loop_blocks, set_iterations, to_channels_last
 from ..progress import progress
@@ -53,7 +54,8 @@ EXTRAPOLATION_FACTOR = 20  # unbounded nets are scored up to this many times the
 
 @torch.no_grad()
 def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, batch_size: int,
-          device: torch.device, amp_dtype: torch.dtype | None = None, patience: int = STOP_PATIENCE) -> dict:
+          device: torch.device, amp_dtype: torch.dtype | None = None, patience: int = STOP_PATIENCE,
+          until_settled: bool = False) -> dict:
     """Exact match after each of 1..`iterations` iterations, and where two label-free rules stop.
 
     - ``stable``: each instance stops at the first iteration whose prediction equals those of the
@@ -63,7 +65,10 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
       over the pixels that count), DeepThinking's ``max_conf`` test mode.
 
     Neither rule looks at labels: they only score the prediction each rule picked. States are
-    scored as they come, so memory does not grow with `iterations`. Returns ``{"exact_match":
+    scored as they come, so memory does not grow with `iterations`. `until_settled` ends a batch
+    once every instance has settled (the stable rule's result is then exact; the per-iteration
+    curve counts a stopped batch's instances as unsolved and the confident rule sees only the
+    iterations run): a cheap per-epoch validation. Returns ``{"exact_match":
     [per iteration], "stop": {rule: {"exact_match", "mean_iteration"}}, "patience"}``.
     """
     check_positive("patience", patience)
@@ -101,6 +106,8 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
                 best_at = torch.where(better, index + 1, best_at)
                 best_right = torch.where(better, right, best_right)
                 previous = prediction
+                if until_settled and bool((stop_at < iterations).all()):
+                    break
         stop_right = torch.where(unchanged >= patience, stop_right, right)  # never settled: the last prediction
         totals += torch.stack([stop_right.sum(), stop_at.sum(), best_right.sum(), best_at.sum()]).double()
     model.train(was_training)
@@ -123,6 +130,20 @@ def check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SoftshareError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def thinking_net(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tuple[nn.Module, list[int] | None]:
+    """The net to run longer than trained, and the loops folded for it.
+
+    A soft-shared algorithmic net (one with template banks) is folded at `threshold`, so a final
+    run of collinear iterations becomes a loop that can run any number of times; every other net
+    is returned as it is (loops None). The same in `softshare eval`, the studies and the
+    per-epoch validation that picks a run's best checkpoint.
+    """
+    if getattr(model, "banks", None) is None:
+        return model, None
+    folded = fold_model(model, threshold)
+    return folded.model, folded.loops[0]
 
 
 def default_iterations(model: nn.Module, trained: int) -> int:

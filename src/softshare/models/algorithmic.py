@@ -41,6 +41,11 @@ from ..layers import Conv1d, LoopBlock, SharedConv1d, SharedConv2d, TemplateBank
 from .registry import register_family
 
 BODIES = ("ff", "shared", "recurrent")
+RECALL_INITS = ("pytorch", "he")  # how the recall convs start (see AlgorithmicNet._he_init_recall)
+# How a shared net's coefficient rows start: the paper's orthogonal rows (iterations as far apart
+# as k allows), or one random unit direction for every iteration plus Gaussian noise of norm
+# about coef_noise (iterations start nearly recurrent: a lever of the recurrence study, not the paper's)
+COEF_INITS = ("orthogonal", "aligned")
 _DIMS = {"maze": 2, "prefix": 1}
 _CONV = {1: Conv1d, 2: nn.Conv2d}  # Conv1d: nn.Conv1d that can compute channels-last
 _SHARED_CONV = {1: SharedConv1d, 2: SharedConv2d}
@@ -173,9 +178,15 @@ class AlgorithmicNet(nn.Module):
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
                  lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
-                 head_convs: int = 3) -> None:
+                 head_convs: int = 3, recall_init: str = "pytorch", coef_init: str = "orthogonal",
+                 coef_noise: float = 0.1) -> None:
         super().__init__()
         _check_args(body, width, depth, blocks, num_templates, head_convs)
+        if recall_init not in RECALL_INITS:
+            raise SoftshareError(f"recall_init must be {' or '.join(RECALL_INITS)}, got {recall_init!r}")
+        if coef_init not in COEF_INITS or not (isinstance(coef_noise, (int, float)) and 0 <= coef_noise <= 10):
+            raise SoftshareError(f"coef_init must be {' or '.join(COEF_INITS)} and coef_noise a number in [0, 10], "
+                                 f"got {coef_init!r}, {coef_noise!r}")
         loops = _fold_loops(fold, body, depth)
         self.dim, self.body, self.depth, self.lipschitz = dim, body, depth, lipschitz
         self.projection = _conv(dim, in_channels, width)
@@ -200,8 +211,32 @@ class AlgorithmicNet(nn.Module):
                     nn.init.kaiming_uniform_(template, a=math.sqrt(5))
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
                 with torch.no_grad():  # ... each at the scale of one template (rows of unit norm; k = 1: +1)
+                    if coef_init == "aligned":  # ... or one shared random direction plus noise (a study lever)
+                        direction = torch.randn(num_templates)
+                        for layer in bank.layers:
+                            layer.coefficients.copy_(direction / direction.norm()
+                                                     + coef_noise * torch.randn(num_templates) / num_templates ** 0.5)
                     for layer in bank.layers:
                         layer.coefficients.div_(layer.coefficients.norm().clamp_min(1e-12))
+        if recall_init == "he" and recall and loops is None:
+            self._he_init_recall()
+
+    @torch.no_grad()
+    def _he_init_recall(self) -> None:
+        """He initialisation (fan-in, ReLU gain) of the recall convs instead of PyTorch's default.
+
+        The recall conv is the one conv of an iteration outside a residual branch; at PyTorch's
+        default scale it shrinks the state about 2x per iteration (in gradient too), so the first
+        of 30 distinct ff iterations gets ~1e-17 of the last one's gradient and never learns. At
+        He's scale the gradient reaches every iteration at the same size. A shared net's templates
+        get it (a unit-norm coefficient row then gives each layer the same variance).
+        """
+        if self.banks is not None:
+            for template in self.banks["recall"].templates:
+                nn.init.kaiming_normal_(template, nonlinearity="relu")
+        else:
+            for iteration in self.blocks:
+                nn.init.kaiming_normal_(iteration.recall.weight, nonlinearity="relu")
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
@@ -332,9 +367,10 @@ def _register(prefix: str, body: str) -> None:
     def build(num_classes: int = 2, in_channels: int = 3, width: int = 32, depth: int = 30, blocks: int = 2,
               recall: bool = True, num_templates: int | None = 2 if body == "shared" else None,
               lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
-              head_convs: int = 3) -> AlgorithmicNet:
+              head_convs: int = 3, recall_init: str = "pytorch", coef_init: str = "orthogonal",
+              coef_noise: float = 0.1) -> AlgorithmicNet:
         return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, blocks, recall, num_templates,
-                              lipschitz, fold, recall_relu, head_convs)
+                              lipschitz, fold, recall_relu, head_convs, recall_init, coef_init, coef_noise)
 
     name = f"{prefix}_{body}"
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,

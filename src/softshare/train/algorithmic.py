@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, validation_count
+from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_examples, validation_count
 from ..errors import SoftshareError
-from ..eval.algorithmic import score
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, in_trained_layout, score, think, thinking_net
 from ..io import write_json
+from ..wrappers import unwrap_model
 from ..models import create_model
 from ..models.algorithmic import BODIES
 from .task import Task
@@ -68,6 +69,12 @@ class AlgorithmicTask(Task):
         else:  # val_size 0: train on all, evaluate on the test set at the training size
             self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
                                                          config.test_count, config.data_root)
+        self.select_x = self.select_y = None
+        if config.select_size:  # the best checkpoint is the one that thinks longest (see selection_metrics)
+            self.select_x, self.select_y = selection_examples(config.to_dict(), config.select_size,
+                                                              config.select_count, config.data_root)
+            self.primary_metric = "val_extrap_acc"
+            self.selection_metrics = ("val_extrap_acc", "val_acc")
         self.per_step = config.batch_size * dist.world_size
         if config.train_count < self.per_step:
             raise SoftshareError(f"train_count {config.train_count} is smaller than one step's batch "
@@ -116,22 +123,46 @@ class AlgorithmicTask(Task):
         spectral norms of a pass that tracks gradients).
         """
         alpha, task = self.config.alpha, self.config.task
+        start = self._random_starts(model, batch.x)
         state = None
         with torch.set_grad_enabled(alpha < 1 and torch.is_grad_enabled()):
+            first = start(model) if start else None
             if alpha and batch.start:
-                logits, state = model(batch.x, self.config.depth, state_after=batch.start)
+                logits, state = model(batch.x, self.config.depth, state_after=batch.start, state=first)
                 state = state.detach()
             else:
-                logits = model(batch.x, self.config.depth)
+                logits = model(batch.x, self.config.depth, state=first)
             full, solved = score(task, logits, batch.y, batch.x)
         if alpha == 0:
             return full, solved.sum()
+        if state is None and start:
+            state = start(model)
         logits = model(batch.x, batch.count, start=batch.start, state=state)
         progressive = score(task, logits, batch.y, batch.x)[0]
         return (1 - alpha) * full + alpha * progressive, solved.sum()
 
+    def _random_starts(self, model: nn.Module, x: Tensor):
+        """With `random_state` > 0: a function giving the batch's first thought, where that fraction
+        of instances starts from a random state instead of the projection of its input (path
+        independence, Anil et al. 2022: a net whose answer does not depend on where its thought
+        starts has learned a step it can repeat). The draw is made once per batch, so every pass
+        of the step starts alike; the others keep the projection, with its gradient."""
+        fraction = self.config.random_state
+        if not fraction:
+            return None
+        net = unwrap_model(model)
+        with torch.no_grad():
+            embedded = net.embed(x)
+        shape = (len(x),) + (1,) * (embedded.dim() - 1)
+        scale = embedded.pow(2).mean(dim=tuple(range(1, embedded.dim())), keepdim=True).sqrt()
+        noise = torch.randn_like(embedded).abs_().mul_(scale)  # non-negative, like a state after a ReLU
+        chosen = torch.rand(shape, device=x.device) < fraction
+        return lambda _: torch.where(chosen, noise, net.embed(x))
+
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Exact match and loss on the held-out set at the training size, after T iterations."""
+        """Exact match and loss on the held-out set at the training size, after T iterations; with
+        `select_size`, also exact match at the stable stopping rule on held-out instances of that
+        size, the net run as `softshare eval` runs it (a shared net folded, up to 20x T iterations)."""
         was_training = model.training
         model.eval()
         loss_sum, solved, batch = 0.0, 0.0, max(self.config.batch_size, 256)
@@ -145,7 +176,22 @@ class AlgorithmicTask(Task):
                 solved += right.sum().item()
         model.train(was_training)
         count = max(len(self.val_y), 1)
-        return {"val_loss": loss_sum / count, "val_acc": solved / count}
+        metrics = {"val_loss": loss_sum / count, "val_acc": solved / count}
+        if self.select_x is not None:
+            metrics.update(self._extrapolation(model, amp_dtype))
+        return metrics
+
+    def _extrapolation(self, model: nn.Module, amp_dtype: torch.dtype | None) -> dict[str, float]:
+        """Validation exact match at the stable rule on the selection size (``val_extrap_acc``) and
+        the mean iteration the rule stops at (``val_extrap_stop``)."""
+        config = self.config
+        net, _ = thinking_net(model)
+        net = in_trained_layout(net, config.to_dict())
+        iterations = net.max_iterations or EXTRAPOLATION_FACTOR * config.depth
+        thought = think(net, config.task, self.select_x, self.select_y, iterations, max(config.batch_size, 100),
+                        self.device, amp_dtype, until_settled=True)
+        stable = thought["stop"]["stable"]
+        return {"val_extrap_acc": stable["exact_match"], "val_extrap_stop": stable["mean_iteration"]}
 
     def save_artifacts(self, run_path: Path) -> None:
         """data.json: where the training and validation rows come from (reproducibility)."""

@@ -50,6 +50,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     recurrence_reg: float = 0.0  # weight of the pull towards collinear coefficients
+    recurrence_reg_anneal: float = 0.0  # > 0: the weight falls linearly to 0 at this epoch
+    coef_lr_scale: float = 1.0  # sharing coefficients learn at lr x this
+    coef_weight_decay: float = 0.0  # weight decay on sharing coefficients (the paper: none)
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
     # augmentation (image tasks)
     crop_padding: int = 4
@@ -63,10 +66,13 @@ class TrainConfig:
     test_sizes: list[int] = field(default_factory=list)
     train_count: int = 10000
     test_count: int = 1000
+    select_size: int = 0  # > 0: the best checkpoint thinks best at this size (held-out, stable rule)
+    select_count: int = 200  # held-out instances at select_size
     width: int = 64
     depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
+    random_state: float = 0.0  # fraction of training instances whose thought starts from a random state
     blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
     recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
@@ -153,7 +159,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # residual block per iteration, a linear recall, a 2-conv head and lr 2e-3
     "prefix-sums": dict(_ALGORITHMIC, train_size=32, test_sizes=[32, 48, 64, 128, 256, 512], train_count=8000,
                         test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1, lr=2e-3,
-                        recall_relu=False, head_convs=2),
+                        recall_relu=False, head_convs=2, select_size=128, select_count=200),
 }
 PRESETS.update({
     "mazes_cpu": dict(TASK_DEFAULTS["mazes"], task="mazes"),
@@ -278,12 +284,14 @@ RANGES: dict[str, tuple] = {
     "weight_decay": _range(0, None), "lr_milestones": _range(0, 1_000_000), "lr_gamma": _range(0, 1, lo_open=True),
     "warmup_epochs": _range(0, 1_000_000), "lr_reference_batch": _range(0, 1 << 24),
     "label_smoothing": _range(0, 1), "grad_clip": _range(0, None),
-    "recurrence_reg": _range(0, None), "ema_decay": _range(0, 1, hi_open=True),
+    "recurrence_reg": _range(0, None), "recurrence_reg_anneal": _range(0, 1_000_000),
+    "coef_lr_scale": _range(0, None, lo_open=True), "coef_weight_decay": _range(0, None), "ema_decay": _range(0, 1, hi_open=True),
     "crop_padding": _range(0, 64), "cutout": _range(0, 1024), "image_size": _range(8, 4096),
     "workers": _range(-1, 256),
     "train_size": _range(1, 10_000), "test_sizes": _range(1, 10_000), "train_count": _range(1, _COUNT),
-    "test_count": _range(1, _COUNT), "width": _range(1, 4096), "depth": _range(1, 10_000),
-    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
+    "test_count": _range(1, _COUNT),
+    "select_size": _range(0, 10_000), "select_count": _range(1, 1_000_000), "width": _range(1, 4096), "depth": _range(1, 10_000),
+    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
     "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
 }

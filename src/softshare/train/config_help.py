@@ -42,6 +42,9 @@ FIELD_HELP: dict[str, str] = {
     "label_smoothing": "cross-entropy label smoothing",
     "grad_clip": "clip the gradient norm to this; 0 = off",
     "recurrence_reg": "weight of the pull towards collinear coefficients (logged apart from the task loss)",
+    "recurrence_reg_anneal": "> 0: the recurrence penalty's weight falls linearly to 0 at this epoch; 0: constant",
+    "coef_lr_scale": "sharing coefficients learn at lr x this (templates at lr)",
+    "coef_weight_decay": "weight decay on sharing coefficients (the paper uses none)",
     "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
                  "0 = off. Evaluated (ema_* metrics) and saved in checkpoints/ema",
     "crop_padding": "random-crop padding in pixels; 0 = no crop",
@@ -53,10 +56,16 @@ FIELD_HELP: dict[str, str] = {
     "test_sizes": "sizes to evaluate on (larger than trained: extrapolation)",
     "train_count": "training examples to generate",
     "test_count": "test examples per size",
+    "select_size": "pick the best checkpoint by exact match at the stable stopping rule on held-out instances "
+                   "of this size (longer than trained: which epoch thinks longest), then by validation at the "
+                   "training size, ties to the later epoch; 0: by validation at the training size",
+    "select_count": "held-out instances at select_size",
     "width": "channels of the algorithmic nets",
     "depth": "residual blocks (ff/shared) or iterations (recurrent)",
     "num_templates": "templates in the bank of the shared algorithmic net",
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
+    "random_state": "fraction of training instances whose thought starts from a random state instead of the "
+                    "projection of the input (path independence); 0 = off",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
     "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
     "recall_relu": "the ReLU after the recall conv as DeepThinking (--no-recall-relu: a linear recall)",
@@ -90,9 +99,10 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 FIELD_TASKS: dict[str, tuple[str, ...]] = {
     **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "label_smoothing",
                                 "image_size", "workers")},
-    **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count", "width", "depth",
-                                      "num_templates", "alpha", "blocks", "lipschitz", "recall_relu", "head_convs",
-                                      "lr_throttle")},
+    **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
+                                      "select_size", "select_count", "width", "depth",
+                                      "num_templates", "alpha", "random_state", "blocks", "lipschitz",
+                                      "recall_relu", "head_convs", "lr_throttle")},
 }
 
 

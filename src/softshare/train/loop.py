@@ -203,18 +203,29 @@ def build_model(config: TrainConfig, task: Task, device: torch.device) -> nn.Mod
     return model
 
 
+def recurrence_weight(config: TrainConfig, epoch: float) -> float:
+    """The recurrence penalty's weight at (fractional) `epoch`: `recurrence_reg`, or with
+    `recurrence_reg_anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that
+    the net is then free to leave)."""
+    if not config.recurrence_reg_anneal:
+        return config.recurrence_reg
+    return config.recurrence_reg * max(0.0, 1.0 - epoch / config.recurrence_reg_anneal)
+
+
 def step_loss(config: TrainConfig, task: Task, model: nn.Module, train_model: nn.Module, batch,
-              autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, float, float, object]:
+              autocast_dtype: torch.dtype | None, reg_weight: float | None = None) -> tuple[torch.Tensor, float, float, object]:
     """The loss one step minimises: the task's loss through `train_model` (`model` itself, or it
-    compiled / DDP-wrapped) plus the weighted recurrence penalty. Returns (loss to backpropagate,
-    task loss value, penalty value, what the task counts as correct)."""
+    compiled / DDP-wrapped) plus the recurrence penalty weighted by `reg_weight` (default
+    `config.recurrence_reg`). Returns (loss to backpropagate, task loss value, penalty value, what
+    the task counts as correct)."""
+    reg_weight = config.recurrence_reg if reg_weight is None else reg_weight
     with torch.autocast(task.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         loss, correct = task.loss(train_model, batch)
         penalty = recurrence_penalty(model) if config.recurrence_reg else None
     loss_value = loss.item()  # the task loss alone: comparable with the validation loss
     penalty_value = penalty.item() if penalty is not None else 0.0
-    if penalty is not None:
-        loss = loss + config.recurrence_reg * penalty
+    if penalty is not None and reg_weight:
+        loss = loss + reg_weight * penalty
     return loss, loss_value, penalty_value, correct
 
 
@@ -411,8 +422,10 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
             lr = learning_rate(config, epoch + index / per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss, loss_value, penalty_value, correct = step_loss(config, task, model, train_model, batch, autocast_dtype)
-            total_value = loss_value + config.recurrence_reg * penalty_value  # what the step minimises
+            reg_weight = recurrence_weight(config, epoch + index / per_epoch)
+            loss, loss_value, penalty_value, correct = step_loss(config, task, model, train_model, batch, autocast_dtype,
+                                                                 reg_weight)
+            total_value = loss_value + reg_weight * penalty_value  # what the step minimises
             problem = monitor.problem(total_value)
             if any_rank(problem is not None, dist, device):
                 raise _diverged(problem or "the loss exploded on another rank", epoch, index, run_path, config)
@@ -437,7 +450,7 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
                     _save(run, model, config, optimizer, epoch, index + 1, best, best_epoch, monitor, metrics, sums,
                           "last", ema)
                     log.info("stopped at epoch %d step %d; continue with --resume auto", epoch + 1, index + 1)
-                return TrainResult(model, run_path if run else None, epoch, metrics, best, interrupted=True)
+                return TrainResult(model, run_path if run else None, epoch, metrics, _primary(best), interrupted=True)
         bar.close()
         start_batch = 0
         seconds = time.perf_counter() - started
@@ -455,9 +468,10 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         metrics.update(task.epoch_metrics())
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise _diverged("the weights became non-finite", epoch, per_epoch - 1, run_path, config)
-        improved = task.primary_metric in metrics and (best is None or metrics[task.primary_metric] > best)
+        key = task.selection_key(metrics)
+        improved = key is not None and (best is None or key >= _as_key(best))  # ties: the later epoch
         if improved:
-            best, best_epoch = metrics[task.primary_metric], epoch + 1
+            best, best_epoch = key, epoch + 1
         if run is not None:
             run.append_metrics(metrics, keep_epochs_below=epoch + 1)
             for sink in sinks:
@@ -481,7 +495,17 @@ def _train_locked(config: TrainConfig, resume: str | None, dist: DistInfo, stop:
         sink.close()
     if run is not None:
         run.close()
-    return TrainResult(model, run_path if run else None, config.epochs, metrics, best)
+    return TrainResult(model, run_path if run else None, config.epochs, metrics, _primary(best))
+
+
+def _as_key(best: float | list[float]) -> list[float]:
+    """A recorded best as a selection key (runs before selection keys recorded one number)."""
+    return list(best) if isinstance(best, (list, tuple)) else [best]
+
+
+def _primary(best: float | list[float] | None) -> float | None:
+    """The primary metric of a selection key (what results and checkpoint metadata report)."""
+    return None if best is None else _as_key(best)[0]
 
 
 def _checkpoint_to_resume(resume: str | None, run_path: Path):
@@ -568,4 +592,4 @@ def _save(run: RunDir, model, config, optimizer, epoch: int, batch: int, best, b
         save_checkpoint(run.checkpoints / "ema", ema.module, config=config.to_dict(), epoch=epoch, step=batch,
                         metrics={k: v for k, v in metrics.items() if k.startswith("ema_")})
     save_checkpoint(run.checkpoints / which, model, config=config.to_dict(), epoch=epoch, step=batch,
-                    metrics=metrics, best_metric=best, train_state=state)
+                    metrics=metrics, best_metric=_primary(best), train_state=state)

@@ -11,18 +11,24 @@ from ..wrappers import unwrap_model
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, coefficient_lr_scale: float = 1.0,
+                 coefficient_weight_decay: float = 0.0) -> list[dict]:
     """Two optimizer groups: sharing coefficients without weight decay, everything else with it.
 
     Decaying the coefficients would shrink every layer's weight towards zero regardless of the
-    templates, so the paper trains them without decay.
+    templates, so the paper trains them without decay (`coefficient_weight_decay` sets one). The
+    coefficient group carries ``lr_scale`` = `coefficient_lr_scale`: the trainer's schedule
+    multiplies it in, so coefficients can learn faster than templates (with Adam they otherwise
+    move about as far per step as any template entry, i.e. barely, relative to their unit norm).
     """
     coefficient_ids = {id(m.coefficients) for m in model.modules() if isinstance(m, SharedLayer)}
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if id(param) in coefficient_ids else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": coefficient_weight_decay,
+               **({"lr_scale": coefficient_lr_scale} if coefficient_lr_scale != 1.0 else {})}]
     return [g for g in groups if g["params"]]
 
 
@@ -42,9 +48,10 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
                                  "has none, so train it without --lr-throttle")
         throttled = {id(p) for p in iteration_parameters()}
     groups = []
-    for group in param_groups(model, config.weight_decay):
-        for scale, params in ((1.0, [p for p in group["params"] if id(p) not in throttled]),
-                              (1.0 / config.depth, [p for p in group["params"] if id(p) in throttled])):
+    for group in param_groups(model, config.weight_decay, config.coef_lr_scale, config.coef_weight_decay):
+        base = group.get("lr_scale", 1.0)
+        for scale, params in ((base, [p for p in group["params"] if id(p) not in throttled]),
+                              (base / config.depth, [p for p in group["params"] if id(p) in throttled])):
             if params:
                 groups.append({**group, "params": params, "lr_scale": scale, "lr": config.lr * scale})
     if config.optimizer == "adam":

@@ -22,6 +22,9 @@ class Task(ABC):
     """
 
     primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint
+    # The 'best' checkpoint has the highest tuple of these metrics (compared in order; ties go to
+    # the later epoch); a task sets both (the first of these is its primary metric).
+    selection_metrics: tuple[str, ...] = ("val_acc",)
 
     def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
         self.config, self.device, self.dist = config, device, dist
@@ -45,6 +48,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
         """Validation metrics (keys prefixed `val_`), computed with the model in eval mode."""
+
+    def selection_key(self, metrics: dict[str, float]) -> list[float] | None:
+        """What picks the best checkpoint from an epoch's metrics; None when it was not evaluated."""
+        if not all(name in metrics for name in self.selection_metrics):
+            return None
+        return [float(metrics[name]) for name in self.selection_metrics]
 
     def epoch_metrics(self) -> dict[str, float]:
         """Extra per-epoch numbers for metrics.jsonl (e.g. files skipped), after the epoch's evaluation."""

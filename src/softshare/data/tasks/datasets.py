@@ -25,15 +25,15 @@ def maze_dataset(size: int, count: int, *, split: str = "train", seed: int = 0,
     return _first(load_mazes(root, split, size), count, f"maze_data_{split}_{size} under {root}")
 
 
-def prefix_sum_dataset(length: int, count: int, *, seed: int = 0,
-                       root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_sum_dataset(length: int, count: int, *, seed: int = 0, root: str | os.PathLike | None = None,
+                       stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` length-`length` bit strings: inputs float32 (N, 1, L) in {-0.5, 0.5}, targets int64 (N, L).
 
     With `root`, the first `count` of ROOT/prefix_sums_data/len_{length}; without, generated from
     `seed` exactly as `softshare data prefix-sums` would write them.
     """
     if root is None:
-        return prefix_sum_tensors(*generate_prefix_sums(count, length, seed))
+        return prefix_sum_tensors(*generate_prefix_sums(count, length, seed, stream))
     return _first(load_prefix_sums(root, length), count, f"prefix_sums_data/len_{length} under {root}")
 
 
@@ -80,3 +80,33 @@ def evaluation_examples(config: dict, size: int, count: int,
         return examples(task, size, count, seed, "test", root=root)
     skip = config["train_count"] + validation_count(config) if size == config["train_size"] else 0
     return examples(task, size, count, seed, skip=skip, root=root)
+
+
+VALIDATION_STREAM = 1  # the generated prefix-sum stream that validation sets at other lengths come from
+
+
+def selection_examples(config: dict, size: int, count: int,
+                       root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out validation instances at a size other than the training size (what picks a run's
+    best checkpoint): disjoint from the run's training rows and from every test set.
+
+    Mazes: the "train" split at that size (a run trains at its own size only). Prefix sums: an
+    independent generated stream; from public files (one file per length, tests take the first
+    rows) the LAST `count` rows of the file.
+    """
+    task, seed = config["task"], config["seed"]
+    if size == config["train_size"]:
+        raise SoftshareError(f"the selection size must differ from the training size {size} (validation at "
+                             f"the training size is val_size's rows)")
+    if task == "mazes":
+        return examples(task, size, count, seed, "train", root=root)
+    if task != "prefix-sums":
+        raise SoftshareError(f"{task!r} is not an algorithmic task; use mazes or prefix-sums")
+    if root is None:
+        return prefix_sum_dataset(size, count, seed=seed, stream=VALIDATION_STREAM)
+    x, y = load_prefix_sums(root, size)
+    if count + config["test_count"] > len(x):
+        raise SoftshareError(f"prefix_sums_data/len_{size} under {root} holds {len(x):,} strings: too few for "
+                             f"{config['test_count']:,} test and {count:,} validation strings; lower "
+                             f"--select-count or --test-count")
+    return x[len(x) - count:], y[len(y) - count:]

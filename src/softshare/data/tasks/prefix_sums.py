@@ -34,13 +34,15 @@ def check_prefix_sum_args(count: int, length: int, seed: int = 0) -> None:
         raise SoftshareError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def generate_prefix_sums(count: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generate_prefix_sums(count: int, length: int, seed: int = 0, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`count` bit strings and their running parities: two uint8 (N, L) arrays in {0, 1}.
 
-    Deterministic in (count, length, seed).
+    Deterministic in (count, length, seed, stream). Stream 0 is what `softshare data` writes and
+    what runs train and are tested on; other streams are independent draws (validation sets at
+    lengths the run is also tested on).
     """
     check_prefix_sum_args(count, length, seed)
-    rng = np.random.default_rng([seed, length])
+    rng = np.random.default_rng([seed, length] if stream == 0 else [seed, length, stream])
     if length < DISTINCT_BELOW:
         values = rng.choice(2 ** length, size=count, replace=False)
         bits = (values[:, None] >> np.arange(length) & 1).astype(np.uint8)
