@@ -354,10 +354,10 @@ def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp
                  "--epochs", "1", "--device", "cpu", "--out", out]) == 0
     assert main(["experiment", "algorithmic", "--scale", "gpu", "--tasks", "mazes", "--variants", "ff",
                  "--seeds", "4", "--epochs", "2", "--train-count", "30", "--test-count", "5", "--out", other,
-                 "--jobs", "2", "--patience", "7"]) == 0
-    assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1),
+                 "--jobs", "2", "--patience", "7", "--format", "svg"]) == 0
+    assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1, "png"),
                      ("algorithmic", other, "gpu", ("mazes",), ("ff",), (4,),
-                      {"epochs": 2, "train_count": 30, "test_count": 5}, "auto", 2, 7)]
+                      {"epochs": 2, "train_count": 30, "test_count": 5}, "auto", 2, 7, "svg")]
     capsys.readouterr()
     for argv in (["--scale", "gpu"], ["--variants", "ff"], ["--train-count", "5"], ["--tasks", "prefix-sums"]):
         with pytest.raises(SystemExit):

@@ -270,6 +270,8 @@ def test_every_layer_not_converted_is_named_with_its_reason():
     assert "not converted  Conv3d x1" in summary
     default = share(model, 2, dry_run=True)
     assert [(s.name, s.reason.split(" (")[0]) for s in default.skipped if s.kind == "Linear"] == [("6", "not selected")]
+    with pytest.raises(SoftshareError, match="lazy layers whose weights are not created yet; run one forward"):
+        share(nn.Sequential(nn.Conv2d(8, 8, 3), nn.LazyConv2d(8, 3)), 1, dry_run=True)
     with pytest.raises(SoftshareError, match="FrozenKernelConv2d: its output does not depend"):
         share(nn.Sequential(FrozenKernelConv2d(8, 8, 3), FrozenKernelConv2d(8, 8, 3)), 1)
 
@@ -323,7 +325,47 @@ def test_group_by(group_by, k, banks):
         assert all(".se." in name for name in shared[1].layers)
 
 
+class ConvLayer(nn.Module):  # Hugging Face ResNet's names: one conv per "layer"
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__()
+        self.convolution, self.normalization = nn.Conv2d(cin, cout, kernel, bias=False), nn.BatchNorm2d(cout)
+
+
+class HFBottleneck(nn.Module):
+    def __init__(self, cin: int, width: int):
+        super().__init__()
+        self.shortcut = ConvLayer(cin, 4 * width, 1) if cin != 4 * width else nn.Identity()
+        self.layer = nn.Sequential(ConvLayer(cin, width, 1), ConvLayer(width, width, 3), ConvLayer(width, 4 * width, 1))
+
+
+class HFStage(nn.Module):
+    def __init__(self, cin: int, width: int, depth: int):
+        super().__init__()
+        self.layers = nn.Sequential(*[HFBottleneck(cin if i == 0 else 4 * width, width) for i in range(depth)])
+
+
+def hf_resnet_like() -> nn.Module:
+    """`resnet.encoder.stages.N.layers.M.layer.K.convolution`, as transformers' ResNetModel names them."""
+    encoder = nn.Module()
+    encoder.stages = nn.ModuleList([HFStage(8, 4, 3), HFStage(16, 4, 3)])  # stage 0 opens with a shortcut conv
+    resnet = nn.Module()
+    resnet.encoder = encoder
+    model = nn.Module()
+    model.resnet = resnet
+    return model
+
+
 def test_group_by_stage_finds_the_stages_of_common_layouts():
+    plan = share(hf_resnet_like(), 1, group_by="stage", allow_growth=True, dry_run=True)
+    prefixes = {".".join(name.split(".")[:5]) for g in plan.groups for name in g.layers}
+    assert prefixes == {"resnet.encoder.stages.0.layers", "resnet.encoder.stages.1.layers"}
+    for g in plan.groups:  # every bank within one stage, shortcuts with the convs of their stage
+        assert len({name.split(".")[3] for name in g.layers}) == 1
+    assert any(name.endswith("0.shortcut.convolution") for g in plan.groups for name in g.layers)
+    # by shape: 5 banks (4x8 1x1, 4x4 3x3, 16x4 1x1, the 16x8 shortcut, 4x16 1x1); by stage the 3 shapes
+    # both stages have are split: 8
+    assert (len(share(hf_resnet_like(), 1, allow_growth=True, dry_run=True).groups), len(plan.groups)) == (5, 8)
+
     from helpers import resnet18
     plan = share(resnet18(), 1, group_by="stage", allow_growth=True, dry_run=True)
     stages = {tuple(g.layers): {name.split(".")[0] for name in g.layers} for g in plan.groups}

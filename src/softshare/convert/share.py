@@ -205,6 +205,9 @@ def _plan(model: nn.Module, k: int, select: Selector, group_by: GroupBy, allow_g
         k = 0
     if isinstance(k, bool) or k < 1:
         raise SoftshareError(f"num_templates must be an integer >= 1, got {k!r}")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise SoftshareError(f"{type(model).__name__} has lazy layers whose weights are not created yet; run one "
+                             f"forward pass with a dummy batch first, then share it")
     key_of = _group_key(model, group_by)
     seen: set[int] = set()
     groups: dict[Hashable, list[tuple[str, nn.Module]]] = {}
@@ -214,7 +217,8 @@ def _plan(model: nn.Module, k: int, select: Selector, group_by: GroupBy, allow_g
         if id(module) in seen or not _weight_layer(module):
             continue
         seen.add(id(module))
-        shape = tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else ()
+        weight = module._parameters.get("weight")
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
         if not _selected(select, name, module):
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 skipped.append(SkippedLayer(name, type(module).__name__, shape, "not selected (the default "
