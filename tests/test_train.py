@@ -265,6 +265,28 @@ def test_figures_in_the_run_s_format_with_the_label_smoothing_note(tmp_path, mon
     assert "label smoothing 0.1" in notes[-1] and "training loss is the higher one" in notes[-1]
 
 
+def test_curves_are_redrawn_at_most_every_few_seconds_and_always_at_the_end(tmp_path, monkeypatch):
+    from softshare.train import run_dir
+
+    drawn = []
+    monkeypatch.setattr(run_dir, "save_figure", lambda fig, path: drawn.append(len(fig.axes[0].lines[0].get_xdata())))
+    run = run_dir.RunDir(tmp_path / "r")
+    run.write_info({"epochs": 4}, torch.device("cpu"), 1)
+    for epoch in (1, 2, 3):  # epochs far shorter than CURVES_EVERY_S
+        run.append_metrics({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.5})
+        run.plot_curves()
+    assert drawn == [1]  # the first epoch only
+    run.close()
+    assert drawn == [1, 3]  # what was not drawn is drawn at the end
+    run = run_dir.RunDir(tmp_path / "r")
+    run.write_info({"epochs": 4}, torch.device("cpu"), 1)
+    run.plot_curves()
+    run.append_metrics({"epoch": 4, "train_loss": 1.0, "train_acc": 0.5})
+    run.plot_curves()  # the last epoch: drawn at once
+    assert drawn == [1, 3, 3, 4]
+    run.close()
+
+
 def test_curves_of_several_runs_share_axes():
     from softshare.train.run_dir import curves_figure
 

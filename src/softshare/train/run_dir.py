@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -23,6 +24,7 @@ from ..io import atomic_path, figure_path, save_figure, write_json
 from ..version import __version__
 
 log = logging.getLogger("softshare.train")
+CURVES_EVERY_S = 10.0  # the least time between two drawings of a run's curves figure
 
 
 def git_commit() -> str | None:
@@ -55,6 +57,8 @@ class RunDir:
         self.checkpoints = path / "checkpoints"
         self.metrics_path = path / "metrics.jsonl"
         self.config: dict | None = None  # the resolved config, once `write_info` has written it
+        self._curves_drawn = -math.inf  # time.monotonic() of the last curves figure
+        self._curves_pending: str | None = None  # the eval split of an epoch not drawn yet
         self._attach_log()
 
     def _attach_log(self) -> None:
@@ -64,6 +68,8 @@ class RunDir:
         self._handler = handler
 
     def close(self) -> None:
+        if self._curves_pending is not None:  # the last epochs came too fast to draw: draw them now
+            self.plot_curves(self._curves_pending, force=True)
         log.removeHandler(self._handler)
         self._handler.close()
 
@@ -101,14 +107,21 @@ class RunDir:
         with atomic_path(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot_curves(self, eval_split: str = "validation") -> None:
+    def plot_curves(self, eval_split: str = "validation", force: bool = False) -> None:
         """Per epoch: task loss, accuracy in percent, and the recurrence penalty when it was on;
         training and `eval_split` ("validation" or "test") apart, EMA weights dashed; in the
         run's figure format (`curves.<figure_format>`), with a note when label smoothing makes
-        the training loss higher than the evaluation loss."""
+        the training loss higher than the evaluation loss. Drawn at most every CURVES_EVERY_S
+        seconds (a figure costs about a second: one-second epochs would spend half their time
+        drawing) and always for the last epoch and at `close`."""
         rows = self.read_metrics()
+        config = self.config or {}
+        last = bool(rows) and rows[-1]["epoch"] >= config.get("epochs", math.inf)
+        if not (force or last) and time.monotonic() - self._curves_drawn < CURVES_EVERY_S:
+            self._curves_pending = eval_split
+            return
+        self._curves_drawn, self._curves_pending = time.monotonic(), None
         if rows:
-            config = self.config or {}
             path = figure_path(self.path / "curves", config.get("figure_format", "png"))
             save_figure(curves_figure({self.path.name: rows}, self.path.name, eval_split,
                                       curves_note(config, eval_split)), path)
