@@ -228,3 +228,17 @@ def test_random_starting_states_train_and_resume_exactly(tmp_path):
     plain = tiny(tmp_path, name="plain", **{**fields, "random_state": 0.0})
     train(plain)
     assert not all(torch.equal(whole[k], weights(tmp_path / "plain")[k]) for k in whole)
+
+
+def test_a_body_brings_its_own_recipe_unless_a_file_or_flag_says_otherwise(tmp_path):
+    """`--preset prefix_sums_cpu --model ff` trains the ff body with its own defaults (alpha 0, He
+    recall init, cosine); a flag still wins, and the other bodies keep the preset's."""
+    ff = resolve_config("prefix_sums_cpu", overrides={"model": "ff"})
+    assert (ff.alpha, ff.recall_init, ff.schedule) == (0.0, "he", "cosine")
+    assert resolve_config("prefix_sums_cpu", overrides={"model": "ff", "alpha": 0.5}).alpha == 0.5
+    config_file = tmp_path / "ff.yaml"
+    config_file.write_text("preset: prefix_sums_cpu\nmodel: prefix_ff\nschedule: constant\n")
+    from_file = resolve_config(config_file=str(config_file))
+    assert (from_file.schedule, from_file.alpha) == ("constant", 0.0)
+    recurrent = resolve_config("prefix_sums_cpu")
+    assert (recurrent.alpha, recurrent.recall_init, recurrent.schedule) == (1.0, "pytorch", "multistep")

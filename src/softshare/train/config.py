@@ -77,6 +77,7 @@ class TrainConfig:
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
     recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
     head_convs: int = 3  # 3: DeepThinking's head (w -> w -> w/2 -> 2); 2: without its w -> w conv
+    recall_init: str = "pytorch"  # pytorch | he: the recall convs' initial scale (he: the ff body trains)
     lr_throttle: bool = False  # iteration weights learn at lr / depth (DeepThinking's maze recipe)
     # run and hardware
     name: str = ""
@@ -153,7 +154,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # match in 1,600 steps (seed 0), this one reached 13-38% (3 seeds; docs/algorithmic.md)
     "mazes": dict(_ALGORITHMIC, train_size=9, test_sizes=[9, 13, 17, 33, 59], train_count=4000,
                   test_count=100, width=16, batch_size=50, epochs=20, alpha=0.01, grad_clip=1.0,
-                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2),
+                  warmup_epochs=2.0, lr_throttle=False, recall_relu=False, head_convs=2,
+                  select_size=13, select_count=50),
     # the prefix-sums recipe at width 32 (8,000 strings of 32 bits, batch 100, 30 iterations), with
     # what made width 32 learn in every seed on 2 CPU cores (docs/algorithmic.md, "Why"): one
     # residual block per iteration, a linear recall, a 2-conv head and lr 2e-3
@@ -173,6 +175,29 @@ PRESETS.update({
                             test_count=1000, batch_size=100, epochs=150, lr_milestones=[60, 100],
                             warmup_epochs=5.0, alpha=1.0),
 })
+
+
+# A body's own recipe inside an algorithmic task's: applied after the preset, to the fields that the
+# config file and the flags leave unset, so `--preset prefix_sums_cpu --model ff` trains the ff body
+# with what makes it learn. Keyed by (task, body); bodies: ff, recurrent, shared_k1 and shared_kn
+# (two or more templates). docs/algorithmic.md says what each measured.
+BODY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    # The feed-forward control: its 30 distinct iterations get no gradient through the recall convs
+    # at PyTorch's default scale (He's keeps it), the progressive loss asks its head to read any
+    # depth of distinct iterations (DeepThinking trains ff nets at alpha 0 too), and a cosine decay
+    # steadies its 281k weights (tuning seeds 100-102: 96-98% validation exact match; docs/algorithmic.md)
+    ("prefix-sums", "ff"): dict(alpha=0.0, recall_init="he", schedule="cosine"),
+}
+
+
+def body_of(config: TrainConfig) -> str | None:
+    """The algorithmic body a config trains (ff, recurrent, shared_k1, shared_kn), None for images."""
+    if config.task not in TASK_DEFAULTS:
+        return None
+    body = config.model.rsplit("_", 1)[-1] if config.model.startswith(("prefix_", "maze_")) else config.model
+    if body == "shared":
+        return "shared_k1" if config.model_args.get("num_templates", config.num_templates) == 1 else "shared_kn"
+    return body
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -236,7 +261,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < file < flags.
+    """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < body defaults
+    (BODY_DEFAULTS, by the resolved task and body) < file < flags.
 
     The file may name a ``preset:`` of its own (used unless `preset` is given)."""
     file_values = load_config_file(config_file) if config_file else {}
@@ -258,6 +284,11 @@ def resolve_config(preset: str | None = None, config_file: str | None = None,
         config = apply_overrides(config, TASK_DEFAULTS[task], f"{task} defaults")
     for values, source in layers:
         config = apply_overrides(config, values, source)
+    body = BODY_DEFAULTS.get((config.task, body_of(config)))
+    if body:
+        given = {key.replace("-", "_") for values, source in layers if not source.startswith("preset ") for key in values}
+        config = apply_overrides(config, {k: v for k, v in body.items() if k not in given},
+                                 f"{config.task} {body_of(config)} defaults")
     validate(config)
     return config
 

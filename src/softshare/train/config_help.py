@@ -70,6 +70,8 @@ FIELD_HELP: dict[str, str] = {
     "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
     "recall_relu": "the ReLU after the recall conv as DeepThinking (--no-recall-relu: a linear recall)",
     "head_convs": "convs in the output head: 3 as DeepThinking (w -> w -> w/2 -> 2), 2 without the w -> w one",
+    "recall_init": "initial scale of the recall convs: pytorch (PyTorch's default) or he (fan-in, ReLU gain: the "
+                   "gradient reaches every iteration of a feed-forward body; a tied body's state grows with it)",
     "lr_throttle": "iteration weights learn at lr / depth (DeepThinking's maze recipe)",
     "name": "run name, the run directory is out_dir/name; empty: made from task, dataset and model",
     "out_dir": "parent directory of run directories",
@@ -91,6 +93,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("multistep", "cosine", "constant"),
     "amp": ("auto", "bf16", "none"),
+    "recall_init": ("pytorch", "he"),
     "logger": ("jsonl", "csv", "tensorboard", "wandb"),
     "figure_format": FIGURE_FORMATS,
 }
@@ -102,7 +105,7 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
                                       "select_size", "select_count", "width", "depth",
                                       "num_templates", "alpha", "random_state", "blocks", "lipschitz",
-                                      "recall_relu", "head_convs", "lr_throttle")},
+                                      "recall_relu", "head_convs", "recall_init", "lr_throttle")},
 }
 
 
