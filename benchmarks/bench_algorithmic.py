@@ -1,7 +1,7 @@
 """Training-step speed of the algorithmic CPU presets against a single-thread fp32 matmul, in one run.
 
 For each preset (`prefix_sums_cpu`, `mazes_cpu`) and body, one training step is exactly the
-trainer's (`softshare.train.loop.build_model`, `step_loss` and `step_backward` on the task's own batches: the
+trainer's (`softshare.train.loop.build_model`, `train.epoch.step_loss` and `step_backward` on the task's own batches: the
 task's loss, i.e. the full-depth forward for the training accuracy and the progressive loss's
 iterations, then backward, gradient clipping, Adam). FLOPs per step are counted by torch's
 `FlopCounterMode` over the same batches the timing uses (convolutions and matmuls, forward and
@@ -39,7 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from softshare.device import cpu_model  # noqa: E402
 from softshare.train.config import apply_overrides, resolve_config  # noqa: E402
 from softshare.train.distributed import DistInfo  # noqa: E402
-from softshare.train.loop import amp_dtype, build_model, make_task, seed_everything, step_backward, step_loss  # noqa: E402
+from softshare.train.epoch import step_backward, step_loss  # noqa: E402
+from softshare.train.loop import amp_dtype, build_model, make_task, seed_everything  # noqa: E402
 from softshare.train.optim import build_optimizer  # noqa: E402
 
 PRESETS = ("prefix_sums_cpu", "mazes_cpu")

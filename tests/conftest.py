@@ -16,6 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+# One torch thread in the tests and the processes they start: their tensors are tiny, so a second
+# thread buys nothing, and on a machine shared with other jobs it costs a lot (one test took 55 s
+# with two threads under load and 4 s with one). Results are checked against references computed
+# the same way, never against a thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 from helpers import RefSWRN, _collinear_swrn, _reference_file, make_imagefolder
 from softshare import create_model
 

@@ -323,7 +323,7 @@ def train_on_two_ranks(tmp_path: Path, overrides: dict, preset: str | None = Non
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=400, env=env)
+                          str(script)], capture_output=True, text=True, timeout=1200, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / f"w{r}.pt", weights_only=True) for r in (0, 1))
     assert [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
@@ -466,3 +466,49 @@ class SubclassNet(nn.Module):
 
 def subclass_net() -> SubclassNet:
     return SubclassNet().double()
+
+
+# -- a timm-style ResNet softshare did not build (softshare.fit, the Lightning callback) -------------
+class BasicBlock(nn.Module):
+    """timm's ResNet BasicBlock layout: conv1/bn1/act1/conv2/bn2, identity or 1x1 downsample, act2."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class TinyResNet(nn.Module):
+    """stem -> 2 stages of `depth` BasicBlocks (widths w, 2w) -> pool -> fc: share() turns each
+    stage's same-shape 3x3 convs into one bank."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 8, depth: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(*[BasicBlock(width, width) for _ in range(depth)])
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width)
+                                                                       for _ in range(depth - 1)])
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.act1(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def brighter_half(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` 1x8x8 noise images labelled 1 where the top half is brighter than the bottom half."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=generator)
+    return x, (x[:, 0, :4].mean(dim=(1, 2)) > x[:, 0, 4:].mean(dim=(1, 2))).long()

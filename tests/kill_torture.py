@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from softshare.checkpoint import load_checkpoint  # noqa: E402
 from softshare.data import load_dataset  # noqa: E402
-from softshare.io import CRASH_ENV, NO_EXCHANGE_ENV  # noqa: E402
+from softshare.storage import CRASH_ENV, NO_EXCHANGE_ENV  # noqa: E402
 from softshare.train.config import resolve_config  # noqa: E402
 from softshare.train.loop import train  # noqa: E402
 

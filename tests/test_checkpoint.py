@@ -21,6 +21,8 @@ from softshare.checkpoint import (
     save_checkpoint,
 )
 from softshare.errors import SoftshareError
+from softshare.models import create_model
+from safetensors.torch import load_file, save_file
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -249,3 +251,24 @@ def test_tied_and_unshared_checkpoints_rebuild_their_structure(tmp_path):
     loaded = load(tmp_path / "plain")
     assert not named_banks(loaded)
     torch.testing.assert_close(loaded(x), plain(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_a_family_renamed_its_modules_still_loads(tmp_path):
+    """AlgorithmicNet's iterations were `blocks` (ambiguous with residual blocks per iteration): a
+    checkpoint with the old keys, aliases and bank layer names loads, and tie()/unshare() banks too."""
+    torch.manual_seed(0)
+    model = create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1, num_templates=2).eval()
+    path = save_checkpoint(tmp_path / "new", model)
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = load_file(path / "model.safetensors")
+    assert any(key.startswith("iterations.") for key in tensors)
+    save_file({key.replace("iterations.", "blocks."): value for key, value in tensors.items()},
+              old / "model.safetensors")
+    meta = json.loads((path / "meta.json").read_text().replace('"iterations.', '"blocks.'))
+    assert any(layer.startswith("blocks.") for bank in meta["banks"] for layer in bank["layers"])
+    (old / "meta.json").write_text(json.dumps(meta))
+    loaded = load(old)
+    x = torch.rand(2, 1, 8)
+    assert torch.equal(loaded(x), model(x))
+    assert all(not key.startswith("blocks.") for key in load_checkpoint(old).state_dict)

@@ -7,33 +7,73 @@ import math
 import pytest
 import torch
 
+import softshare.eval.algorithmic as evaluation
 from helpers import tiny
-from softshare import SoftshareError, create_model
-from softshare.data.tasks import maze_dataset
-from softshare.eval import evaluator_for, exact_match_by_iteration, exact_match_thinking_longer, longest_loop
+from softshare import SoftshareError, create_model, fold_model
+from softshare.eval import evaluate_task, evaluator_for
 from softshare.eval.algorithmic import in_trained_layout, think
 from softshare.layers import Conv1d
+from softshare.layers.structure import count_parameters
 
 
-def folded_maze_net(loops: list[int]):
+PREFIX_RUN = {"task": "prefix-sums", "depth": 4, "train_size": 8, "test_sizes": [8, 12], "test_count": 16,
+              "train_count": 32, "val_size": None, "seed": 0, "data_root": None, "channels_last": False}
+
+
+def _labels_from_the_net(monkeypatch, net, iterations_per_size: dict[int, int]):
+    """Make the test sets' labels the folded net's own prediction after a chosen iteration count
+    per size: its exact-match curve is then known (1 at that count) and checkable by hand."""
+    real = evaluation.evaluation_examples
+    labelled = {}
+
+    def examples(config, size, count, root=None):
+        if size not in labelled:
+            x, _ = real(config, size, count, root)
+            with torch.no_grad():
+                labelled[size] = (x, net(x, iterations_per_size[size]).argmax(dim=1))
+        return labelled[size]
+
+    monkeypatch.setattr(evaluation, "evaluation_examples", examples)
+    return labelled
+
+
+def test_a_k1_shared_net_is_folded_and_thinks_longer_than_trained(monkeypatch):
+    """k = 1 always folds into one loop, which runs 20x the 4 trained iterations: the curve over 80
+    iterations matches the folded net's logits after every iteration (`return_all`), scored apart."""
     torch.manual_seed(0)
-    return create_model("maze_shared", width=4, depth=sum(loops), num_templates=2, fold={"loops": [loops]})
+    shared = create_model("prefix_shared", num_classes=2, in_channels=1, width=8, depth=4, blocks=1,
+                          num_templates=1).eval()
+    folded = fold_model(shared, 0.99).model
+    data = _labels_from_the_net(monkeypatch, folded, {8: 4, 12: 37})
+    result = evaluate_task(shared, PREFIX_RUN).result
+    assert result["fold"]["loops"] == [4] and result["fold"]["runs_longer"]
+    assert result["fold"]["acc_before"] == result["fold"]["acc_after"] == 1.0  # labels: its own predictions at 4
+    assert result["eval_iterations"] == 80 and result["parameters"] == count_parameters(shared)
+    x, y = data[12]
+    with torch.no_grad():
+        every = folded(x, 80, return_all=True).argmax(dim=2)  # (N, iterations, L)
+    by_hand = (every == y[:, None]).all(dim=2).float().mean(dim=0).tolist()
+    assert result["accuracy"]["12"] == pytest.approx(by_hand)
+    assert result["accuracy"]["12"][36] == 1.0 and min(by_hand) < 1.0  # a curve with something to check
+    summary = result["test"]["12"]
+    assert summary["at_trained"] == pytest.approx(by_hand[3]) and summary["best"] == 1.0
+    assert summary["last"] == pytest.approx(by_hand[-1])
+
+    unfolded = evaluate_task(shared, PREFIX_RUN, fold=False).result  # --no-fold: today's behaviour
+    assert unfolded["fold"] is None and unfolded["eval_iterations"] == 4
+    assert unfolded["accuracy"]["12"] == pytest.approx(by_hand[:4], abs=1e-6)  # folding k = 1 is exact
+    longer = evaluate_task(shared, PREFIX_RUN, iterations=50, sizes=[12]).result
+    assert list(longer["accuracy"]) == ["12"] and longer["accuracy"]["12"] == pytest.approx(by_hand[:50])
 
 
-def test_longest_loop_is_the_last_of_the_longest():
-    name, loop = longest_loop(folded_maze_net([2, 1, 2]))
-    assert name == "blocks.2" and loop.length == 2
-    assert longest_loop(folded_maze_net([1, 1])) is None
-
-
-def test_thinking_longer_runs_only_the_longest_loop_longer_then_restores_it():
-    model = folded_maze_net([2, 1])
-    x, y = maze_dataset(9, 4, seed=0)
-    cpu = torch.device("cpu")
-    curve = exact_match_thinking_longer(model, "mazes", x, y, 2, 2, cpu)
-    assert len(curve) == 3 + 2 and model.max_iterations == 3  # trained schedule restored
-    assert curve[:2] == exact_match_by_iteration(model, "mazes", x, y, 2, 2, cpu)  # the loop comes first
-    assert exact_match_thinking_longer(folded_maze_net([1, 1]), "mazes", x, y, 2, 2, cpu) is None
+def test_a_net_that_did_not_learn_is_scored_at_its_trained_iterations(monkeypatch):
+    torch.manual_seed(0)
+    recurrent = create_model("prefix_recurrent", num_classes=2, in_channels=1, width=8, depth=4, blocks=1).eval()
+    _labels_from_the_net(monkeypatch, recurrent, {8: 4, 12: 9})
+    assert evaluate_task(recurrent, PREFIX_RUN).result["eval_iterations"] == 80  # right at the training size
+    monkeypatch.setattr(evaluation, "LEARNED", 1.01)  # now below the bar: no thinking longer
+    result = evaluate_task(recurrent, PREFIX_RUN).result
+    assert result["eval_iterations"] == 4 and result["fold"] is None
 
 
 def test_evaluator_for_an_algorithmic_run(tmp_path):
@@ -125,8 +165,8 @@ def test_thinking_net_folds_a_shared_net_into_a_loop_that_runs_longer():
     from softshare.eval.algorithmic import thinking_net
     torch.manual_seed(0)
     shared = create_model("prefix_shared", in_channels=1, width=4, depth=5, blocks=1, num_templates=1)
-    net, loops = thinking_net(shared)
-    assert loops == [5] and net.max_iterations is None and shared.max_iterations == 5
+    net, folded = thinking_net(shared)
+    assert folded.loops == [[5]] and net.max_iterations is None and shared.max_iterations == 5
     x = torch.rand(3, 1, 8).round() - 0.5
     torch.testing.assert_close(net(x, 5), shared(x, 5))  # the same function within the trained iterations
     assert net(x, 40).shape == shared(x, 5).shape

@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.slow  # end to end, a process each: `make test-slow` (CI runs both)
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=cwd)
+                         timeout=1800, env=env, cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
 
+def run_notebook(name: str, cwd: Path, **env: str) -> str:
+    """A notebook's code cells, in order, in one fresh process (what "Run all" does)."""
+    cells = json.loads((EXAMPLES / name).read_text())["cells"]
+    source = "\n\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=1800, cwd=cwd,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
 def test_every_example_is_tested():
-    tested = re.findall(r'run\("(\w+\.py)"', Path(__file__).read_text())
-    assert sorted(set(tested)) == sorted(p.name for p in EXAMPLES.glob("*.py"))
+    tested = re.findall(r'run(?:_notebook)?\("([\w.]+)"', Path(__file__).read_text())
+    assert sorted(set(tested)) == sorted(p.name for p in [*EXAMPLES.glob("*.py"), *EXAMPLES.glob("*.ipynb")])
 
 
 def test_custom_model(tmp_path):
@@ -60,3 +74,19 @@ def test_train_then_lsm_of_the_run(tmp_path):
     out = run("lsm_of_run.py", str(run_dir), "--out", str(tmp_path / "figs"), cwd=tmp_path)
     assert "most alike" in out and (run_dir / "lsm" / "history.png").exists()
     assert len(list((tmp_path / "figs").glob("lsm_*.png"))) == 3  # one bank per stage
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+def test_fit_notebook_trains_a_shared_resnet_on_fashion_mnist(tmp_path):
+    """examples/fit_shared_resnet.ipynb at its tiny size: share, fit, LSM history, reload; run twice,
+    the second run continues the finished one (resume="auto") instead of training again."""
+    env = {"SOFTSHARE_EXAMPLE_TINY": "1", "SOFTSHARE_EXAMPLE_OUT": str(tmp_path / "runs")}
+    out = run_notebook("fit_shared_resnet.ipynb", tmp_path, **env)
+    assert "shared with k = 2" in out and "epoch 1: train loss" in out
+    run = tmp_path / "runs" / "fashion_mnist_shared_resnet"
+    assert (run / "lsm" / "history.png").stat().st_size > 1000 and (run / "metrics.csv").exists()
+    weights = run / "checkpoints" / "last" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    run_notebook("fit_shared_resnet.ipynb", tmp_path, **env)
+    assert weights.stat().st_mtime_ns == before

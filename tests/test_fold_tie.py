@@ -14,6 +14,7 @@ import softshare
 from helpers import BODY, collinear_net, plain_net, resnet18, shared_swrn
 from softshare import (SharedConv2d, SoftshareError, TemplateBank, create_model, layer_similarity, named_banks,
                        share, tie, unshare)
+from softshare.layers import fast_mix
 
 
 def n_params(model: nn.Module) -> int:
@@ -176,8 +177,22 @@ def test_unshared_net_scripts():
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_training_mode_still_uses_the_fast_path():
+def test_training_mode_uses_the_fast_path_with_plain_autograd_gradients(monkeypatch):
+    """In training the bank-wide fused mix runs (counted), and its gradients for every parameter
+    equal plain autograd's through the same model (torch.func takes the plain path)."""
     model = shared_swrn().train()
-    model(torch.randn(2, 3, 12, 12)).sum().backward()  # the bank-wide custom backward
-    layer = next(m for m in model.modules() if isinstance(m, SharedConv2d))
-    assert layer.coefficients.grad is not None and layer.bank.templates.grad is not None
+    x = torch.randn(2, 3, 12, 12)
+    calls = []
+    original = fast_mix._MixAll.apply
+    monkeypatch.setattr(fast_mix._MixAll, "apply", lambda *args: calls.append(1) or original(*args))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BN statistics as the step found them
+    model(x).sum().backward()
+    assert calls  # the custom backward was used
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    plain = torch.func.grad(lambda ps, bs: torch.func.functional_call(model, {**ps, **bs}, (x,)).sum())(params, buffers)
+    assert fused.keys() == plain.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    shared = [name for name in fused if name.endswith(("coefficients", "templates"))]
+    assert shared and all(fused[name].abs().sum() > 0 for name in shared)  # the comparison is not of zeros

@@ -7,6 +7,9 @@ where a lazy import would hide it at run time.
 from __future__ import annotations
 
 import ast
+import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softshare"
 
 # What each part of softshare may import (besides itself); see docs/DESIGN.md, "Layout".
-BASE = {"errors", "io", "version", "wrappers", "device", "progress"}
+BASE = {"errors", "storage", "version", "wrappers", "device", "progress", "pretrained"}
 ALLOWED = {
-    "errors": set(), "io": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "errors": set(), "storage": {"errors"}, "version": set(), "wrappers": set(), "device": {"errors"}, "progress": set(),
+    "pretrained": {"errors"},
     "layers": {"errors"},
     "models": {"errors", "layers"},
     "analysis": BASE | {"layers"},
@@ -25,13 +29,13 @@ ALLOWED = {
     "data": BASE,
     "convert": BASE | {"layers", "models", "checkpoint", "data"},
     "eval": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data"},
-    "train": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval"},
+    "train": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "convert", "eval"},
     "studies": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train"},
     "cli": BASE | {"layers", "models", "analysis", "fold", "checkpoint", "data", "eval", "train", "convert",
                    "studies"},
 }
 OPTIONAL_DEPENDENCIES = {"sklearn", "wandb"}  # may be imported inside the function that needs them
-OPTIONAL_MODULES = {"torch.utils.tensorboard"}  # needs the optional `tensorboard` package
+OPTIONAL_MODULES = {"torch.utils.tensorboard", "torch.utils.tensorboard.summary"}  # need the optional `tensorboard`
 
 
 def module_name(path: Path) -> str:
@@ -39,6 +43,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
@@ -60,6 +65,7 @@ def resolve(module: str, is_package: bool, node: ast.ImportFrom | ast.Import) ->
     return submodules or [target]
 
 
+@functools.cache
 def imports() -> dict[str, list[tuple[str, int, bool]]]:
     """module -> [(imported softshare module, line, inside a function)]."""
     graph = {}
@@ -159,3 +165,16 @@ def test_no_global_matplotlib_backend():
                      for alias in node.names}
         calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
         assert "matplotlib.use" not in calls and not any("pyplot" in name for name in imported), path
+
+
+def test_import_softshare_is_light_and_every_export_resolves():
+    """`import softshare` loads neither torch, matplotlib nor train/ (the names load on first use),
+    and every name in `softshare.__all__` resolves to the object its module defines."""
+    probe = ("import sys, softshare\n"
+             "print(sorted(m for m in ('torch', 'matplotlib', 'softshare.train', 'softshare.studies') if m in sys.modules))\n"
+             "from softshare import TemplateBank\n"
+             "import softshare.layers\n"
+             "print(TemplateBank is softshare.layers.TemplateBank, 'matplotlib' in sys.modules)\n"
+             "print(all(getattr(softshare, name) is not None for name in softshare.__all__))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split("\n")[:3] == ["[]", "True False", "True"], out.stderr

@@ -152,7 +152,7 @@ def test_shared_body_has_one_bank_per_conv_role():
     assert model.banks["recall"].weight_shape == (8, 9, 3) and model.banks["conv1"].weight_shape == (8, 8, 3)
     assert len({id(m) for m in model.modules() if isinstance(m, TemplateBank)}) == 5
     for role, bank in model.banks.items():
-        assert [layer for layer in bank.layers] == [getattr(it, role) for it in model.blocks]
+        assert [layer for layer in bank.layers] == [getattr(it, role) for it in model.iterations]
 
 
 def test_shared_coefficients_start_orthogonal_at_unit_norm():
@@ -177,7 +177,7 @@ def test_k1_shared_net_starts_as_the_recurrent_net():
     with torch.no_grad():
         for role, bank in shared.banks.items():
             assert all(layer.coefficients.item() == pytest.approx(1.0) for layer in bank.layers)
-            getattr(recurrent.blocks[0], role).weight.copy_(bank.templates[0])
+            getattr(recurrent.iterations[0], role).weight.copy_(bank.templates[0])
         recurrent.projection.weight.copy_(shared.projection.weight)
         for a, b in zip(recurrent.head.parameters(), shared.head.parameters()):
             a.copy_(b)
@@ -196,13 +196,13 @@ def test_dt_l_divides_every_iteration_conv_by_its_spectral_norm():
     model = build("prefix_recurrent", lipschitz=True).eval()
     before = model(BITS, 20)
     with torch.no_grad():
-        model.blocks[0].conv2.weight.mul_(7.0)
-        model.blocks[0].recall.weight.mul_(0.1)
+        model.iterations[0].conv2.weight.mul_(7.0)
+        model.iterations[0].recall.weight.mul_(0.1)
     torch.testing.assert_close(model(BITS, 20), before)
     plain = build("prefix_recurrent").eval()
     reference = plain(BITS, 20)
     with torch.no_grad():
-        plain.blocks[0].conv2.weight.mul_(7.0)
+        plain.iterations[0].conv2.weight.mul_(7.0)
     assert not torch.allclose(plain(BITS, 20), reference)
 
 
@@ -210,19 +210,20 @@ def test_dt_l_thoughts_stay_bounded_where_plain_ones_grow():
     """Many more iterations than trained: the DT-L state stays on its scale, the plain one need not."""
     torch.manual_seed(0)
     x = torch.rand(4, 1, 64) - 0.5
-    for lipschitz in (True,):
+
+    def expanding(lipschitz: bool):  # the same weights, 4x: an iteration that expands without the remedy
+        torch.manual_seed(1)
         model = build("prefix_recurrent", width=16, lipschitz=lipschitz).eval()
         with torch.no_grad():
             for conv in ("conv1", "conv2", "conv3", "conv4"):
-                getattr(model.blocks[0], conv).weight.mul_(4.0)  # an expanding iteration without the remedy
-            states = [s.abs().max().item() for s in model.iterate(x, 400)]
-        assert np.isfinite(states).all() and max(states) < 10 * max(states[:30])
-    model = build("prefix_recurrent", width=16).eval()
+                getattr(model.iterations[0], conv).weight.mul_(4.0)
+        return model
+
     with torch.no_grad():
-        for conv in ("conv1", "conv2", "conv3", "conv4"):
-            getattr(model.blocks[0], conv).weight.mul_(4.0)
-        states = [s.abs().max().item() for s in model.iterate(x, 60)]
-    assert states[-1] > 100 * states[5] or not np.isfinite(states[-1])
+        dtl = [s.abs().max().item() for s in expanding(True).iterate(x, 400)]
+        plain = [s.abs().max().item() for s in expanding(False).iterate(x, 60)]
+    assert np.isfinite(dtl).all() and max(dtl) < 10 * max(dtl[:30])
+    assert plain[-1] > 100 * plain[5] or not np.isfinite(plain[-1])
 
 
 def test_linear_recall_computed_by_hand():
@@ -232,7 +233,7 @@ def test_linear_recall_computed_by_hand():
     F = torch.nn.functional
     for recall_relu in (True, False):
         model = build("prefix_recurrent", blocks=1, recall_relu=recall_relu).eval()
-        it = model.blocks[0]
+        it = model.iterations[0]
         h = F.relu(F.conv1d(BITS, model.projection.weight, padding=1))
         r = F.conv1d(torch.cat([h, BITS], 1), it.recall.weight, padding=1)
         r = F.relu(r) if recall_relu else r
@@ -247,7 +248,7 @@ def test_linear_recall_computed_by_hand():
 
 def _with_recall_relu(model):
     other = copy.deepcopy(model)
-    for iteration in other.blocks:
+    for iteration in other.iterations:
         iteration.recall_relu = True
     return other
 
@@ -275,7 +276,7 @@ def test_shared_net_folds_into_a_loop_that_runs_longer(lipschitz):
     model = build("prefix_shared", num_templates=1, lipschitz=lipschitz).eval()
     result = fold_model(model, 0.99)
     folded = result.model
-    assert result.loops == [[3]] and [name for name, _ in folded.named_children()] == ["projection", "blocks", "head"]
+    assert result.loops == [[3]] and [name for name, _ in folded.named_children()] == ["projection", "iterations", "head"]
     assert count(folded) < count(build("prefix_ff", lipschitz=lipschitz))
     torch.testing.assert_close(folded(BITS, return_all=True), model(BITS, return_all=True), atol=1e-6, rtol=1e-5)
     assert folded.max_iterations is None
@@ -328,9 +329,9 @@ def test_aligned_coefficients_start_nearly_recurrent():
     from softshare.analysis import abs_cosine
     torch.manual_seed(0)
     net = build("prefix_shared", width=4, depth=30, blocks=1, num_templates=2, coef_init="aligned", coef_noise=0.1)
-    rows = torch.stack([it.conv1.coefficients.detach() for it in net.blocks])
+    rows = torch.stack([it.conv1.coefficients.detach() for it in net.iterations])
     assert torch.allclose(rows.norm(dim=1), torch.ones(30))
     assert abs_cosine(rows).min() > 0.9
     torch.manual_seed(0)
     paper = build("prefix_shared", width=4, depth=30, blocks=1, num_templates=2)
-    assert abs_cosine(torch.stack([it.conv1.coefficients.detach() for it in paper.blocks])).min() < 0.5
+    assert abs_cosine(torch.stack([it.conv1.coefficients.detach() for it in paper.iterations])).min() < 0.5

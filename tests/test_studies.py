@@ -6,17 +6,18 @@ import json
 
 import pytest
 
-import softshare.studies.algorithmic as algorithmic_study
+import softshare.eval.algorithmic as evaluation
 import softshare.studies.demo as demo
 from helpers import TOY, _make_collinear
 from softshare import create_model
 from softshare.studies.algorithmic import run_experiment
 from softshare.studies.demo import DemoConfig, run_demo
 from softshare.errors import SoftshareError
-from softshare.io import output_complete, output_kind
+from softshare.storage import output_complete, output_kind
 from softshare.studies.recurrence import folded_layers, markdown, run_study
 
 
+@pytest.mark.slow  # three training processes, then the evaluation: the demo end to end
 def test_toy_demo_writes_the_report(tmp_path):
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), **TOY))
     text = report.read_text()
@@ -75,10 +76,11 @@ def test_markdown_table_has_a_row_per_run():
     assert text.count("| mazes |") == 2 and "4/32" in text
 
 
+@pytest.mark.slow  # four runs trained and scored, twice
 def test_experiment_writes_results_and_continues(tmp_path, monkeypatch):
     # nets below LEARNED at the training size are scored at their trained iterations only; at this toy
     # size none learns, so lower the bar to exercise the long evaluation of nets that run longer
-    monkeypatch.setattr(algorithmic_study, "LEARNED", 0.0)
+    monkeypatch.setattr(evaluation, "LEARNED", 0.0)
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32, 40], "width": 4, "depth": 2}
     variants = ("ff", "shared_k1", "shared_k2", "recurrent")
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), overrides, "cpu")
@@ -117,4 +119,22 @@ def test_experiment_scores_nets_that_did_not_learn_at_their_trained_iterations(t
     overrides = {"epochs": 1, "train_count": 100, "test_count": 4, "test_sizes": [32], "width": 4, "depth": 2}
     results = run_experiment(tmp_path, "cpu", ("prefix-sums",), ("recurrent",), (0,), overrides, "cpu")
     run = results["runs"][0]
-    assert run["test"]["32"]["at_trained"] < algorithmic_study.LEARNED and run["eval_iterations"] == 2
+    assert run["test"]["32"]["at_trained"] < evaluation.LEARNED and run["eval_iterations"] == 2
+
+
+def test_recurrence_study_scores_folding_and_reuses_its_finished_runs(tmp_path, monkeypatch):
+    import softshare.studies.recurrence as recurrence
+
+    tiny_setting = recurrence.Setting("mazes_cpu", {"model": "shared", "num_templates": 1, "width": 4, "depth": 3,
+                                                    "train_count": 20, "test_count": 4, "batch_size": 10,
+                                                    "epochs": 1, "test_sizes": [9]})
+    monkeypatch.setattr(recurrence, "SETTINGS", {"mazes": tiny_setting})
+    results = run_study(tmp_path, tasks=("mazes",), lambdas=(0.0,), seeds=(0,), device="cpu")
+    (row,) = results["rows"]
+    # k = 1: every layer of a role is a multiple of its one template, so all 3 iterations fold into one loop
+    assert row["loops"] == [[3]] and row["layers_folded"] == row["shared_layers"] == 3 * 5
+    assert row["accuracy"] == row["folded_accuracy"]  # folding is exact at |cos| = 1
+    weights = tmp_path / "runs" / "mazes-reg0-s0" / "checkpoints" / "last" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert run_study(tmp_path, tasks=("mazes",), lambdas=(0.0,), seeds=(0,), device="cpu")["rows"] == [row]
+    assert weights.stat().st_mtime_ns == before  # reused, not retrained

@@ -21,7 +21,10 @@ from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.train.config import PRESETS, resolve_config
 from softshare.train.loggers import make_sinks
-from softshare.train.loop import TrainingDiverged, train
+import softshare.train.loop as loop
+from softshare.train.distributed import DistInfo
+from softshare.train.loop import make_task, train
+from softshare.train.monitor import TrainingDiverged
 from softshare.train.optim import build_optimizer
 
 TINY = dict(dataset="digits", model="swrn_16_1_2", val_size=0, batch_size=64, lr=0.05, schedule="cosine",
@@ -58,6 +61,7 @@ def restore_global_flags():
     torch.backends.cudnn.benchmark = saved[2]
 
 
+@pytest.mark.slow  # bf16 is emulated on a CPU (and compiling takes its time): the GPU check runs it on CUDA
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_short_training_bf16_channels_last(device, tmp_path, compiled, monkeypatch, restore_global_flags):
     if compiled and device.type == "cpu":
@@ -92,6 +96,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(device, tmp_pat
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow  # two `softshare train` processes
 def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     cmd = [sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--epochs", "50",
            "--out-dir", str(tmp_path), "--name", "sig", "--device", "cpu"]
@@ -101,17 +106,18 @@ def test_sigint_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     while not metrics.exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 130, out
     assert "resume" in out and "Traceback" not in out
     state = load_checkpoint(tmp_path / "sig" / "checkpoints" / "last").train_state
     assert state["epoch"] >= 1
     done = subprocess.run(cmd[:6] + ["--epochs", str(state["epoch"] + 1)] + cmd[8:] + ["--resume", "auto"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_ddp_with_gloo(tmp_path):
     train_on_two_ranks(tmp_path, {**TINY, "out_dir": str(tmp_path), "name": "ddp", "epochs": 3}, "digits_tiny")
     assert (tmp_path / "rank0.txt").read_text().endswith("ddp") and (tmp_path / "rank1.txt").read_text() == "None"
@@ -189,7 +195,7 @@ def test_param_groups_put_exactly_the_coefficients_in_no_decay():
     torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # accepted by an optimizer as is
 
 
-def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
+def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog, monkeypatch):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -197,7 +203,8 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
     from softshare.analysis import recurrence_penalty
 
     config = tiny_config(tmp_path, epochs=2, optimizer="adamw", lr=3e-3, weight_decay=0.01, ema_decay=0.9,
-                         recurrence_reg=0.5, logger=["jsonl", "csv", "tensorboard"])
+                         recurrence_reg=0.5, logger=["jsonl", "csv", "tensorboard"], log_every=5)
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # a progress line per step (default: one per 30 s)
     with caplog.at_level("INFO", logger="softshare.train"):
         result = train(config)
     run = tmp_path / "run"
@@ -224,9 +231,14 @@ def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog):
     assert [(s.step, s.value) for s in events.Scalars("acc/val")] == [
         (r["epoch"], pytest.approx(r["val_acc"])) for r in rows]
     assert "recurrence_penalty/train" in events.Tags()["scalars"]
-    # no terminal here: progress came as log lines with rate and ETA
+    # ... the training loss and lr every 5 optimizer steps, and the config as hparams and text
+    per_epoch = make_task(config, torch.device("cpu"), DistInfo()).batches_per_epoch()
+    assert [s.step for s in events.Scalars("step/lr")] == list(range(5, 2 * per_epoch + 1, 5))
+    assert {"step/train_loss", "step/train_recurrence_penalty"} <= set(events.Tags()["scalars"])
+    assert events.PluginTagToContent("hparams") and "config/text_summary" in events.Tags()["tensors"]
+    # no terminal here: progress came as log lines with rate, ETA and the task's unit
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/2: ")]
-    assert lines and "batch/s" in lines[0] and "ETA" in lines[0]
+    assert lines and "step/s" in lines[0] and "ETA" in lines[0] and "images/s=" in lines[0]
     # AdamW: decoupled decay on weights, none on the sharing coefficients
     groups = load_checkpoint(run / "checkpoints" / "last").train_state["optimizer"]["param_groups"]
     assert all(g["decoupled_weight_decay"] for g in groups)

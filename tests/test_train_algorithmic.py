@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from helpers import tiny
 from softshare import SoftshareError
-from softshare.train.algorithmic import resolve_model_name
+from softshare.train.algorithmic import AlgorithmicTask, resolve_model_name
+from softshare.train.distributed import DistInfo
+from softshare.train.optim import build_optimizer
 from softshare.train.config import resolve_config
 from softshare.train.loop import StopFlag, train
 
@@ -32,17 +34,36 @@ def test_task_defaults_are_adam_and_explicit_fields_win():
     assert resolve_config("mazes_cpu").task == "mazes"
 
 
-def test_gpu_presets_keep_deepthinkings_body_and_cpu_presets_say_where_they_leave_it():
-    """The *_gpu presets are DeepThinking's published settings (ReLU after recall, 3-conv head;
-    mazes: throttle, no clip); the CPU presets use what measured better on 2 cores (docs)."""
-    def body(c):
-        return (c.recall_relu, c.head_convs, c.lr, c.lr_throttle, c.grad_clip)
-    assert body(resolve_config("prefix_sums_gpu")) == (True, 3, 1e-3, False, 1.0)
-    assert body(resolve_config("mazes_gpu")) == (True, 3, 1e-3, True, 0.0)
-    assert body(resolve_config("prefix_sums_cpu")) == (False, 2, 2e-3, False, 1.0)
-    assert body(resolve_config("mazes_cpu")) == (False, 2, 1e-3, False, 1.0)
+def test_gpu_presets_build_deepthinkings_body_and_cpu_presets_the_cpu_one():
+    """What each preset builds, read off the model and optimizer the trainer makes from it: the
+    *_gpu presets DeepThinking's body (ReLU after the recall conv, a 3-conv head; mazes: iteration
+    weights throttled to lr / depth, no clipping), the CPU presets a linear recall, a 2-conv head,
+    no throttle and clip 1 (docs/algorithmic.md says why)."""
+    def built(preset):
+        config = resolve_config(preset, overrides={"width": 8, "train_count": 8, "test_count": 2, "batch_size": 4,
+                                                    "val_size": 2, "select_size": 0})
+        task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
+        model = task.build_model().eval()
+        seen = {}  # what the recall conv gave, and what the first residual conv then got
+        iteration = model.iterations[0]
+        iteration.recall.register_forward_hook(lambda m, args, out: seen.setdefault("recall", out))
+        iteration.conv1.register_forward_pre_hook(lambda m, args: seen.setdefault("conv1_in", args[0]))
+        with torch.no_grad():
+            model(task.train_x[:2], 1)
+        assert (seen["recall"] < 0).any()  # so a ReLU would show
+        relu_after_recall = torch.equal(seen["conv1_in"], seen["recall"].relu())
+        assert relu_after_recall or torch.equal(seen["conv1_in"], seen["recall"])
+        head = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in model.head)
+        scales = sorted({round(g["lr_scale"] * config.depth, 6) for g in build_optimizer(config, model).param_groups})
+        return relu_after_recall, head, scales, config.grad_clip
+
+    assert built("prefix_sums_gpu") == (True, 3, [30.0], 1.0)
+    assert built("mazes_gpu") == (True, 3, [1.0, 30.0], 0.0)  # iteration weights at lr / 30
+    assert built("prefix_sums_cpu") == (False, 2, [30.0], 1.0)
+    assert built("mazes_cpu") == (False, 2, [30.0], 1.0)
 
 
+@pytest.mark.slow  # a few hundred steps of learning: about a minute
 def test_tiny_maze_run_learns(tmp_path):
     """Size-9 mazes: loss falls and training exact match leaves the trivial 0% within seconds.
 
@@ -111,8 +132,8 @@ def test_model_names_per_task():
 def test_progressive_loss_continues_from_the_full_pass(preset):
     """The progressive loss takes the full pass's state after n iterations instead of running them
     again: the same loss, count and gradients as running the n iterations apart."""
-    from softshare.eval.algorithmic import score
-    from softshare.train.algorithmic import AlgorithmicTask
+    from softshare.eval.algorithmic import solved
+    from softshare.train.algorithmic import AlgorithmicTask, task_loss
     from softshare.train.distributed import DistInfo
 
     config = resolve_config(preset, overrides={"depth": 4, "width": 8, "train_count": 12, "test_count": 2,
@@ -124,12 +145,13 @@ def test_progressive_loss_continues_from_the_full_pass(preset):
 
     def apart():  # the computation as written out in the recipe
         with torch.set_grad_enabled(config.alpha < 1):
-            full, solved = score(config.task, model(batch.x, config.depth), batch.y, batch.x)
+            logits = model(batch.x, config.depth)
+            full, right = task_loss(config.task, logits, batch.y, batch.x), solved(config.task, logits, batch.y, batch.x)
         with torch.no_grad():
             _, state = model(batch.x, batch.start, return_state=True)
-        progressive = score(config.task, model(batch.x, batch.count, start=batch.start, state=state),
-                            batch.y, batch.x)[0]
-        return (1 - config.alpha) * full + config.alpha * progressive, solved.sum()
+        progressive = task_loss(config.task, model(batch.x, batch.count, start=batch.start, state=state),
+                                batch.y, batch.x)
+        return (1 - config.alpha) * full + config.alpha * progressive, right.sum()
 
     results = []
     for loss_fn in (apart, lambda: task.loss(model, batch)):
@@ -190,7 +212,7 @@ def test_coefficients_learn_at_their_own_rate():
                                                           "coef_weight_decay": 0.5, "lr_throttle": True})
     model = create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1, num_templates=2)
     optimizer = build_optimizer(config, model)
-    coefficient_ids = {id(layer.coefficients) for it in model.blocks for layer in (it.recall, it.conv1, it.conv2)}
+    coefficient_ids = {id(layer.coefficients) for it in model.iterations for layer in (it.recall, it.conv1, it.conv2)}
     for group in optimizer.param_groups:
         ids = {id(p) for p in group["params"]}
         if ids <= coefficient_ids:  # iteration parameters: throttled by 1/depth on top

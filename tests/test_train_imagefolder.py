@@ -17,7 +17,8 @@ from softshare.checkpoint import load_checkpoint
 from softshare.errors import SoftshareError
 from softshare.eval import evaluate_checkpoint, evaluator_for
 from softshare.train.config import resolve_config
-from softshare.train.loop import scale_lr, train
+from softshare.train.loop import train
+from softshare.train.optim import scale_lr
 
 TINY = dict(dataset="imagefolder", model="swrn_26_1_2", model_args={"base_width": 8}, image_size=32, batch_size=16,
             epochs=12, lr=0.05, warmup_epochs=1.0, schedule="cosine", weight_decay=5e-4, workers=1, device="cpu")
@@ -28,6 +29,7 @@ def tiny_config(tmp_path: Path, root: Path, **overrides):
                                      **overrides})
 
 
+@pytest.mark.slow  # 12 epochs with a DataLoader worker process
 def test_tiny_imagefolder_trains_well_above_chance(imagefolder, tmp_path):
     result = train(tiny_config(tmp_path, imagefolder))
     assert result.final_metrics["val_acc"] >= 0.55  # 4 classes: chance 0.25
@@ -71,6 +73,7 @@ def test_resume_mid_epoch_gives_identical_weights(imagefolder, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_two_process_gloo_run_ends_with_identical_weights(imagefolder, tmp_path):
     train_on_two_ranks(tmp_path, {**TINY, "data_root": str(imagefolder), "out_dir": str(tmp_path), "name": "ddp",
                                   "epochs": 2, "batch_size": 8, "lr": 0.05, "lr_reference_batch": 8})

@@ -23,9 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import SoftshareError
-from .io import atomic_path, crash_point
+from .storage import atomic_path, crash_point
 from .layers.structure import describe_banks, match_banks
 from .models import create_model
+from .models.registry import current_name
+from .pretrained import is_pretrained, pretrained_path
 from .version import __version__
 from .wrappers import unwrap_model
 
@@ -34,7 +36,8 @@ VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "state.pt"
-_ACCEPTS = "a run directory (runs/<name>/), a checkpoint directory or its model.safetensors"
+_ACCEPTS = ("a run directory (runs/<name>/), a checkpoint directory or its model.safetensors, or "
+            "pretrained:NAME (softshare.pretrained.catalogue())")
 
 
 @dataclass
@@ -156,7 +159,10 @@ def save_checkpoint(
 
 # -- finding and reading ------------------------------------------------------------------------
 def find_checkpoint(run_or_path: str | os.PathLike) -> Path:
-    """The checkpoint directory for a run directory (best, else last), checkpoint dir or weights file."""
+    """The checkpoint directory for a run directory (best, else last), checkpoint dir, weights file,
+    or a net shipped with softshare (``pretrained:NAME``)."""
+    if is_pretrained(run_or_path):
+        return pretrained_path(str(run_or_path))
     path = Path(run_or_path)
     if not path.exists():
         raise SoftshareError(f"{path} does not exist; pass {_ACCEPTS}")
@@ -170,6 +176,12 @@ def find_checkpoint(run_or_path: str | os.PathLike) -> Path:
             return candidate
     raise SoftshareError(f"{path} holds no checkpoint (no {MODEL_FILE}, checkpoints/best/ or checkpoints/last/); "
                          f"pass {_ACCEPTS}, or train the run first")
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's meta.json, checked, without reading a tensor (see `find_checkpoint` for
+    the paths accepted): what a caller needs to decide before loading weights, or instead."""
+    return _read_meta(find_checkpoint(path))
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
@@ -255,7 +267,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     meta = _read_meta(directory)
     state = _read_weights(directory, meta.get("aliases", {}), map_location)
     extra = _read_train_state(directory, map_location) if train_state else None
-    return Checkpoint(state, meta, extra, directory)
+    return Checkpoint(_current_names(state, meta), meta, extra, directory)
+
+
+def _current_names(state: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The state dict (and meta's bank layer names, in place) under the module names the model's
+    family uses today (`register_family(renamed=...)`): older checkpoints keep loading."""
+    name = meta["model"].get("name")
+    renamed = {key: current_name(name, key) for key in state}
+    if all(key == new for key, new in renamed.items()):
+        return state
+    for bank in meta.get("banks", []):
+        if isinstance(bank.get("layers"), list):
+            bank["layers"] = [current_name(name, layer) if isinstance(layer, str) else layer
+                              for layer in bank["layers"]]
+    return {renamed[key]: tensor for key, tensor in state.items()}
 
 
 # -- loading into models ------------------------------------------------------------------------
@@ -341,9 +367,12 @@ def build_model_for(checkpoint: Checkpoint) -> nn.Module:
     return build()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`."""
-    checkpoint = load_checkpoint(path, train_state=False)
+def load(path: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model a checkpoint was saved from, with its weights, in eval mode on `device`.
+
+    `path` may be a `Checkpoint` already read (`load_checkpoint`), so a caller that needs its
+    meta too reads the weights once."""
+    checkpoint = path if isinstance(path, Checkpoint) else load_checkpoint(path, train_state=False)
     model = build_model_for(checkpoint)
     _load_strict(model, checkpoint)
     return model.to(device).eval()

@@ -34,12 +34,13 @@ class Progress:
         desc: what is progressing, e.g. ``"epoch 3/10"``.
         log: where the lines go when there is no terminal.
         bar: force the bar on (True) or off (False); None: a bar iff stderr is a terminal.
-        every_s, every_fraction: a line after this long or this share of `total`, whichever first.
+        every_s, every_fraction: a line after this long or this share of `total`, whichever first
+            (`every_fraction` None: after `every_s` only, e.g. at most one line per 30 s of a run).
     """
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0,
                  log: logging.Logger | None = None, bar: bool | None = None, enabled: bool = True,
-                 every_s: float = 30.0, every_fraction: float = 0.1) -> None:
+                 every_s: float = 30.0, every_fraction: float | None = 0.1) -> None:
         self.total, self.desc, self.unit, self.count = total, desc, unit, initial
         self.log = log or _default_log
         self.enabled = enabled
@@ -49,10 +50,16 @@ class Progress:
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False) if enabled and use_bar else None
         self._start = self._last = time.perf_counter()
         self._initial = initial
-        self._next_fraction = self._fraction() + every_fraction if total else None
+        self._next_fraction = self._fraction() + every_fraction if total and every_fraction else None
 
     def _fraction(self) -> float:
         return self.count / self.total if self.total else 0.0
+
+    def describe(self, desc: str) -> None:
+        """A new description (e.g. the epoch) for the lines and the bar that follow."""
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc, refresh=False)
 
     def set(self, **values: object) -> None:
         self.values = values

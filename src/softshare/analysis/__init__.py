@@ -1,5 +1,6 @@
 """Reading trained shared nets: layer similarity (|cos|, roles, the recurrence penalty), LSM
-figures, parameter accounting. Imports `layers` only (figures: matplotlib)."""
+figures (matplotlib), parameter accounting. Imports `layers` and the bottom row (`errors`, `storage`
+for writing figures, `wrappers`)."""
 
 from .dynamics import coefficient_dynamics, plot_dynamics, random_similarity
 from .lsm import LSM_DIR, plot_lsm, plot_lsm_history, read_lsm_history, record_lsm, save_lsm, short_layer_names

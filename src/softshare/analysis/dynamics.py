@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import SoftshareError
-from ..io import figure_path, save_figure
+from ..storage import figure_path, save_figure
 from .lsm import bank_label, read_lsm_history
 from .similarity import abs_cosine
 

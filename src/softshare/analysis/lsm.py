@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..errors import SoftshareError
-from ..io import atomic_path, figure_path, save_figure, write_json, write_text
+from ..storage import atomic_path, figure_path, save_figure, write_json, write_text
 from ..wrappers import unwrap_model
 from .similarity import LayerSimilarity, layer_similarity
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..layers import named_banks
+from ..layers.structure import count_parameters
 
 
 @dataclass
@@ -35,6 +36,6 @@ def sharing_stats(model: nn.Module) -> SharingStats:
         banks.append(BankStats(name, len(users), bank.num_templates, bank.weight_shape,
                                bank.templates.numel() + sum(layer.coefficients.numel() for _, layer in users),
                                numel * len(users)))
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     unshared = total - sum(b.params for b in banks) + sum(b.unshared_params for b in banks)
     return SharingStats(banks, total, unshared)

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 
-from ..io import FIGURE_FORMATS
+from ..storage import FIGURE_FORMATS
 
 
 def _number(kind, predicate, what):

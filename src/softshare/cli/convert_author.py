@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import read_meta
 from ..convert import convert_author
 from ._common import add_overwrite
 
-ORDER = 80
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert-author", help="convert a checkpoint of the paper's reference code to a softshare checkpoint",
-        description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
+        "convert-author", description="Convert a .pth.tar saved by the reference implementation (lolemacs/soft-sharing) into a "
                     "softshare checkpoint directory giving the same logits. The file is read without running "
                     "any pickled code.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pth.tar or model_best.pth.tar")
@@ -26,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = convert_author(args.checkpoint, args.model, args.out, overwrite=args.overwrite)
-    meta = load_checkpoint(out).meta
+    meta = read_meta(out)
     epoch = f" (epoch {meta['epoch']})" if meta["epoch"] is not None else ""
     print(f"converted {args.checkpoint}{epoch} to {out}: {args.model}, "
           f"{meta['model']['num_classes']} classes")

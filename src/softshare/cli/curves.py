@@ -7,17 +7,13 @@ import json
 from pathlib import Path
 
 from ..errors import SoftshareError
-from ..io import FIGURE_FORMATS, check_output, figure_path, save_figure
+from ..storage import FIGURE_FORMATS, check_output, figure_path, save_figure
 from ..train.run_dir import curves_figure, curves_note, read_metrics
 from ._common import add_figure_format, add_overwrite
 
-ORDER = 37
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "curves", help="training curves of one or several runs in one figure (shared axes)",
-        description="Draw loss and accuracy (%) per epoch of each run, training dashed and evaluation solid, "
+        "curves", description="Draw loss and accuracy (%) per epoch of each run, training dashed and evaluation solid, "
                     "a colour per run, on shared axes, so runs compare at a glance (a run's own curves.png "
                     "shows one run).")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_METRICS", help="run directories or metrics.jsonl files")

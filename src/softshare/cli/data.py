@@ -12,16 +12,14 @@ from tqdm import tqdm
 from ..data.tasks import (check_maze_args, check_prefix_sum_args, generate_prefix_sums, image_side, maze_dir,
                           prefix_sum_dir, save_prefix_sums, write_mazes)
 from ..errors import SoftshareError
-from ..io import check_output
+from ..storage import check_output
 from ._common import add_overwrite
 
-ORDER = 60
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "data", help="generate maze / prefix-sum task data (easy-to-hard benchmark format)",
-        description="Generate algorithmic task data offline in the public easy-to-hard layout. "
+        "data", description="Generate algorithmic task data offline in the public easy-to-hard layout. "
                     "The same arguments always give byte-identical files.")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
 

@@ -7,16 +7,15 @@ import argparse
 from ..studies.demo import DemoConfig, run_demo
 from ._common import add_figure_format, add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
-ORDER = 90
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = DemoConfig()
-    p = subparsers.add_parser("demo", help="end-to-end demo: nets that learn prefix sums and think longer (make demo)",
-                              description="Train a recurrent, a soft-shared and a feed-forward net on 32-bit prefix sums "
-                                          "side by side, draw the shared net's LSM, fold it into a loop and score all "
-                                          "on strings up to 512 bits at the label-free stopping rule; writes "
-                                          "OUT/report.md. Defaults: about 3.5 minutes on 2 idle CPU cores.")
+    p = subparsers.add_parser("demo", description="Train a recurrent, a soft-shared and a feed-forward net on 32-bit "
+                                                  "prefix sums side by side, draw the shared net's LSM, fold it into a "
+                                                  "loop and score all on strings up to 512 bits at the label-free "
+                                                  "stopping rule; writes OUT/report.md. Defaults: about 3.5 minutes on "
+                                                  "2 idle CPU cores.")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); only an earlier demo's "
                                                  f"output there is replaced")
     add_overwrite(p, "--out")

@@ -8,14 +8,13 @@ import json
 
 from ..data.imagefolder import IMAGEFOLDER
 from ..eval import evaluate_checkpoint
+from ..fold import DEFAULT_THRESHOLD
 from ._common import add_figure_format, add_overwrite, format_table, log_to_stdout, positive_int
 
-ORDER = 35
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="loss and top-1/top-5 error (or task exact-match) on the test set",
-                              description="Evaluate a run directory or checkpoint on the test set.")
+    p = subparsers.add_parser("eval", description="Evaluate a run directory or checkpoint on the test set.")
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--data", help="dataset name (default: the one it was trained on)")
     p.add_argument("--data-root", help="where the dataset files are")
@@ -31,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     task.add_argument("--patience", type=positive_int,
                       help="stopping rule: stop once a prediction is unchanged for this many iterations (default 10)")
     task.add_argument("--count", type=positive_int, help="instances per size (default: the run's test_count)")
+    task.add_argument("--no-fold", dest="fold", action="store_false",
+                      help=f"score a soft-shared net as it is, for its trained iterations (default: fold it at "
+                           f"|cos| >= {DEFAULT_THRESHOLD} so that a final loop runs longer, as the studies do)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
     add_overwrite(task, "the --out file (and the figures beside it)")
     add_figure_format(task)
@@ -40,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience", "overwrite")
                     if getattr(args, k)}
+    if not args.fold:
+        task_options["fold"] = False
     if args.figure_format != "png":
         task_options["figure_format"] = args.figure_format
     # progress lines on long test sets, unless stdout is for the JSON
@@ -54,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         split = "val" if result["dataset"] == IMAGEFOLDER else "test"
         print(f"{result['checkpoint']} on {result['dataset']} {split} set ({result['count']} images): "
-              f"loss {result['loss']:.4f}  top-1 error {100 * result['top1_error']:.2f}%  "
-              f"top-5 error {100 * result['top5_error']:.2f}%")
+              f"loss {result['loss']:.4f}  top-1 error {100 * (1 - result['acc']):.2f}%  "
+              f"top-5 error {100 * (1 - result['top5_acc']):.2f}%")
     return 0
 
 
@@ -75,4 +79,15 @@ def _task_table(result: dict) -> str:
     return (f"{result['checkpoint']} ({result['model']}, trained at size {result['train_size']} with {trained} "
             f"iterations): exact match % on {result['count']} test instances per size; the rules stop without "
             f"labels (stable: prediction unchanged for {result['patience']} iterations; @ = mean iteration)\n"
-            f"{table}\nwritten: {result['json']}, {result['plot']}{extra}")
+            f"{_fold_line(result['fold'])}{table}\nwritten: {result['json']}, {result['plot']}{extra}")
+
+
+def _fold_line(fold: dict | None) -> str:
+    """What folding did to a soft-shared net before it was scored (nothing for other nets)."""
+    if fold is None:
+        return ""
+    longer = ("its last loop runs longer than trained" if fold["runs_longer"] else
+              "no final loop formed, so it runs its trained iterations only")
+    return (f"folded at |cos| >= {fold['threshold']} into loops {fold['loops']} ({longer}; "
+            f"exact match at the training size {100 * fold['acc_before']:.1f}% -> {100 * fold['acc_after']:.1f}%); "
+            f"--no-fold scores it unfolded\n")

@@ -11,18 +11,16 @@ from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..io import FIGURE_FORMATS, check_output, mark_output, output_kind
+from ..storage import FIGURE_FORMATS, check_output, mark_output, output_kind
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, run_study
 from ._common import add_figure_format, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
-ORDER = 70
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "experiment", help="reproducible studies: algorithmic (ff vs shared vs recurrent), recurrence",
-        description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
+        "experiment", description="Run a study end to end through the ordinary trainer, one run directory per setting, and "
                     "write results.json, results.md (and plots) to --out. Rerunning the same command continues "
                     "an interrupted study.")
     studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)

@@ -10,18 +10,16 @@ from ..errors import SoftshareError
 from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ._common import _number, add_figure_format, add_overwrite, log_to_stdout, positive_int
 
-ORDER = 50
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     threshold = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
     p = subparsers.add_parser(
-        "fold", help="fold blocks with collinear coefficients into explicit loops",
-        description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
+        "fold", description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
                     "threshold (for every shared layer of the block), rebuild each group as one block run in "
                     "a loop, and save the folded model as a checkpoint in DIR with fold_report.json/.md. "
                     "Blocks that fold with no neighbour become plain blocks (loops of length 1).")
@@ -49,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise SoftshareError("--iterations only changes accuracy; give --data NAME to evaluate")
     source = find_checkpoint(args.path)
     out = check_output(args.out, "fold", overwrite=args.overwrite, protect=[source])
-    model = load(source)
-    meta = load_checkpoint(source, train_state=False).meta
+    checkpoint = load_checkpoint(source, train_state=False)
+    model, meta = load(checkpoint), checkpoint.meta
     evaluate = evaluator_for(meta.get("config"), args.device, dataset=args.data) if args.data else None
     before = dict(evaluate(model)) if evaluate else None
     if args.sweep:

@@ -8,16 +8,14 @@ from pathlib import Path
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ..io import check_output, mark_output
+from ..storage import check_output, mark_output
 from ._common import add_figure_format, add_overwrite, format_table
 
-ORDER = 40
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "lsm", help="layer similarity matrix (LSM) heatmaps of a trained model",
-        description="Draw, for every template bank, S_ij = |cos(a_i, a_j)| between its layers' coefficient "
+        "lsm", description="Draw, for every template bank, S_ij = |cos(a_i, a_j)| between its layers' coefficient "
                     "vectors (1 = the same layer up to scale), and save the matrices as lsm.json. For a run "
                     "directory trained with --lsm-every, also redraw the history across epochs.")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT",

@@ -6,15 +6,13 @@ import argparse
 
 import torch
 
+from ..layers.structure import count_parameters
 from ..models import create_model, list_families, list_models
 from ._common import format_table, positive_int
 
-ORDER = 10
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("models", help="list registered models and their parameter counts",
-                              description="List the named models of every registered family.")
+    p = subparsers.add_parser("models", description="List the named models of every registered family.")
     p.add_argument("pattern", nargs="?", default="*", help="glob filter on model names (default: all)")
     p.add_argument("--num-classes", type=positive_int, default=10, help="classifier size used for the counts")
     p.set_defaults(func=run)
@@ -34,4 +32,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _parameters(name: str, num_classes: int) -> int:
-    return sum(p.numel() for p in create_model(name, num_classes=num_classes).parameters())
+    return count_parameters(create_model(name, num_classes=num_classes))

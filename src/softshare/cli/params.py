@@ -10,13 +10,11 @@ from ..analysis import sharing_stats
 from ..models import create_model
 from ._common import format_table, json_object, positive_int
 
-ORDER = 20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("params", help="parameter table per template bank, and the saving",
-                              description="Show each bank's layers, templates and parameters, and the total "
-                                          "against the same architecture without sharing.")
+    p = subparsers.add_parser("params", description="Show each bank's layers, templates and parameters, and the "
+                                                    "total against the same architecture without sharing.")
     p.add_argument("model", help="model name, e.g. swrn_28_10_2 (see `softshare models`)")
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--in-channels", type=positive_int, default=3)

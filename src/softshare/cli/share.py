@@ -11,18 +11,16 @@ from ..checkpoint import save_checkpoint
 from ..convert import share
 from ..convert.share import GROUP_BY
 from ..errors import SoftshareError, import_optional
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ..layers.structure import count_parameters
 from ..models import create_model
 from ._common import add_overwrite, json_object, positive_int
 
-ORDER = 25
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "share", help="convert any model to soft sharing: the plan, parameters before/after",
-        description="Build a model (a registered name, or module:callable such as "
+        "share", description="Build a model (a registered name, or module:callable such as "
                     "torchvision.models:resnet18 or mypkg.nets:build), and print what share() does: "
                     "groups of same-shape layers, which ones become a bank of k templates, and the "
                     "parameters before and after. Only groups that get smaller are shared unless "

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..checkpoint import dedupe_state_dict, save_checkpoint
 from ..data.unpickle import NUMPY_GLOBALS, AllowListUnpickler
 from ..errors import SoftshareError
-from ..io import atomic_path, check_output, mark_output
+from ..storage import atomic_path, check_output, mark_output
 from ..models import create_model
 
 

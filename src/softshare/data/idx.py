@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftshareError
-from ..io import atomic_path
+from ..storage import atomic_path
 from .dataset import ImageDataset, channel_stats, pad_images
 from .download import download_file
 

@@ -3,28 +3,30 @@
 Accuracy here is all-or-nothing per instance (every path pixel / every bit right), as in the
 easy-to-hard benchmark: a maze with one wrong pixel is not solved. The scores come after every
 iteration of one pass (`think`), together with where two label-free stopping rules stop, so
-accuracy-vs-iterations curves and "how long to think" come from the same pass; a folded net can
-also think longer by running its longest loop more times (`exact_match_thinking_longer`).
+accuracy-vs-iterations curves and "how long to think" come from the same pass. `evaluate_task`
+is the one way a run is scored (the `eval` command, the studies and the demo): every test size,
+a soft-shared net folded so that it can think longer than trained.
 """
 
 from __future__ import annotations
 
 import logging
-
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import find_checkpoint, load, load_checkpoint
+from ..checkpoint import load, load_checkpoint, read_meta
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..fold import DEFAULT_THRESHOLD, fold_model
-from ..io import check_output, figure_path, write_json
-from ..layers import LoopBlock, loop_blocks, set_iterations, to_channels_last
-from ..progress import progress
+from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
+from ..storage import check_output, figure_path, write_json
+from ..layers import named_banks, to_channels_last
+from ..layers.structure import count_parameters
 from .plots import (animate_maze_thinking, maze_predictions, pick_mazes, plot_accuracy_vs_iterations,
                     plot_maze_predictions)
 
@@ -36,20 +38,17 @@ def solve_mask(task: str, x: Tensor) -> Tensor | None:
     return x.amax(dim=1) > 0 if task == "mazes" else None
 
 
-def score(task: str, logits: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean cross-entropy over the pixels that count, bool (N,) instance solved exactly)."""
+def solved(task: str, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Bool (N,): each instance solved exactly (every pixel / bit that counts right)."""
     mask = solve_mask(task, x)
-    loss = F.cross_entropy(logits.float(), y, reduction="none")
     right = logits.argmax(dim=1) == y
-    if mask is None:
-        return loss.mean(), right.flatten(1).all(dim=1)
-    return (loss * mask).sum() / mask.sum().clamp_min(1), (right | ~mask).flatten(1).all(dim=1)
+    return (right if mask is None else right | ~mask).flatten(1).all(dim=1)
 
 
 STOP_PATIENCE = 10  # the stable rule: iterations a prediction must stay unchanged before it stops
-STOP_RULES = ("stable", "confident")
-MAZES_SHOWN = 8  # mazes per size scored for the figure, to find one the net solves and one it does not
 EXTRAPOLATION_FACTOR = 20  # unbounded nets are scored up to this many times their trained iterations
+MAZES_SHOWN = 8  # instances per size kept for the maze figure, to find one the net solves and one it does not
+LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
 @torch.no_grad()
@@ -74,7 +73,7 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
     check_positive("patience", patience)
     was_training = model.training
     model.eval()
-    solved = torch.zeros(iterations, dtype=torch.float64, device=device)  # no host sync per iteration
+    solved_count = torch.zeros(iterations, dtype=torch.float64, device=device)  # no host sync per iteration
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # stable right/at, confident right/at
     for begin in range(0, len(x), batch_size):
         xb, yb = x[begin:begin + batch_size].to(device), y[begin:begin + batch_size].to(device)
@@ -90,8 +89,8 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
             for index, state in enumerate(model.iterate(xb, iterations)):
                 logits = model.head(state).float()
                 prediction = logits.argmax(dim=1)
-                right = score(task, logits, yb, xb)[1]
-                solved[index] += right.sum()
+                right = solved(task, logits, yb, xb)
+                solved_count[index] += right.sum()
                 if previous is not None:
                     same = (prediction == previous).flatten(1).all(dim=1)
                     unchanged = torch.where(same, unchanged + 1, torch.zeros_like(unchanged))
@@ -113,7 +112,7 @@ def think(model: nn.Module, task: str, x: Tensor, y: Tensor, iterations: int, ba
     model.train(was_training)
     count = max(len(x), 1)
     stable_right, stable_at, confident_right, confident_at = (totals / count).tolist()
-    return {"exact_match": (solved / count).cpu().tolist(), "patience": patience,
+    return {"exact_match": (solved_count / count).cpu().tolist(), "patience": patience,
             "stop": {"stable": {"exact_match": stable_right, "mean_iteration": stable_at},
                      "confident": {"exact_match": confident_right, "mean_iteration": confident_at}}}
 
@@ -132,34 +131,140 @@ def check_positive(name: str, value: object) -> int:
     return value
 
 
-def thinking_net(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tuple[nn.Module, list[int] | None]:
-    """The net to run longer than trained, and the loops folded for it.
-
-    A soft-shared algorithmic net (one with template banks) is folded at `threshold`, so a final
-    run of collinear iterations becomes a loop that can run any number of times; every other net
-    is returned as it is (loops None). The same in `softshare eval`, the studies and the
-    per-epoch validation that picks a run's best checkpoint.
-    """
-    if getattr(model, "banks", None) is None:
-        return model, None
-    folded = fold_model(model, threshold)
-    return folded.model, folded.loops[0]
-
-
 def default_iterations(model: nn.Module, trained: int) -> int:
     """ff/shared: their depth; nets that run any number (recurrent, folded): 20x the trained count,
     enough for the 512-bit prefix sums a 32-bit net needs about 0.45 x 512 iterations for."""
     return model.max_iterations or EXTRAPOLATION_FACTOR * trained
 
 
-def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iterations: int | None = None,
+def thinking_net(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tuple[nn.Module, FoldResult | None]:
+    """The net to run longer than trained, and what folding did for it.
+
+    A soft-shared net (one with template banks) is folded at `threshold`, so a final run of
+    collinear iterations becomes a loop that can run any number of times; every other net is
+    returned as it is (None). The same in `softshare eval`, the studies and the per-epoch
+    validation that picks a run's best checkpoint.
+    """
+    if not named_banks(model):
+        return model, None
+    folded = fold_model(model, threshold)
+    return folded.model, folded
+
+
+@dataclass
+class TaskEvaluation:
+    """An algorithmic net scored on its task (`evaluate_task`): `model` as loaded, `evaluated`
+    the net actually run (folded, for a shared net), and the numbers in `result`:
+
+    ``parameters``, ``trained_iterations``, ``eval_iterations``, ``patience``, ``fold`` (None, or
+    what folded: ``threshold``, ``loops``, ``params_after``, exact match at the training size
+    after the trained iterations ``acc_before``/``acc_after``, ``runs_longer``), and per test
+    size ``accuracy`` (exact match after each iteration), ``stop`` (where the label-free rules
+    stop, see `think`) and ``test`` (``at_trained``, ``last``, ``best``, ``best_iteration``,
+    ``stable``, ``stable_iteration``, ``confident``, ``confident_iteration``).
+    """
+
+    model: nn.Module
+    evaluated: nn.Module
+    result: dict
+    examples: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # the first MAZES_SHOWN per size
+
+
+def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | None = None,
+                  count: int | None = None, iterations: int | None = None, patience: int = STOP_PATIENCE,
+                  fold: bool = True, threshold: float = DEFAULT_THRESHOLD, batch_size: int = 100,
+                  device: torch.device | str = "cpu", data_root: str | None = None,
+                  log: logging.Logger = log) -> TaskEvaluation:
+    """Score an algorithmic net of a run with resolved training `config` on its test sets: every
+    size (default: the run's test sizes), every iteration, the stopping rules.
+
+    With `fold`, a soft-shared net is folded first (`thinking_net`) so that it can think longer.
+    Nets that run any number of iterations run `default_iterations`, unless they score below
+    LEARNED at the training size after their trained iterations: thinking longer cannot help a
+    net that did not learn, so it is scored at its trained count. `iterations` overrides both.
+    """
+    check_positive("patience", patience)
+    if iterations is not None:
+        check_positive("iterations", iterations)
+    device = resolve_device(device) if isinstance(device, str) else device
+    task, trained = config["task"], config["depth"]
+    count = count or config["test_count"]
+    root = data_root or config.get("data_root")
+    sizes = list(sizes or config["test_sizes"] or [config["train_size"]])
+
+    def exact_match_at_training_size(net: nn.Module) -> float:
+        x, y = evaluation_examples(config, config["train_size"], count, root)
+        return think(net, task, x, y, trained, batch_size, device)["exact_match"][-1]
+
+    evaluated, folded = thinking_net(model, threshold) if fold else (model, None)
+    result: dict = {"parameters": count_parameters(model), "trained_iterations": trained, "patience": patience,
+                    "fold": None}
+    learned = None
+    if folded is not None:
+        before, learned = exact_match_at_training_size(model), exact_match_at_training_size(evaluated)
+        result["fold"] = {"threshold": threshold, "loops": folded.loops[0], "params_after": folded.params_after,
+                          "acc_before": before, "acc_after": learned,
+                          "runs_longer": evaluated.max_iterations is None}
+        log.info("folded at |cos| >= %g into loops %s (%d -> %d parameters): exact match at size %d %.1f%% -> "
+                 "%.1f%%%s", threshold, folded.loops[0], folded.params_before, folded.params_after,
+                 config["train_size"], 100 * before, 100 * learned,
+                 "; its last loop runs any number of iterations" if evaluated.max_iterations is None else "")
+    evaluated = in_trained_layout(evaluated, config)
+    if iterations is None:
+        iterations = default_iterations(evaluated, trained)
+        if iterations > trained and (learned if learned is not None
+                                     else exact_match_at_training_size(evaluated)) < LEARNED:
+            log.info("below %.0f%% exact match at the training size: scored at its %d trained iterations only",
+                     100 * LEARNED, trained)
+            iterations = trained
+    evaluated.check_iterations(0, iterations)
+    result["eval_iterations"] = iterations
+    result.update(accuracy={}, stop={}, test={})
+    examples: dict[int, tuple[Tensor, Tensor]] = {}
+    for size in sizes:
+        log.info("size %d: %d instances, %d iterations", size, count, iterations)
+        x, y = evaluation_examples(config, size, count, root)
+        thought = think(evaluated, task, x, y, iterations, batch_size, device, patience=patience)
+        curve, stop = thought["exact_match"], thought["stop"]
+        best = max(range(len(curve)), key=curve.__getitem__)
+        result["accuracy"][str(size)], result["stop"][str(size)] = curve, stop
+        examples[size] = (x[:MAZES_SHOWN], y[:MAZES_SHOWN])
+        result["test"][str(size)] = {
+            "at_trained": curve[min(trained, iterations) - 1], "last": curve[-1], "best": curve[best],
+            "best_iteration": best + 1,
+            "stable": stop["stable"]["exact_match"], "stable_iteration": stop["stable"]["mean_iteration"],
+            "confident": stop["confident"]["exact_match"],
+            "confident_iteration": stop["confident"]["mean_iteration"]}
+    return TaskEvaluation(model, evaluated, result, examples)
+
+
+def score_task_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "auto",
+                          **options) -> TaskEvaluation:
+    """`evaluate_task` on a checkpoint of an algorithmic run (see `find_checkpoint` for the paths
+    accepted: a run directory is scored from its best checkpoint), its weights read once; the
+    result also names the checkpoint, its epoch, model, task and test set. Writes nothing."""
+    checkpoint = load_checkpoint(path, train_state=False)
+    config = checkpoint.meta.get("config") or {}
+    if config.get("task") not in IN_CHANNELS:
+        raise SoftshareError(f"{checkpoint.path} was not trained on an algorithmic task "
+                             f"(task {config.get('task')!r})")
+    dev = resolve_device(device) if isinstance(device, str) else device
+    evaluation = evaluate_task(load(checkpoint, device=dev), config, device=dev, **options)
+    evaluation.result = {"checkpoint": str(checkpoint.path), "checkpoint_epoch": checkpoint.meta.get("epoch"),
+                         "task": config["task"], "model": checkpoint.meta["model"]["name"],
+                         "train_size": config["train_size"], "seed": config["seed"],
+                         "count": options.get("count") or config["test_count"], **evaluation.result}
+    return evaluation
+
+
+def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = None, iterations: int | None = None,
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
                              data_root: str | None = None, out: str | None = None,
-                             patience: int = STOP_PATIENCE, overwrite: bool = False,
-                             figure_format: str = "png") -> dict:
-    """Exact match per test size after each of 1..`iterations` iterations and at the stopping
-    rules (`think`); writes JSON and a plot (for mazes also input/target/prediction figures and a
-    GIF), the figures in `figure_format`.
+                             patience: int = STOP_PATIENCE, overwrite: bool = False, fold: bool = True,
+                             threshold: float = DEFAULT_THRESHOLD, figure_format: str = "png") -> dict:
+    """`score_task_checkpoint`, written as JSON and a plot (for mazes also input/target/prediction
+    figures, a solved and an unsolved maze per size, and a GIF), the figures in `figure_format`:
+    what `softshare eval` does with an algorithmic run.
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
@@ -170,44 +275,30 @@ def evaluate_task_checkpoint(path: str, sizes: list[int] | None = None, iteratio
     if iterations is not None:
         check_positive("iterations", iterations)
     figure_path("plot", figure_format)  # a bad format is refused before any work
-    if out:  # before any work: never clobber a user's file (or the plot beside a new result)
+    if out:  # before any work: never clobber a user's file (or the plots beside a new result)
         check_output(out, "eval", overwrite=overwrite, directory=False)
         if not Path(out).exists():
-            check_output(_plot_path(Path(out), figure_format), "eval plot", overwrite=overwrite, directory=False)
-    ckpt_path = find_checkpoint(path)
-    meta = load_checkpoint(ckpt_path, train_state=False).meta
-    config = meta.get("config") or {}
-    if config.get("task") not in IN_CHANNELS:
-        raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
-    if out and config["task"] == "mazes" and not Path(out).exists():  # the maze figure beside a new result
-        for extra in (_mazes_plot_path(Path(out), figure_format), _mazes_animation_path(Path(out))):
-            check_output(extra, "eval plot", overwrite=overwrite, directory=False)
-    dev = resolve_device(device)
-    model = in_trained_layout(load(ckpt_path, device=dev), config)
-    trained = config["depth"]
-    iterations = iterations or default_iterations(model, trained)
-    model.check_iterations(0, iterations)
-    sizes = sizes or config["test_sizes"] or [config["train_size"]]
-    count = count or config["test_count"]
-    accuracy, stop, examples = {}, {}, {}
-    for size in progress(sizes, f"scoring {count} instances per size, {iterations} iterations", unit="size",
-                         log=log):
-        x, y = evaluation_examples(config, size, count, data_root or config["data_root"])
-        thought = think(model, config["task"], x, y, iterations, batch_size, dev, patience=patience)
-        accuracy[str(size)], stop[str(size)] = thought["exact_match"], thought["stop"]
-        examples[size] = (x[:MAZES_SHOWN], y[:MAZES_SHOWN])  # the figure shows one solved, one not
-    result = {"softshare_output": "eval", "checkpoint": str(ckpt_path), "task": config["task"],
-              "model": meta["model"]["name"],
-              "train_size": config["train_size"], "trained_iterations": trained, "seed": config["seed"],
-              "count": count, "iterations": list(range(1, iterations + 1)), "patience": patience,
-              "accuracy": accuracy, "stop": stop}
-    json_path = Path(out) if out else _default_eval_path(ckpt_path)
+            extras = [_plot_path(Path(out), figure_format)]
+            if (read_meta(path).get("config") or {}).get("task") == "mazes":
+                extras += [_mazes_plot_path(Path(out), figure_format), _mazes_animation_path(Path(out))]
+            for extra in extras:
+                check_output(extra, "eval plot", overwrite=overwrite, directory=False)
+    evaluation = score_task_checkpoint(path, device=device, sizes=sizes, count=count, iterations=iterations,
+                                       patience=patience, fold=fold, threshold=threshold, batch_size=batch_size,
+                                       data_root=data_root)
+    found = evaluation.result
+    checkpoint_path = Path(found["checkpoint"])
+    result = {"softshare_output": "eval", **found, "iterations": list(range(1, found["eval_iterations"] + 1))}
+    json_path = Path(out) if out else _default_eval_path(checkpoint_path)
     write_json(json_path, result)
     plots = {"plot": _plot_path(json_path, figure_format)}
     plot_accuracy_vs_iterations(result, plots["plot"])
-    if config["task"] == "mazes":
-        at = min(trained, iterations)
-        rows = pick_mazes(examples, maze_predictions(model, examples, iterations, dev), at)
+    if found["task"] == "mazes":
+        examples = evaluation.examples
+        device_used = next(evaluation.evaluated.parameters()).device
+        predictions = maze_predictions(evaluation.evaluated, examples, found["eval_iterations"], device_used)
+        at = min(found["trained_iterations"], found["eval_iterations"])
+        rows = pick_mazes(examples, predictions, at)
         plots["mazes_plot"] = _mazes_plot_path(json_path, figure_format)
         plot_maze_predictions(rows, at, plots["mazes_plot"])
         plots["mazes_animation"] = animate_maze_thinking(rows, _mazes_animation_path(json_path))
@@ -236,27 +327,3 @@ def _default_eval_path(ckpt_path: Path) -> Path:
     if ckpt_path.parent.name == "checkpoints":  # <run>/checkpoints/<which>
         return ckpt_path.parent.parent / f"eval-{ckpt_path.name}.json"
     return ckpt_path.parent / f"{ckpt_path.name}-eval.json"
-
-
-def longest_loop(model: nn.Module) -> tuple[str, LoopBlock] | None:
-    """The folded loop of most trained iterations (ties: the last, nearest the head), if any
-    loop has 2 or more; None for a net with nothing to run longer."""
-    loops = [(name, loop) for name, loop in loop_blocks(model) if loop.length >= 2]
-    if not loops:
-        return None
-    return max(reversed(loops), key=lambda item: item[1].length)
-
-
-def exact_match_thinking_longer(model: nn.Module, task: str, x: Tensor, y: Tensor, extra: int, batch_size: int,
-                                device: torch.device) -> list[float] | None:
-    """Exact match after each iteration of a folded net whose longest loop runs `extra` more times
-    (the other loops as trained); None when it has no loop of 2 or more blocks."""
-    found = longest_loop(model)
-    if found is None:
-        return None
-    name, loop = found
-    set_iterations(model, {name: loop.length + extra})
-    try:
-        return exact_match_by_iteration(model, task, x, y, model.max_iterations, batch_size, device)
-    finally:
-        set_iterations(model, None)

@@ -24,7 +24,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[tuple[torch.Tensor, 
                         amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Sums over all batches, so the result is exact whatever the batch size.
 
-    Returns loss (mean cross-entropy), acc/top1_error/top5_error, and count. Under DDP pass
+    Returns loss (mean cross-entropy), acc (top-1), top5_acc, and count. Under DDP pass
     each rank its shard and all-reduce `sums` yourself (see `classifier_sums`).
     """
     sums = classifier_sums(model, batches, amp_dtype)
@@ -56,8 +56,7 @@ def classifier_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 def summarise(sums: torch.Tensor) -> dict[str, float]:
     loss, top1, top5, count = sums.tolist()
     count = max(count, 1.0)
-    return {"loss": loss / count, "acc": top1 / count, "top1_error": 1 - top1 / count,
-            "top5_error": 1 - top5 / count, "count": int(count)}
+    return {"loss": loss / count, "acc": top1 / count, "top5_acc": top5 / count, "count": int(count)}
 
 
 def test_set_evaluator(dataset: str, data_root: str | None = None, download: bool = False,

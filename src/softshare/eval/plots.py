@@ -14,7 +14,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..io import atomic_path, save_figure
+from ..storage import atomic_path, save_figure
 
 
 def _net_words(model: str) -> str:

@@ -4,24 +4,22 @@ into an evaluator (`evaluator_for`) or a scored checkpoint (`evaluate_checkpoint
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from torch import nn
 
-from ..checkpoint import find_checkpoint, load, load_checkpoint
+from ..checkpoint import find_checkpoint, load, read_meta
 from ..data.imagefolder import IMAGEFOLDER
 from ..data.tasks import evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..fold.report import Evaluator
 from .algorithmic import evaluate_task_checkpoint, exact_match_by_iteration
 from .classification import imagefolder_evaluator, test_set_evaluator
-
-Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
 def run_config(path: str | os.PathLike) -> dict:
     """The resolved training config recorded in a run's (or checkpoint's) meta.json ({} if none)."""
-    return load_checkpoint(find_checkpoint(path), train_state=False).meta.get("config") or {}
+    return read_meta(path).get("config") or {}
 
 
 def evaluator_for(config: dict | None, device: str = "auto", dataset: str | None = None,
@@ -64,7 +62,8 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
     """Load a checkpoint and score it on the test split of its (or the given) dataset.
 
     A checkpoint trained on an algorithmic task is scored by exact match per test size and
-    iteration instead (`task_options`: sizes, iterations, count, out; see
+    iteration instead, a soft-shared net folded to think longer (`task_options`: sizes,
+    iterations, count, out, patience, fold, threshold, overwrite; see
     `eval.algorithmic.evaluate_task_checkpoint`).
     """
     ckpt_path = find_checkpoint(path)

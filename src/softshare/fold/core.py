@@ -25,7 +25,7 @@ from ..errors import SoftshareError
 from ..layers import LoopBlock, loop_blocks
 from ..layers.structure import count_parameters
 from ..models import create_model, list_families
-from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction, pairwise_similarity
+from .plan import DEFAULT_THRESHOLD, find_groups, fit_residual, foldable_sites, loop_direction, pairwise_similarity
 
 
 @dataclass
@@ -166,8 +166,7 @@ def _fold_group(site: FoldSite, members: list[int]) -> tuple[FoldGroup, dict[str
         entries[f"{role}.weight"] = bank.mix(direction).detach()
         entries[f"scales.{role}"] = c.to(bank.templates.dtype)
         scales[role] = c.tolist()
-        residual = (vectors - c[:, None] * direction).norm(dim=1) / vectors.norm(dim=1).clamp_min(1e-300)
-        fit_error = max(fit_error, float(residual.max()))
+        fit_error = max(fit_error, fit_residual(vectors, direction, c))
     for t, index in enumerate(members):
         for child_name, child in site.blocks[index].named_children():
             if child_name not in site.roles:

@@ -76,3 +76,10 @@ def loop_direction(coefficients: Tensor) -> tuple[Tensor, Tensor]:
     if scales[0] < 0:
         direction, scales = -direction, -scales
     return direction, scales
+
+
+def fit_residual(coefficients: Tensor, direction: Tensor, scales: Tensor) -> float:
+    """max_t |a_t - c_t u| / |a_t|: how far the worst of the (n, k) vectors a_t is from its fit c_t u
+    (`loop_direction`), relative to its own length; 0 for exactly collinear vectors."""
+    residual = (coefficients - scales[:, None] * direction).norm(dim=1) / coefficients.norm(dim=1).clamp_min(1e-300)
+    return float(residual.max())

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from torch import nn
 
-from ..io import figure_path, save_figure, write_json, write_text
+from ..storage import figure_path, save_figure, write_json, write_text
 from ..progress import progress
 from .core import FoldResult, count_parameters, fold_model, plan_loops
 from .plan import check_threshold

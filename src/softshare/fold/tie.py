@@ -30,7 +30,7 @@ from ..analysis import abs_cosine
 from ..errors import SoftshareError
 from ..layers import TemplateBank, named_banks
 from ..layers.structure import count_parameters, drop_unused_banks, module_names, replace_module, to_plain, to_shared
-from .plan import DEFAULT_THRESHOLD, SIMILARITY_TOLERANCE, check_threshold, loop_direction
+from .plan import DEFAULT_THRESHOLD, SIMILARITY_TOLERANCE, check_threshold, fit_residual, loop_direction
 
 TIED, BANK, PLAIN = "tied", "bank", "plain"  # what became of a group of layers
 
@@ -177,7 +177,6 @@ def _tie_group(bank: TemplateBank, layers: list[nn.Module], vectors: torch.Tenso
                ) -> tuple[list[nn.Module], list[float], float]:
     """Layers drawing from a new one-template bank holding the group's weight W = mix(u)."""
     direction, scales = loop_direction(vectors)
-    residual = (vectors - scales[:, None] * direction).norm(dim=1) / vectors.norm(dim=1).clamp_min(1e-300)
     reference = bank.templates
     tied = TemplateBank(1, bank.weight_shape).to(reference.device, reference.dtype)
     with torch.no_grad():
@@ -193,4 +192,4 @@ def _tie_group(bank: TemplateBank, layers: list[nn.Module], vectors: torch.Tenso
         shared.coefficients.requires_grad_(layer.coefficients.requires_grad)
         new.append(shared)
     tied.train(bank.training)
-    return new, [float(c) for c in scales], float(residual.max())
+    return new, [float(c) for c in scales], fit_residual(vectors, direction, scales)

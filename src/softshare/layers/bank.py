@@ -10,7 +10,7 @@ makes sharing nearly free in training time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,16 @@ class TemplateBank(nn.Module):
         self._mixer = BankMixer()  # the fast path's per-forward weights and reusable buffers
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_in, ReLU gain) for each template independently."""
+    def reset_parameters(self, init: Callable[[Tensor], object] | None = None) -> None:
+        """Initialise each template independently, as one layer's weight: `init(template)` in place
+        (a `torch.nn.init` function; default Kaiming-normal, fan_in, ReLU gain). A model family
+        passes the init its plain layers get, so a shared net starts where its plain twin would."""
         with torch.no_grad():
             for template in self.templates:
-                nn.init.kaiming_normal_(template, mode="fan_in", nonlinearity="relu")
+                if init is None:
+                    nn.init.kaiming_normal_(template, mode="fan_in", nonlinearity="relu")
+                else:
+                    init(template)
 
     @property
     def layers(self) -> list[nn.Module]:

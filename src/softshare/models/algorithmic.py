@@ -29,6 +29,7 @@ growing when the net runs many more iterations than it was trained with.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -201,14 +202,13 @@ class AlgorithmicNet(nn.Module):
             iterations = [Iteration(*args, banks=dict(self.banks)) for _ in range(depth)]
         else:
             iterations = [Iteration(*args) for _ in range(1 if body == "recurrent" else depth)]
-        self.blocks = nn.ModuleList(iterations)
+        self.iterations = nn.ModuleList(iterations)  # what one step of the schedule runs (recurrent: one)
         wide = [_conv(dim, width, width), nn.ReLU()] if head_convs == 3 else []
         self.head = nn.Sequential(*wide, _conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
         if self.banks is not None:
             for bank in self.banks.values():
                 # PyTorch's default conv init, as the unshared convs here and DeepThinking's.
-                for template in bank.templates.data:
-                    nn.init.kaiming_uniform_(template, a=math.sqrt(5))
+                bank.reset_parameters(functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
                 init_coefficients(bank.layers)  # orthogonal directions: iterations start apart ...
                 with torch.no_grad():  # ... each at the scale of one template (rows of unit norm; k = 1: +1)
                     if coef_init == "aligned":  # ... or one shared random direction plus noise (a study lever)
@@ -232,21 +232,20 @@ class AlgorithmicNet(nn.Module):
         get it (a unit-norm coefficient row then gives each layer the same variance).
         """
         if self.banks is not None:
-            for template in self.banks["recall"].templates:
-                nn.init.kaiming_normal_(template, nonlinearity="relu")
+            self.banks["recall"].reset_parameters(functools.partial(nn.init.kaiming_normal_, nonlinearity="relu"))
         else:
-            for iteration in self.blocks:
+            for iteration in self.iterations:
                 nn.init.kaiming_normal_(iteration.recall.weight, nonlinearity="relu")
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""
-        params = {id(p): p for p in self.blocks.parameters()}
+        params = {id(p): p for p in self.iterations.parameters()}
         if self.banks is not None:
             params.update({id(p): p for p in self.banks.parameters()})
         return list(params.values())
 
     def _loop_tail(self) -> LoopIteration | None:
-        last = self.blocks[-1]
+        last = self.iterations[-1]
         return last if isinstance(last, LoopIteration) and last.length >= 2 else None
 
     @property
@@ -272,9 +271,9 @@ class AlgorithmicNet(nn.Module):
         a final loop repeats its last step.
         """
         if self.body == "recurrent":
-            return [(self.blocks[0], None)] * (end or 1)
+            return [(self.iterations[0], None)] * (end or 1)
         steps: list[tuple[nn.Module, int | None]] = []
-        for block in self.blocks:
+        for block in self.iterations:
             if isinstance(block, LoopIteration):
                 steps += [(block, min(t, block.length - 1)) for t in range(block.iterations or block.length)]
             else:
@@ -373,8 +372,9 @@ def _register(prefix: str, body: str) -> None:
                               lipschitz, fold, recall_relu, head_convs, recall_init, coef_init, coef_noise)
 
     name = f"{prefix}_{body}"
+    # `iterations` was called `blocks` until softshare 0.1.0 (ambiguous with residual blocks per iteration)
     register_family(name, name, [name], f"{what}: {describe}", small_example=name,
-                    input_size=(24, 24) if dim == 2 else (32,))(build)
+                    input_size=(24, 24) if dim == 2 else (32,), renamed=(("blocks.", "iterations."),))(build)
 
 
 for _prefix in _DIMS:

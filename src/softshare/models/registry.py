@@ -20,7 +20,8 @@ class ModelFamily:
     `small_example` names a small member (any name matching `pattern`) that tests build and
     train on CPU; by default the example with the fewest parameters. `input_size` is the
     spatial size of one input sample, e.g. ``(32, 32)`` or ``(64,)``; by default tests derive
-    1-D or 2-D from the model's first convolution.
+    1-D or 2-D from the model's first convolution. `renamed` lists ``(old, new)`` prefixes of
+    module names the family has renamed, so that checkpoints saved before still load.
     """
 
     name: str
@@ -30,6 +31,7 @@ class ModelFamily:
     description: str = ""
     small_example: str | None = None
     input_size: tuple[int, ...] | None = None
+    renamed: tuple[tuple[str, str], ...] = ()
 
 
     def readable_pattern(self) -> str:
@@ -79,7 +81,8 @@ _FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(name: str, pattern: str, examples: list[str], description: str = "",
-                    small_example: str | None = None, input_size: tuple[int, ...] | None = None):
+                    small_example: str | None = None, input_size: tuple[int, ...] | None = None,
+                    renamed: tuple[tuple[str, str], ...] = ()):
     """Decorator: register `builder(*int_groups, num_classes=, in_channels=, **kwargs)`."""
     compiled = re.compile(pattern)
     if small_example is not None and not compiled.fullmatch(small_example):
@@ -87,7 +90,7 @@ def register_family(name: str, pattern: str, examples: list[str], description: s
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _FAMILIES[name] = ModelFamily(name, compiled, builder, list(examples), description, small_example,
-                                      None if input_size is None else tuple(input_size))
+                                      None if input_size is None else tuple(input_size), tuple(renamed))
         return builder
 
     return decorator
@@ -123,6 +126,16 @@ def find_family(name: str) -> tuple[ModelFamily, list[int]]:
     families = ", ".join(f.readable_pattern() for f in _FAMILIES.values())
     err = unknown_name("model", name, list_models())
     raise SoftshareError(f"{err}. Families: {families}")
+
+
+def current_name(model_name: str | None, module_name: str) -> str:
+    """`module_name` (a state-dict key or layer name of a `model_name` model) as the family names
+    it today: what a checkpoint saved before a rename held under the old name."""
+    family = next((f for f in _FAMILIES.values() if model_name and f.pattern.fullmatch(model_name)), None)
+    for old, new in family.renamed if family is not None else ():
+        if module_name.startswith(old):
+            return new + module_name[len(old):]
+    return module_name
 
 
 def check_model_args(name: str, kwargs: dict) -> None:

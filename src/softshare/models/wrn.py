@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
@@ -332,8 +334,7 @@ class BottleneckResNet(nn.Module):
         nn.Linear's default; orthogonal coefficient vectors per bank (the paper's)."""
         def banks(module: nn.Module) -> None:
             if isinstance(module, TemplateBank):
-                for template in module.templates.data:
-                    nn.init.kaiming_normal_(template, mode="fan_out", nonlinearity="relu")
+                module.reset_parameters(functools.partial(nn.init.kaiming_normal_, mode="fan_out", nonlinearity="relu"))
                 init_coefficients(module.layers)
 
         _init_modules(self, "fan_out", banks)

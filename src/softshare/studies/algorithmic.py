@@ -28,15 +28,15 @@ import torch
 from matplotlib.figure import Figure
 
 from ..analysis.lsm import save_lsm
-from ..checkpoint import find_checkpoint, load, load_checkpoint
-from ..data.tasks import evaluation_examples
-from ..device import environment_description, resolve_device
+from ..checkpoint import find_checkpoint, load
+from ..device import environment_description
 from ..errors import SoftshareError
-from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, in_trained_layout, think
-from ..fold import DEFAULT_THRESHOLD, fold_model
-from ..io import figure_path, save_figure, write_json, write_text
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, LEARNED, STOP_PATIENCE, score_task_checkpoint
+from ..fold import DEFAULT_THRESHOLD
+from ..storage import figure_path, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 from ..train.loop import train
+from ..train.algorithmic import steps_per_epoch
 from ..train.run_dir import read_metrics
 
 log = logging.getLogger("softshare.experiment")
@@ -44,9 +44,8 @@ log = logging.getLogger("softshare.experiment")
 TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
 RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
-EVAL_VERSION = 3  # bump when the cached per-run evaluation changes meaning
+EVAL_VERSION = 4  # bump when the cached per-run evaluation changes meaning (4: curves kept in it)
 LSM_FIGURES = "lsm-evaluated"  # a shared run's LSM figures, beside its evaluation
-LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,9 @@ def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ..
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hardware": environment_description(device),
                "jobs": jobs, "seeds": list(seeds), "overrides": overrides or {}, "target_train_acc": TARGET,
                "fold_threshold": DEFAULT_THRESHOLD, "patience": patience, "runs": runs, "summary": summarise(runs)}
-    write_json(out / "results.json", results)
+    # the curves stay in each run's study-eval.json: results.json keeps the numbers the report quotes
+    write_json(out / "results.json", {**results, "runs": [{k: v for k, v in r.items() if k != "curves"}
+                                                          for r in runs]})
     write_text(out / "results.md", markdown_report(results))
     for task in tasks:
         plot_training(results, task, figure_path(out / f"training_{task}", figure_format))
@@ -152,33 +153,28 @@ def _run_one(config: TrainConfig, variant: str, patience: int) -> dict:
     if result.interrupted:
         raise KeyboardInterrupt
     history = read_metrics(run_path)
-    steps_per_epoch = config.train_count // config.batch_size
+    per_epoch = steps_per_epoch(config)
     reached = next((row for row in history if row["train_acc"] >= TARGET), None)
     seconds = [row["seconds"] for row in history]
     record = {
         "task": config.task, "variant": variant, "seed": config.seed, "run": str(run_path),
-        "model": config.model, "steps_per_epoch": steps_per_epoch, "epochs": len(history),
-        "steps_to_target": reached["epoch"] * steps_per_epoch if reached else None,
+        "model": config.model, "steps_per_epoch": per_epoch, "epochs": len(history),
+        "steps_to_target": reached["epoch"] * per_epoch if reached else None,
         "seconds_to_target": round(sum(seconds[:reached["epoch"]]), 2) if reached else None,
         "train_seconds": round(sum(seconds), 2),
         "final_train_acc": history[-1]["train_acc"], "final_train_loss": history[-1]["train_loss"],
         "final_val_acc": history[-1].get("val_acc"),
-        "curve": [(row["epoch"] * steps_per_epoch, row["train_acc"]) for row in history],
+        "curve": [(row["epoch"] * per_epoch, row["train_acc"]) for row in history],
         "trained_iterations": config.depth, "train_size": config.train_size,
     }
     return {**record, **evaluate_run(run_path, config, patience, config.figure_format)}
 
 
-def _trained_size_exact_match(model, config: TrainConfig, device: torch.device) -> float:
-    x, y = evaluation_examples(config.to_dict(), config.train_size, config.test_count)
-    return think(model, config.task, x, y, config.depth, 100, device)["exact_match"][-1]
-
-
 def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE,
                  figure_format: str = "png") -> dict:
-    """Parameters, folding (shared nets) and exact match per size at the trained iterations, the
-    stopping rule and the best iteration; cached in ``study-eval.json`` beside the run. A shared
-    net's LSM figures go to ``lsm-evaluated/`` (drawn again when asked in another format)."""
+    """The run's best checkpoint scored by `eval.evaluate_task` (shared nets folded to think
+    longer), with the LSM of a shared net in ``lsm-evaluated/`` (drawn again when asked in another
+    format); cached in ``study-eval.json`` beside the run, curves included."""
     path = run_path / "study-eval.json"
     settings = {"version": EVAL_VERSION, "sizes": config.test_sizes, "count": config.test_count,
                 "patience": patience, "threshold": DEFAULT_THRESHOLD, "epochs": config.epochs}
@@ -188,45 +184,18 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
             if config.model == "shared" and not any((run_path / LSM_FIGURES).glob(f"*.{figure_format}")):
                 save_lsm(load(find_checkpoint(run_path)), run_path / LSM_FIGURES, figure_format)
             return cached["result"]
-    device = resolve_device(config.device)
     # the best checkpoint by validation exact match at the training size (the first epoch that
     # reached it), as DeepThinking tests its nets: later epochs can think less far
-    checkpoint = find_checkpoint(run_path)
-    model = load(checkpoint, device=device)
-    result: dict = {"parameters": sum(p.numel() for p in model.parameters()), "checkpoint": checkpoint.name,
-                    "checkpoint_epoch": load_checkpoint(checkpoint, train_state=False).meta.get("epoch")}
-    evaluated = model
-    if config.model == "shared":
-        folded = fold_model(model, DEFAULT_THRESHOLD)
-        save_lsm(model, run_path / LSM_FIGURES, figure_format)
-        before = _trained_size_exact_match(model, config, device)
-        after = _trained_size_exact_match(folded.model, config, device)
-        loops = folded.loops[0]
-        result["fold"] = {"loops": loops, "params_after": folded.params_after, "acc_before": before,
-                          "acc_after": after, "runs_longer": folded.model.max_iterations is None}
-        evaluated = folded.model
-    evaluated = in_trained_layout(evaluated, config.to_dict())
-    iterations = evaluated.max_iterations or EXTRAPOLATION_FACTOR * config.depth
-    learned = result["fold"]["acc_after"] if "fold" in result else None  # scored already for a shared net
-    if iterations > config.depth and (learned if learned is not None
-                                      else _trained_size_exact_match(evaluated, config, device)) < LEARNED:
-        iterations = config.depth  # it did not learn the training size: thinking longer cannot help
-    result["eval_iterations"] = iterations
-    result["test"], curves = {}, {}
-    for size in config.test_sizes:
-        log.info("%s: size %d, %d iterations", run_path.name, size, iterations)
-        x, y = evaluation_examples(config.to_dict(), size, config.test_count)
-        thought = think(evaluated, config.task, x, y, iterations, 100, device, patience=patience)
-        curve = thought["exact_match"]
-        best = max(range(len(curve)), key=curve.__getitem__)
-        result["test"][str(size)] = {
-            "at_trained": curve[config.depth - 1], "last": curve[-1], "best": curve[best], "best_iteration": best + 1,
-            "stable": thought["stop"]["stable"]["exact_match"],
-            "stable_iteration": thought["stop"]["stable"]["mean_iteration"],
-            "confident": thought["stop"]["confident"]["exact_match"],
-            "confident_iteration": thought["stop"]["confident"]["mean_iteration"]}
-        curves[str(size)] = curve
-    write_json(run_path / "study-curves.json", curves)
+    log.info("%s: scoring", run_path.name)
+    evaluation = score_task_checkpoint(run_path, device=config.device, sizes=config.test_sizes,
+                                       count=config.test_count, patience=patience, threshold=DEFAULT_THRESHOLD,
+                                       log=log)
+    if evaluation.result["fold"] is not None:
+        save_lsm(evaluation.model, run_path / LSM_FIGURES, figure_format)
+    found = evaluation.result
+    result = {"parameters": found["parameters"], "checkpoint": Path(found["checkpoint"]).name,
+              "checkpoint_epoch": found["checkpoint_epoch"], **({"fold": found["fold"]} if found["fold"] else {}),
+              "eval_iterations": found["eval_iterations"], "test": found["test"], "curves": found["accuracy"]}
     write_json(path, {"settings": settings, "result": result})
     return result
 
@@ -415,7 +384,7 @@ def plot_iterations(results: dict, task: str, path: Path) -> None:
     size = str(max(int(s) for s in runs[0]["test"])) if runs else ""
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     for run in runs:
-        curve = json.loads((Path(run["run"]) / "study-curves.json").read_text())[size]
+        curve = run["curves"][size]
         colour = COLOURS[variants.index(run["variant"]) % len(COLOURS)]
         first = run["seed"] == min(r["seed"] for r in runs if r["variant"] == run["variant"])
         seeds = sum(r["variant"] == run["variant"] for r in runs)

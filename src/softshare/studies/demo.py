@@ -11,7 +11,7 @@ the study's seeds came out.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,14 +23,18 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from ..analysis.lsm import save_lsm
 from ..device import environment_description
 from ..errors import SoftshareError
-from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE
+from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ..io import check_output, figure_path, rebuild_dir, save_figure, write_json, write_text
+from ..storage import check_output, figure_path, rebuild_dir, save_figure, write_json, write_text
+from ..train.algorithmic import steps_per_epoch
 from ..train.config import TrainConfig, resolve_config
 from ..train.run_dir import read_metrics
-from .algorithmic import LSM_FIGURES, evaluate_run
+from .algorithmic import LSM_FIGURES
+
+log = logging.getLogger("softshare.experiment")
 
 NETS = ("recurrent", "shared", "ff")
 LABELS = {"recurrent": "recurrent", "shared": "soft-shared (folded)", "ff": "feed-forward"}
@@ -76,20 +80,26 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
         _say(f"[2/4] folding the shared net at |cos| >= {DEFAULT_THRESHOLD}, then scoring every net on "
              f"{config.test_count} strings per size {config.test_sizes} (nets that run longer: up to "
              f"{EXTRAPOLATION_FACTOR * config.depth} iterations)")
-        evaluations = {}
-        for kind, train_config in configs.items():
-            evaluations[kind] = evaluate_run(work / "runs" / kind, train_config, config.patience,
-                                             config.figure_format)
-            row = evaluations[kind]["test"]
+        evaluations, curves = {}, {}
+        for kind in NETS:
+            # each net from its best checkpoint by validation exact match; the shared net folded
+            evaluation = score_task_checkpoint(work / "runs" / kind, device=config.device, patience=config.patience,
+                                               log=log)
+            if kind == "shared":
+                lsm = sorted(p.name for p in save_lsm(evaluation.model, work / "runs" / kind / LSM_FIGURES,
+                                                      config.figure_format) if p.suffix != ".json")
+            found = evaluation.result
+            curves[kind] = found["accuracy"]
+            evaluations[kind] = {key: found[key] for key in ("parameters", "checkpoint_epoch", "fold",
+                                                             "eval_iterations", "test")}
+            row = found["test"]
             _say(f"      {LABELS[kind]:22s} " + "  ".join(f"{s}: {100 * row[s]['stable']:5.1f}%" for s in row))
 
         _say("[3/4] figures")
         histories = {kind: read_metrics(work / "runs" / kind) for kind in NETS}
-        curves = {kind: json.loads((work / "runs" / kind / "study-curves.json").read_text()) for kind in NETS}
         figures = {name: figure_path(work / name, config.figure_format).name for name in ("thinking", "training")}
         _plot_training(histories, configs, work / figures["training"])
         _plot_thinking(curves, evaluations, config, work / figures["thinking"])
-        lsm = sorted(p.name for p in (work / "runs" / "shared" / LSM_FIGURES).glob(f"*.{config.figure_format}"))
 
         results = {"config": config.__dict__, "evaluations": evaluations,
                    "seconds": round(time.perf_counter() - started, 1),
@@ -149,8 +159,8 @@ def _plot_training(histories: dict[str, list[dict]], configs: dict[str, TrainCon
     fig = Figure(figsize=(10, 3.8), layout="tight")
     ax_acc, ax_loss = fig.subplots(1, 2)
     for kind, rows in histories.items():
-        steps_per_epoch = configs[kind].train_count // configs[kind].batch_size
-        steps = [r["epoch"] * steps_per_epoch for r in rows]
+        per_epoch = steps_per_epoch(configs[kind])
+        steps = [r["epoch"] * per_epoch for r in rows]
         label = "soft-shared" if kind == "shared" else LABELS[kind]  # folding comes after training
         ax_acc.plot(steps, [100 * r["train_acc"] for r in rows], color=COLOURS[kind], marker=".", label=label)
         ax_loss.plot(steps, [r["train_loss"] for r in rows], color=COLOURS[kind], marker=".", label=label)

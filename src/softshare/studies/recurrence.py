@@ -3,7 +3,8 @@
 For each task, LAMBDA and seed, train with ``--recurrence-reg LAMBDA`` (the pull of same-role
 layers in consecutive blocks towards collinear coefficients, `analysis.recurrence_penalty`),
 then report accuracy, how many shared layers fold into loops at LSM >= the fold threshold, and
-the accuracy of the folded net. Runs go through the ordinary trainer; a rerun reuses finished runs.
+the accuracy of the folded net. Runs go through the ordinary trainer; a rerun reuses finished runs
+and continues interrupted ones (`--resume auto`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import torch
 from torch import nn
 
 from ..analysis import recurrence_penalty
-from ..checkpoint import load
 from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.run import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, fold_model, foldable_sites, plan_loops
-from ..io import write_json, write_text
+from ..storage import write_json, write_text
 from ..train.config import resolve_config
 from ..train.loop import train
 
@@ -41,7 +41,7 @@ class Setting:
 SETTINGS = {
     # 2 shared blocks (4 shared convs) per stage bank; ~1 min per epoch on 2 cores
     "fashion_mnist": Setting("fashion_mnist_cpu", {"model": "swrn_22_1_2", "epochs": 2}),
-    # 16 blocks (32 convs) drawing from one bank of 4 templates
+    # 16 iterations of 5 convs (recall, conv1..conv4), one bank of 4 templates per conv role: 5 banks of 16 layers
     "mazes": Setting("mazes_cpu", {"model": "shared", "num_templates": 4, "width": 16, "depth": 16,
                                    "lr": 0.002, "epochs": 15}),
 }
@@ -94,13 +94,12 @@ def _run_one(out: Path, task: str, setting: Setting, lam: float, seed: int, devi
                  "out_dir": str(out / "runs"), "name": f"{task}-reg{lam:g}-s{seed}",
                  **({"epochs": epochs} if epochs else {})}
     config = resolve_config(setting.preset, overrides=overrides)
-    run_path = out / "runs" / config.name
-    if (run_path / "checkpoints" / "last").exists():
-        log.info("%s: reusing the finished run", config.name)
-        model = load(run_path / "checkpoints" / "last")
-    else:
-        log.info("%s: training with recurrence_reg %g", config.name, lam)
-        model = train(config).model.eval()
+    log.info("%s: training with recurrence_reg %g (a finished run is reused, an interrupted one continued)",
+             config.name, lam)
+    trained = train(config, resume="auto")
+    if trained.interrupted:
+        raise KeyboardInterrupt
+    model = trained.model.eval()
     dev = next(model.parameters()).device
     evaluate = evaluator_for(config.to_dict(), str(dev))
     folded, total = folded_layers(model)

@@ -1,7 +1,8 @@
 """Mazes and prefix sums as a Task: data in memory, per-pixel/bit loss, the progressive loss.
 
-Which model family suits which task lives here (`resolve_model_name`); the models themselves
-know no task names. Scoring (exact match per instance) is `eval.algorithmic.score`.
+Which model family suits which task lives here (`resolve_model_name`), and the training loss
+(`task_loss`); the models themselves know no task names. Scoring (exact match per instance, every
+size, the stopping rules) is `eval.algorithmic`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tasks import IN_CHANNELS, evaluation_examples, examples, selection_examples, validation_count
 from ..errors import SoftshareError
-from ..eval.algorithmic import EXTRAPOLATION_FACTOR, in_trained_layout, score, think, thinking_net
-from ..io import write_json
+from ..eval.algorithmic import default_iterations, in_trained_layout, solve_mask, solved, think, thinking_net
+from ..storage import write_json
 from ..wrappers import unwrap_model
 from ..models import create_model
 from ..models.algorithmic import BODIES
+from ..models.registry import check_model_args
+from .config import TrainConfig
+from .config_help import CUSTOM
 from .task import Task
 
 MODEL_PREFIX = {"mazes": "maze", "prefix-sums": "prefix"}  # task -> model-name prefix
@@ -31,6 +36,18 @@ class Batch(NamedTuple):
     y: Tensor  # int64 targets (N, *spatial)
     start: int  # progressive loss: iterations run without gradient first
     count: int  # ... then iterations run with gradient
+
+
+def task_loss(task: str, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels that count (a maze's open pixels; every bit)."""
+    mask = solve_mask(task, x)
+    loss = F.cross_entropy(logits.float(), y, reduction="none")
+    return loss.mean() if mask is None else (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def steps_per_epoch(config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch of an algorithmic run (the last partial batch is dropped)."""
+    return config.train_count // (config.batch_size * world_size)
 
 
 def resolve_model_name(task: str, model: str) -> str:
@@ -47,6 +64,15 @@ def resolve_model_name(task: str, model: str) -> str:
                          f"predicts each {'pixel' if prefix == 'maze' else 'bit'}); use one of: {names}")
 
 
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown or absurd model name and unknown --model-args keys, before any work
+    (a custom task's model is the caller's own: nothing to check by name)."""
+    if config.task == CUSTOM:
+        return
+    model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
+    check_model_args(model, config.model_args)
+
+
 class AlgorithmicTask(Task):
     """Training on mazes or prefix sums with the optional progressive loss of Bansal et al. (2022).
 
@@ -60,6 +86,8 @@ class AlgorithmicTask(Task):
     def __init__(self, config, device, dist) -> None:
         super().__init__(config, device, dist)
         self.model_name = resolve_model_name(config.task, config.model)  # fail before making data
+        self.unit = "mazes" if config.task == "mazes" else "strings"
+        self.find_unused_parameters = config.alpha > 0  # the progressive loss runs only some iterations
         val_count = validation_count(config.to_dict())
         x, y = examples(config.task, config.train_size, config.train_count + val_count, config.seed,
                         root=config.data_root)
@@ -69,6 +97,7 @@ class AlgorithmicTask(Task):
         else:  # val_size 0: train on all, evaluate on the test set at the training size
             self.val_x, self.val_y = evaluation_examples(config.to_dict(), config.train_size,
                                                          config.test_count, config.data_root)
+            self.eval_split = "test"
         self.select_x = self.select_y = None
         if config.select_size:  # the best checkpoint is the one that thinks longest (see selection_metrics)
             self.select_x, self.select_y = selection_examples(config.to_dict(), config.select_size,
@@ -97,7 +126,7 @@ class AlgorithmicTask(Task):
                             **{**kwargs, **config.model_args})
 
     def batches_per_epoch(self) -> int:
-        return self.config.train_count // self.per_step
+        return steps_per_epoch(self.config, self.dist.world_size)
 
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         config, steps = self.config, self.batches_per_epoch()
@@ -132,14 +161,14 @@ class AlgorithmicTask(Task):
                 state = state.detach()
             else:
                 logits = model(batch.x, self.config.depth, state=first)
-            full, solved = score(task, logits, batch.y, batch.x)
+            full, right = task_loss(task, logits, batch.y, batch.x), solved(task, logits, batch.y, batch.x)
         if alpha == 0:
-            return full, solved.sum()
+            return full, right.sum()
         if state is None and start:
             state = start(model)
         logits = model(batch.x, batch.count, start=batch.start, state=state)
-        progressive = score(task, logits, batch.y, batch.x)[0]
-        return (1 - alpha) * full + alpha * progressive, solved.sum()
+        progressive = task_loss(task, logits, batch.y, batch.x)
+        return (1 - alpha) * full + alpha * progressive, right.sum()
 
     def _random_starts(self, model: nn.Module, x: Tensor):
         """With `random_state` > 0: a function giving the batch's first thought, where that fraction
@@ -165,18 +194,18 @@ class AlgorithmicTask(Task):
         size, the net run as `softshare eval` runs it (a shared net folded, up to 20x T iterations)."""
         was_training = model.training
         model.eval()
-        loss_sum, solved, batch = 0.0, 0.0, max(self.config.batch_size, 256)
+        loss_sum, right, batch = 0.0, 0.0, max(self.config.batch_size, 256)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16,
                                              enabled=amp_dtype is not None):
             for begin in range(0, len(self.val_y), batch):
                 x = self._to_device(self.val_x[begin:begin + batch])
                 y = self.val_y[begin:begin + batch].to(self.device)
-                loss, right = score(self.config.task, model(x, self.config.depth), y, x)
-                loss_sum += loss.item() * len(y)
-                solved += right.sum().item()
+                logits = model(x, self.config.depth)
+                loss_sum += task_loss(self.config.task, logits, y, x).item() * len(y)
+                right += solved(self.config.task, logits, y, x).sum().item()
         model.train(was_training)
         count = max(len(self.val_y), 1)
-        metrics = {"val_loss": loss_sum / count, "val_acc": solved / count}
+        metrics = {"val_loss": loss_sum / count, "val_acc": right / count}
         if self.select_x is not None:
             metrics.update(self._extrapolation(model, amp_dtype))
         return metrics
@@ -187,7 +216,7 @@ class AlgorithmicTask(Task):
         config = self.config
         net, _ = thinking_net(model)
         net = in_trained_layout(net, config.to_dict())
-        iterations = net.max_iterations or EXTRAPOLATION_FACTOR * config.depth
+        iterations = default_iterations(net, config.depth)
         thought = think(net, config.task, self.select_x, self.select_y, iterations, max(config.batch_size, 100),
                         self.device, amp_dtype, until_settled=True)
         stable = thought["stop"]["stable"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import BatchLoader, load_dataset, split_indices
 from ..eval.classification import classifier_sums, summarise
-from ..io import write_json
+from ..storage import write_json
 from ..models import create_model
 from .task import Task
 
@@ -23,6 +23,7 @@ class ImageClassifierTask(Task):
     with label smoothing, and validation metrics from `classifier_sums`."""
 
     primary_metric = "val_acc"
+    unit = "images"
     train_loader: Any
 
     def batches_per_epoch(self) -> int:
@@ -40,7 +41,7 @@ class ImageClassifierTask(Task):
     @staticmethod
     def val_metrics(sums: torch.Tensor) -> dict[str, float]:
         metrics = summarise(sums)
-        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_top5_error": metrics["top5_error"]}
+        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"], "val_top5_acc": metrics["top5_acc"]}
 
 
 class ClassificationTask(ImageClassifierTask):

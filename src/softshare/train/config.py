@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -15,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import SoftshareError, unknown_name
-from .config_help import FIELD_CHOICES, FIELD_HELP, FIELD_TASKS, applies
+from .config_help import CUSTOM, FIELD_CHOICES, applies
 
 
 @dataclass
@@ -27,7 +26,9 @@ class TrainConfig:
     """
 
     # what to train
-    task: str = "classification"  # classification | mazes | prefix-sums
+    task: str = "classification"  # classification | mazes | prefix-sums | custom (softshare.fit)
+    # a registered model name; on mazes / prefix sums also the body (ff, shared, recurrent), which
+    # `algorithmic.resolve_model_name` turns into the task's family; custom: the model's class
     model: str = "swrn_28_10_2"
     model_args: dict = field(default_factory=dict)  # extra create_model kwargs
     dataset: str = "cifar10"
@@ -69,7 +70,7 @@ class TrainConfig:
     select_size: int = 0  # > 0: the best checkpoint thinks best at this size (held-out, stable rule)
     select_count: int = 200  # held-out instances at select_size
     width: int = 64
-    depth: int = 8  # residual blocks (ff/shared) or iterations (recurrent)
+    depth: int = 8  # iterations the body runs in training (ff/shared: that many distinct iterations)
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
     random_state: float = 0.0  # fraction of training instances whose thought starts from a random state
@@ -92,6 +93,7 @@ class TrainConfig:
     lsm_every: int = 0
     checkpoint_every: int = 1
     logger: list[str] = field(default_factory=lambda: ["jsonl"])  # + csv | tensorboard | wandb
+    log_every: int = 50  # TensorBoard / W&B: training loss and lr every N optimizer steps; 0 = off
     figure_format: str = "png"  # png | pdf | svg: curves and LSM figures
 
     def run_name(self) -> str:
@@ -163,6 +165,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                         test_count=500, batch_size=100, epochs=30, warmup_epochs=2.0, blocks=1, lr=2e-3,
                         recall_relu=False, head_convs=2, select_size=128, select_count=200),
 }
+# softshare.fit: your model, data and loss; the recipe fields (optimizer, lr, epochs...) are yours to
+# give. A constant lr unless a schedule is asked for, and your model's memory layout as it is.
+TASK_DEFAULTS[CUSTOM] = dict(schedule="constant", lr_milestones=[], channels_last=False, dataset="")
 PRESETS.update({
     "mazes_cpu": dict(TASK_DEFAULTS["mazes"], task="mazes"),
     "prefix_sums_cpu": dict(TASK_DEFAULTS["prefix-sums"], task="prefix-sums"),
@@ -200,7 +205,7 @@ def body_of(config: TrainConfig) -> str | None:
     return body
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
+def _coerce(name: str, value: Any) -> Any:
     """Check/convert a value from a file against the field's annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
     origin = typing.get_origin(hint)
@@ -237,7 +242,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str)
         name = key.replace("-", "_")
         if name not in fields:
             raise unknown_name(f"config key (in {source})", key, fields)
-        clean[name] = _coerce(name, value, fields[name].type)
+        clean[name] = _coerce(name, value)
     return dataclasses.replace(config, **clean)
 
 
@@ -260,12 +265,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(preset: str | None = None, config_file: str | None = None,
-                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+                   overrides: dict[str, Any] | None = None, file_values: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < task defaults (TASK_DEFAULTS, by the resolved task) < preset < body defaults
     (BODY_DEFAULTS, by the resolved task and body) < file < flags.
 
-    The file may name a ``preset:`` of its own (used unless `preset` is given)."""
-    file_values = load_config_file(config_file) if config_file else {}
+    The file may name a ``preset:`` of its own (used unless `preset` is given). `file_values`
+    are the file's contents when the caller has read it already (`load_config_file`)."""
+    file_values = dict(file_values if file_values is not None else load_config_file(config_file) if config_file
+                       else {})
     if "preset" in file_values:  # a file may build on a preset; --preset on the command line wins
         named = file_values.pop("preset")
         if not isinstance(named, str):
@@ -325,6 +332,7 @@ RANGES: dict[str, tuple] = {
     "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
     "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
+    "log_every": _range(0, 1_000_000_000),
 }
 # The allowed values of the fields with choices are config_help.FIELD_CHOICES (also the CLI's choices).
 
@@ -347,34 +355,3 @@ def validate(config: TrainConfig) -> None:
     if config.task == "classification" and re.fullmatch(r"ff|shared|recurrent|(maze|prefix)_\w+", config.model):
         raise SoftshareError(f"model {config.model!r} solves the algorithmic tasks; train it with --task mazes "
                              f"or --task prefix-sums")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (``--batch-size``...), defaulting to 'not given'."""
-    hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("config fields (override preset and --config)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tasks = FIELD_TASKS.get(f.name)
-        where = f" [{', '.join(tasks)}]" if tasks else ""
-        help_text = f"{FIELD_HELP[f.name]}{where} (default: {default})".replace("%", "%%")
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name, help=help_text)
-        if f.name in FIELD_CHOICES:
-            kwargs["choices"] = FIELD_CHOICES[f.name]
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is list:
-            kwargs.update(nargs="*", type=args[0])
-        elif hint is dict:
-            kwargs.update(type=json.loads, metavar="JSON")
-        else:
-            kwargs["type"] = next((a for a in args if a is not type(None)), hint)
-        group.add_argument(flag, **kwargs)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}

@@ -7,15 +7,17 @@ stays in `config.validate`.
 
 from __future__ import annotations
 
-from ..io import FIGURE_FORMATS
+from ..storage import FIGURE_FORMATS
 
-ALL_TASKS = ("classification", "mazes", "prefix-sums")
+CUSTOM = "custom"  # a model and data of the user's own, trained through softshare.fit
+ALL_TASKS = ("classification", "mazes", "prefix-sums", CUSTOM)
 IMAGE = ("classification",)
 ALGORITHMIC = ("mazes", "prefix-sums")
 
 # field -> one-line help
 FIELD_HELP: dict[str, str] = {
-    "task": "what to learn: image classification or an algorithmic task",
+    "task": "what to learn: image classification or an algorithmic task (custom: softshare.fit's own model "
+            "and data, from Python)",
     "model": "registered model name (softshare models), e.g. swrn_28_10_2; algorithmic: ff, shared, recurrent",
     "model_args": "extra create_model arguments as JSON, e.g. '{\"num_templates\": 4}'",
     "dataset": "image dataset (cifar10, cifar100, fashion_mnist, mnist, digits...), or imagefolder: "
@@ -61,7 +63,8 @@ FIELD_HELP: dict[str, str] = {
                    "training size, ties to the later epoch; 0: by validation at the training size",
     "select_count": "held-out instances at select_size",
     "width": "channels of the algorithmic nets",
-    "depth": "residual blocks (ff/shared) or iterations (recurrent)",
+    "depth": "iterations the algorithmic net runs in training (ff and shared: that many distinct iterations; "
+             "recurrent: one iteration run that many times)",
     "num_templates": "templates in the bank of the shared algorithmic net",
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
     "random_state": "fraction of training instances whose thought starts from a random state instead of the "
@@ -85,6 +88,8 @@ FIELD_HELP: dict[str, str] = {
     "lsm_every": "record the Layer Similarity Matrix every N epochs; 0 = off",
     "checkpoint_every": "save checkpoints/last every N epochs (and after the last)",
     "logger": "metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb",
+    "log_every": "tensorboard/wandb: the training loss and lr every N optimizer steps (the epoch's metrics are "
+                 "logged at every epoch); 0 = off",
     "figure_format": "format of the run's figures (curves, LSM): png, or vector pdf or svg for a paper",
 }
 
@@ -100,8 +105,8 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 
 # fields that mean something for some tasks only (the rest apply to all)
 FIELD_TASKS: dict[str, tuple[str, ...]] = {
-    **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "label_smoothing",
-                                "image_size", "workers")},
+    **{name: IMAGE for name in ("dataset", "download", "crop_padding", "flip", "cutout", "image_size", "workers")},
+    "label_smoothing": (*IMAGE, CUSTOM),  # custom: of the default cross-entropy loss
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
                                       "select_size", "select_count", "width", "depth",
                                       "num_templates", "alpha", "random_state", "blocks", "lipschitz",

@@ -23,14 +23,23 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """This process's place as torchrun's environment gives it (RANK, WORLD_SIZE, LOCAL_RANK):
+        known before the process group exists, e.g. to let rank 0 alone own the run directory."""
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
 
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else single process."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return DistInfo()
+
+def init_distributed(device: torch.device, ranks: DistInfo) -> DistInfo:
+    """Join the process group of the `ranks` torchrun started (NCCL on CUDA, else gloo); a
+    single process has none to join."""
+    if not ranks.enabled:
+        return ranks
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), ranks.local_rank)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

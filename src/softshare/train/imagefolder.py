@@ -15,7 +15,7 @@ from torch import nn
 from ..data.imagefolder import ImageFolderLoader, default_workers, scan_split
 from ..errors import SoftshareError
 from ..eval.classification import classifier_sums
-from ..io import write_json
+from ..storage import write_json
 from ..models import create_model
 from .classification import ImageClassifierTask
 from .distributed import all_reduce_sum

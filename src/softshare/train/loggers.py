@@ -1,19 +1,21 @@
-"""Where per-epoch metrics go besides `metrics.jsonl` (always written): CSV, TensorBoard, W&B.
+"""Where metrics go besides `metrics.jsonl` (always written): CSV, TensorBoard, W&B.
 
 Each sink gets the full list of rows after every epoch (resumed runs drop the rows of epochs
 that are re-run), so a file sink simply rewrites itself and stays consistent with
-metrics.jsonl; streaming sinks (TensorBoard, W&B) log the newest row.
+metrics.jsonl; streaming sinks (TensorBoard, W&B) log the newest row, and also the training
+loss and lr every `log_every` steps (`write_step`) and the run's config (TensorBoard: hparams).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import SoftshareError, import_optional
-from ..io import atomic_path
+from ..storage import atomic_path
 from .config_help import FIELD_CHOICES
 
 LOGGERS = FIELD_CHOICES["logger"]  # jsonl (metrics.jsonl, always), csv, tensorboard, wandb
@@ -24,6 +26,9 @@ class MetricSink:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
+
+    def write_step(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars of one training step (optimizer steps so far); epoch-level sinks ignore them."""
 
     def close(self) -> None:
         pass
@@ -48,15 +53,25 @@ class CsvSink(MetricSink):
 
 
 class TensorBoardSink(MetricSink):
-    """Event files in `tensorboard/` (``tensorboard --logdir runs``): a scalar per metric, step = epoch.
-
-    Metrics are grouped as TensorBoard shows them best: ``loss/train``, ``loss/val``, ``acc/train``...
+    """Event files in `tensorboard/` (``tensorboard --logdir runs``): a scalar per metric, step = epoch,
+    grouped as TensorBoard shows them best (``loss/train``, ``loss/val``, ``acc/train``...); per-step
+    ``step/train_loss`` and ``step/lr`` against the optimizer step; the config as hparams and text.
     """
 
-    def __init__(self, run_path: Path) -> None:
-        tensorboard = import_optional("torch.utils.tensorboard", "--logger tensorboard needs the tensorboard package: "
-                                      "pip install 'softshare[tensorboard]' -c constraints.txt")
+    def __init__(self, run_path: Path, config: dict[str, Any]) -> None:
+        fix = "--logger tensorboard needs the tensorboard package: pip install 'softshare[tensorboard]' -c constraints.txt"
+        tensorboard = import_optional("torch.utils.tensorboard", fix)
+        hparams = import_optional("torch.utils.tensorboard.summary", fix).hparams
         self.writer = tensorboard.SummaryWriter(log_dir=str(run_path / "tensorboard"))
+        values = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+                  for key, value in config.items()}
+        for summary in hparams(values, {"acc/val": 0.0, "loss/val": 0.0}):  # the HPARAMS tab: config x result
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+
+    def write_step(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(f"step/{key}", value, step)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         row = rows[-1]
@@ -79,8 +94,10 @@ class WandbSink(MetricSink):
                               id=f"softshare-{run_path.name}")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        row = rows[-1]
-        self.run.log({scalar_tag(k): v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        self.run.log({scalar_tag(k) if k != "epoch" else k: v for k, v in rows[-1].items()})
+
+    def write_step(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log({"optimizer_step": step, **{f"step/{key}": value for key, value in scalars.items()}})
 
     def close(self) -> None:
         self.run.finish()
@@ -104,7 +121,7 @@ def make_sinks(names: list[str], run_path: Path, config: dict[str, Any]) -> list
         if name == "csv":
             sinks.append(CsvSink(run_path))
         elif name == "tensorboard":
-            sinks.append(TensorBoardSink(run_path))
+            sinks.append(TensorBoardSink(run_path, config))
         elif name == "wandb":
             sinks.append(WandbSink(run_path, config))
     return sinks

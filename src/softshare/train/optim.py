@@ -1,6 +1,10 @@
-"""Optimizers for soft-shared models: parameter groups (no decay on coefficients), lr throttle."""
+"""Optimizers for soft-shared models: parameter groups (no decay on coefficients), lr throttle, and
+the learning-rate schedule (a pure function of the position, so a resume needs no scheduler state)."""
 
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 from torch import nn
@@ -8,7 +12,9 @@ from torch import nn
 from ..errors import SoftshareError
 from ..layers import SharedLayer
 from ..wrappers import unwrap_model
-from .config import TrainConfig
+from .config import TrainConfig, apply_overrides
+
+log = logging.getLogger("softshare.train")
 
 
 def param_groups(model: nn.Module, weight_decay: float, coefficient_lr_scale: float = 1.0,
@@ -59,3 +65,29 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, fused=True)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, fused=True)
+
+
+def learning_rate(config: TrainConfig, epoch: float) -> float:
+    """The schedule as a pure function of (fractional) epoch: resuming needs no scheduler state."""
+    if config.warmup_epochs and epoch < config.warmup_epochs:
+        return config.lr * (epoch + 1e-3) / config.warmup_epochs
+    if config.schedule == "multistep":
+        return config.lr * config.lr_gamma ** sum(epoch >= m for m in config.lr_milestones)
+    if config.schedule == "cosine":
+        span = max(config.epochs - config.warmup_epochs, 1e-9)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min((epoch - config.warmup_epochs) / span, 1.0)))
+    return config.lr
+
+
+def scale_lr(config: TrainConfig, world_size: int) -> TrainConfig:
+    """lr x global batch / lr_reference_batch (Goyal et al. 2017: 0.1 x batch/256 for ImageNet)."""
+    lr = config.lr * config.batch_size * world_size / config.lr_reference_batch
+    log.info("lr %.4g x global batch %d / %d = %.4g", config.lr, config.batch_size * world_size,
+             config.lr_reference_batch, lr)
+    return apply_overrides(config, {"lr": lr, "lr_reference_batch": 0}, "linear lr scaling")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """`lr` for every group, times the group's ``lr_scale`` (the throttled iteration weights)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

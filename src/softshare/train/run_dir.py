@@ -1,16 +1,20 @@
-"""The run directory: config, provenance, per-epoch metrics, curves, log."""
+"""The run directory: owning it for a run (lock, leftovers of a killed writer), config, provenance,
+per-epoch metrics, curves, log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +22,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..device import device_description, resolve_device
+from ..device import device_description
 from ..errors import SoftshareError
-from ..io import atomic_path, figure_path, save_figure, write_json
+from ..storage import LOCK_FILE, atomic_path, exclusive_lock, figure_path, recover_leftovers, save_figure, write_json
 from ..version import __version__
 
 log = logging.getLogger("softshare.train")
@@ -39,6 +43,41 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@contextlib.contextmanager
+def own_run_dir(run_path: Path) -> Iterator[None]:
+    """Create/lock `run_path` for the whole run and finish what a killed writer left there.
+
+    Refuses a directory that is not a run (nothing of the user's is ever written into), and
+    removes the directory again if it was created here and the run failed before writing.
+    """
+    if run_path.exists() and not run_path.is_dir():
+        raise SoftshareError(f"cannot write run directory {run_path}: it is a file; choose another --name "
+                             f"or --out-dir")
+    if run_path.is_dir() and not is_run_dir(run_path) and any(run_path.iterdir()):
+        raise SoftshareError(f"refusing to train into {run_path}: it exists and is not a softshare run "
+                             f"directory; choose another --name or --out-dir")
+    created = not run_path.exists()
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SoftshareError(f"cannot write run directory {run_path}: {err.strerror}; "
+                             f"choose another --out-dir or fix its permissions") from None
+    try:
+        with exclusive_lock(run_path, "run directory", "wait for it to finish or stop it; one process "
+                                                       "trains a run at a time"):
+            for folder in (run_path, run_path / "checkpoints", run_path / "lsm"):
+                for done in recover_leftovers(folder):
+                    log.info("%s", done)
+            yield
+    finally:
+        if created and [p.name for p in run_path.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(run_path, ignore_errors=True)  # failed before writing anything
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "checkpoints", "metrics.jsonl", LOCK_FILE))
 
 
 class RunDir:
@@ -135,8 +174,8 @@ def read_metrics(run_path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def local_device(spec: str, local_rank: int) -> torch.device:
-    device = resolve_device(spec)
+def local_device(device: torch.device, local_rank: int) -> torch.device:
+    """This process's device: under torchrun on CUDA, GPU `local_rank` (made the current one)."""
     if device.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -21,10 +21,15 @@ class Task(ABC):
     so a run resumed mid-epoch sees exactly the batches it would have seen.
     """
 
-    primary_metric: str = "val_acc"  # higher is better; picks the 'best' checkpoint
+    primary_metric: str = "val_acc"  # the first of `selection_metrics`: what results report as "best"
     # The 'best' checkpoint has the highest tuple of these metrics (compared in order; ties go to
-    # the later epoch); a task sets both (the first of these is its primary metric).
+    # the later epoch); a task sets both. A metric where lower is better enters negated
+    # (`selection_key`), e.g. a loss.
     selection_metrics: tuple[str, ...] = ("val_acc",)
+    unit: str = "examples"  # what `batch_size_of` counts: the progress line's rate is in these per second
+    counts_correct: bool = True  # whether `loss` counts correct instances (a `train_acc` to report)
+    eval_split: str = "validation"  # what `evaluate` scores: held-out training data, or "test"
+    find_unused_parameters: bool = False  # DDP: a step may leave some parameters without gradient
 
     def __init__(self, config: TrainConfig, device: torch.device, dist: DistInfo) -> None:
         self.config, self.device, self.dist = config, device, dist
@@ -33,7 +38,8 @@ class Task(ABC):
     def build_model(self) -> nn.Module: ...
 
     @abstractmethod
-    def batches_per_epoch(self) -> int: ...
+    def batches_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the lr schedule's and the progress line's unit)."""
 
     @abstractmethod
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Any]: ...

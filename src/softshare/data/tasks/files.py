@@ -24,7 +24,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from ...errors import SoftshareError
-from ...io import atomic_path
+from ...storage import atomic_path
 from .mazes import Progress, check_maze_args, fill_mazes, image_side
 from .prefix_sums import check_prefix_sum_args, prefix_sum_inputs
 
