@@ -357,15 +357,23 @@ def shared_swrn() -> nn.Module:
     return create_model("swrn_16_1_2", num_classes=4).eval()
 
 
-def resnet18(num_classes: int = 1000) -> nn.Module:
-    """A torchvision-style ResNet-18 (torchvision's module names and 11,689,512 parameters), the one
-    examples/share_resnet.py falls back to: torchvision itself is not a dependency."""
+def _share_resnet_example() -> types.ModuleType:
+    """examples/share_resnet.py as a module: its ResNet-18 and BasicBlock serve the tests too."""
     path = Path(__file__).resolve().parents[1] / "examples" / "share_resnet.py"
     spec = importlib.util.spec_from_file_location("share_resnet_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+SHARE_RESNET_EXAMPLE = _share_resnet_example()
+
+
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """A torchvision-style ResNet-18 (torchvision's module names and 11,689,512 parameters), the one
+    examples/share_resnet.py falls back to: torchvision itself is not a dependency."""
     torch.manual_seed(0)
-    return example.ResNet18(num_classes)
+    return SHARE_RESNET_EXAMPLE.ResNet18(num_classes)
 
 
 # -- stand-ins for timm's Conv/Linear subclasses (timm is not a dependency) ---------------------------
@@ -469,23 +477,9 @@ def subclass_net() -> SubclassNet:
 
 
 # -- a timm-style ResNet softshare did not build (softshare.fit, the Lightning callback) -------------
-class BasicBlock(nn.Module):
-    """timm's ResNet BasicBlock layout: conv1/bn1/act1/conv2/bn2, identity or 1x1 downsample, act2."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-        self.act2 = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + shortcut)
+# timm's ResNet BasicBlock has torchvision's layers, created in the same order (conv1, bn1, conv2,
+# bn2, 1x1 downsample); only its activations are named act1/act2: the example's block serves both.
+BasicBlock = SHARE_RESNET_EXAMPLE.BasicBlock
 
 
 class TinyResNet(nn.Module):
@@ -497,8 +491,8 @@ class TinyResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(*[BasicBlock(width, width) for _ in range(depth)])
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width)
+        self.layer1 = nn.Sequential(*[BasicBlock(width, width, 1) for _ in range(depth)])
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width, 1)
                                                                        for _ in range(depth - 1)])
         self.fc = nn.Linear(2 * width, num_classes)
 
