@@ -376,6 +376,14 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
     return SHARE_RESNET_EXAMPLE.ResNet18(num_classes)
 
 
+def broken_package(root: Path, name: str) -> dict:
+    """A package that is installed but raises at import (torchvision's wheel for another torch
+    does: RuntimeError); returns the environment that finds it first."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
 # -- stand-ins for timm's Conv/Linear subclasses (timm is not a dependency) ---------------------------
 class StdConv2d(nn.Conv2d):
     """timm's StdConv2d: the weight standardised per output channel in forward (BiT, NFNets)."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import foreign, tiny
+from helpers import broken_package, foreign, tiny
 from softshare import load_into
 from softshare.analysis import sharing_stats
 from softshare.analysis.lsm import record_lsm
@@ -444,14 +444,6 @@ def test_share_of_a_registered_model_and_bad_builders(capsys):
     out = subprocess.run([sys.executable, "-m", "softshare", "share", "helpers:foreign", "-k", "x"],
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-
-
-def broken_package(root: Path, name: str) -> dict:
-    """A package that is installed but raises at import (torchvision's wheel for another torch
-    does: RuntimeError); returns the environment that finds it first."""
-    (root / name).mkdir(parents=True)
-    (root / name / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_a_broken_optional_package_is_one_line_exit_2(tmp_path):

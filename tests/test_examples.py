@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import broken_package
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.slow  # end to end, a process each: `make test-slow` (CI runs both)
 
@@ -55,10 +57,7 @@ def test_share_resnet(tmp_path):
 
 
 def test_share_resnet_with_a_broken_torchvision_is_one_line_exit_2(tmp_path):
-    (tmp_path / "site" / "torchvision").mkdir(parents=True)
-    (tmp_path / "site" / "torchvision" / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms "
-                                                                   "does not exist')\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    env = broken_package(tmp_path / "site", "torchvision")
     out = subprocess.run([sys.executable, str(EXAMPLES / "share_resnet.py"), "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

@@ -321,10 +321,16 @@ FIGURE_FORMATS = ("png", "pdf", "svg")  # every figure-writing job's --format; p
 PNG_DPI = 200  # sharp in a paper or on a high-density screen; pdf and svg are vector
 
 
-def figure_path(stem: str | os.PathLike, figure_format: str = "png") -> Path:
-    """``<stem>.<figure_format>`` (one of FIGURE_FORMATS); the stem may contain dots."""
+def check_figure_format(figure_format: str) -> str:
+    """`figure_format` if it is one of FIGURE_FORMATS; else one line naming the valid ones."""
     if figure_format not in FIGURE_FORMATS:
         raise SoftshareError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {figure_format!r}")
+    return figure_format
+
+
+def figure_path(stem: str | os.PathLike, figure_format: str = "png") -> Path:
+    """``<stem>.<figure_format>`` (one of FIGURE_FORMATS); the stem may contain dots."""
+    check_figure_format(figure_format)
     stem = Path(stem)
     return stem.with_name(f"{stem.name}.{figure_format}")
 
