@@ -22,7 +22,7 @@ data-fashion-mnist:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
 
-# test: the default suite (170 CPU-seconds); test-slow: the end-to-end tests marked slow (CI runs both)
+# test: the default suite (~245 CPU-seconds); test-slow: the end-to-end tests marked slow (CI runs both)
 test: venv data-fashion-mnist
 	$(PY) -m pytest -q
 
