@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow bench gpu-check venv clean data-fashion-mnist
 
-.venv/.installed: pyproject.toml constraints.txt
+.venv/.installed: pyproject.toml constraints.txt src/softshare/version.py
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) setuptools
 	$(PIP) --no-build-isolation -e '.[test,lightning]'
@@ -22,7 +22,7 @@ data-fashion-mnist:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
 
-# test: the default suite (170 CPU-seconds); test-slow: the end-to-end tests marked slow (CI runs both)
+# test: the default suite (~245 CPU-seconds); test-slow: the end-to-end tests marked slow (CI runs both)
 test: venv data-fashion-mnist
 	$(PY) -m pytest -q
 

@@ -11,6 +11,8 @@ threads); on an idle machine expect well under the CPU time.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,4 +63,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except softshare.SoftshareError as err:  # a bad input or a broken optional package: one line, exit 2
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

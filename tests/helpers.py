@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import os
 import subprocess
 import sys
@@ -356,24 +357,137 @@ def shared_swrn() -> nn.Module:
     return create_model("swrn_16_1_2", num_classes=4).eval()
 
 
-# -- a timm-style ResNet softshare did not build (softshare.fit, the Lightning callback) -------------
-class BasicBlock(nn.Module):
-    """timm's ResNet BasicBlock layout: conv1/bn1/act1/conv2/bn2, identity or 1x1 downsample, act2."""
+def _share_resnet_example() -> types.ModuleType:
+    """examples/share_resnet.py as a module: its ResNet-18 and BasicBlock serve the tests too."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "share_resnet.py"
+    spec = importlib.util.spec_from_file_location("share_resnet_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-        self.act2 = nn.ReLU(inplace=True)
+
+SHARE_RESNET_EXAMPLE = _share_resnet_example()
+
+
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """A torchvision-style ResNet-18 (torchvision's module names and 11,689,512 parameters), the one
+    examples/share_resnet.py falls back to: torchvision itself is not a dependency."""
+    torch.manual_seed(0)
+    return SHARE_RESNET_EXAMPLE.ResNet18(num_classes)
+
+
+def broken_package(root: Path, name: str) -> dict:
+    """A package that is installed but raises at import (torchvision's wheel for another torch
+    does: RuntimeError); returns the environment that finds it first."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+# -- stand-ins for timm's Conv/Linear subclasses (timm is not a dependency) ---------------------------
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight standardised per output channel in forward (BiT, NFNets)."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + shortcut)
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def pad_same(x, kernel_size, stride, dilation):
+    """timm's pad_same: TensorFlow's asymmetric 'SAME' padding for any stride."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
+        total = max((-(size // -s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(x, [*pads[1], *pads[0]])
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: 'same' padding for strided convs, computed from the input in forward."""
+
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d: standardisation with a learned per-channel gain (an extra parameter)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels,), 1.5))
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class TimmLinear(nn.Linear):
+    """timm's Linear: overrides forward (a cast under TorchScript), computes what nn.Linear does."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class TaggedConv2d(nn.Conv2d):
+    """A subclass that only adds an attribute: nn.Conv2d's forward."""
+
+    tag = "mine"
+
+
+class FrozenKernelConv2d(nn.Conv2d):
+    """A subclass whose forward ignores `self.weight` (a kernel copied at construction): refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("kernel", self.weight.detach().clone())
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, self.bias, self.stride, self.padding)
+
+
+class SubclassNet(nn.Module):
+    """Three layers of each kind above (same shapes), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.std = nn.Sequential(*[StdConv2d(8, 8, 3, padding=1) for _ in range(3)])
+        self.same = nn.Sequential(*[Conv2dSame(8, 8, 3, stride=2 if i == 0 else 1) for i in range(3)])
+        self.scaled = nn.Sequential(*[ScaledStdConv2d(8, 8, 3, padding=1, bias=False) for _ in range(3)])
+        self.tagged = nn.Sequential(*[TaggedConv2d(8, 8, 1) for _ in range(3)])
+        self.frozen = nn.Sequential(*[FrozenKernelConv2d(8, 8, 1) for _ in range(3)])
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(*[TimmLinear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in (self.std, self.same, self.scaled, self.tagged, self.frozen):
+            for layer in stage:
+                x = torch.relu(layer(x))
+        x = x.mean((2, 3))
+        for layer in self.mlp:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def subclass_net() -> SubclassNet:
+    return SubclassNet().double()
+
+
+# -- a timm-style ResNet softshare did not build (softshare.fit, the Lightning callback) -------------
+# timm's ResNet BasicBlock has torchvision's layers, created in the same order (conv1, bn1, conv2,
+# bn2, 1x1 downsample); only its activations are named act1/act2: the example's block serves both.
+BasicBlock = SHARE_RESNET_EXAMPLE.BasicBlock
 
 
 class TinyResNet(nn.Module):
@@ -385,8 +499,8 @@ class TinyResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(*[BasicBlock(width, width) for _ in range(depth)])
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width)
+        self.layer1 = nn.Sequential(*[BasicBlock(width, width, 1) for _ in range(depth)])
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), *[BasicBlock(2 * width, 2 * width, 1)
                                                                        for _ in range(depth - 1)])
         self.fc = nn.Linear(2 * width, num_classes)
 

@@ -146,12 +146,73 @@ def test_penalty_is_zero_exactly_when_foldable_pairs_are_collinear():
     penalty.backward()  # differentiable: it can be added to the loss
 
 
-def test_lsm_labels_thin_out_only_when_they_would_overlap():
-    from softshare.analysis.lsm import _label_step
+def _axes():
+    from matplotlib.figure import Figure
+    return Figure().add_subplot()
 
-    assert _label_step(4, 3.2, 7.0) == 1
-    assert _label_step(32, 5.0, 7.0) == 1  # 11 pt cells hold 7 pt labels
-    assert _label_step(64, 5.0, 7.0) == 2 and _label_step(128, 5.0, 7.0) == 3
+
+def test_lsm_heatmaps_name_and_number_small_banks_and_index_large_ones():
+    from softshare.analysis.lsm import _draw
+
+    small = LayerSimilarity("stages.0.bank", [f"stages.0.blocks.{i}.conv1" for i in range(4)], torch.eye(4).double())
+    ax = _axes()
+    _draw(ax, small)
+    assert len(ax.texts) == 16 and [t.get_text() for t in ax.get_xticklabels()] == [f"b{i}.conv1" for i in range(4)]
+    big = LayerSimilarity("banks.conv1", [f"blocks.{i}.conv1" for i in range(30)], torch.rand(30, 30).double())
+    ax = _axes()
+    _draw(ax, big)
+    assert not ax.texts  # no 900 numbers in 4 pt type
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "5", "10", "15", "20", "25"]
+    assert ax.get_xlabel() == "layer index (0: b0.conv1, 29: b29.conv1)"
+
+
+def test_bank_labels_read_as_words():
+    from softshare.analysis.lsm import bank_label
+
+    assert bank_label("stages.2.bank", ["stages.2.blocks.1.conv1"]) == "stage 2"
+    assert bank_label("banks.conv1", ["blocks.0.conv1", "blocks.1.conv1"]) == "conv1"
+    assert bank_label("layer4.0.conv2.bank", ["layer4.0.conv2", "layer4.1.conv1"]) == "layer4"  # made by share()
+
+
+def test_a_one_template_bank_shows_its_scales(tmp_path, monkeypatch):
+    from softshare.analysis import lsm
+
+    model = share(nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)), 1)
+    (similarity,) = layer_similarity(model)
+    assert similarity.scales == pytest.approx([model[i].coefficients.item() for i in range(3)])
+    assert LayerSimilarity.from_dict(similarity.to_dict()).scales == similarity.scales
+    figures = []
+    monkeypatch.setattr(lsm, "save_figure", lambda fig, path: figures.append(fig) or path)
+    lsm.plot_lsm([similarity], tmp_path)
+    (ax,) = [a for a in figures[0].axes]
+    assert not ax.images and ax.get_ylabel() == "scale $c_i$"  # a line of scales, not an all-ones heatmap
+    assert "one template" in figures[0].get_suptitle()
+
+
+def test_history_says_which_epochs_it_shows(model, tmp_path, monkeypatch):
+    from softshare.analysis import lsm
+
+    banks = [s.to_dict() for s in layer_similarity(model)]
+    (tmp_path / "lsm").mkdir()
+    (tmp_path / "lsm" / "history.jsonl").write_text("".join(json.dumps({"epoch": e, "banks": banks}) + "\n"
+                                                            for e in range(11)))
+    figures = []
+    monkeypatch.setattr(lsm, "save_figure", lambda fig, path: figures.append(fig) or path)  # not rendered
+    plot_lsm_history(tmp_path)
+    assert "8 of 11 recorded epochs, evenly spaced" in figures[-1].get_suptitle()
+    assert [ax.get_title() for ax in figures[-1].axes[:8]] == [f"epoch {e}" for e in (0, 1, 3, 4, 6, 7, 9, 10)]
+    plot_lsm_history(tmp_path, max_columns=11)
+    assert "all 11 recorded epochs" in figures[-1].get_suptitle()
+
+
+@pytest.mark.parametrize("figure_format, magic", [("pdf", b"%PDF"), ("svg", b"<?xml"), ("png", b"\x89PNG")])
+def test_lsm_figures_in_every_format(model, tmp_path, figure_format, magic):
+    paths = save_lsm(model, tmp_path, figure_format=figure_format)
+    figures = [p for p in paths if p.suffix != ".json"]
+    assert [p.name for p in figures] == [f"lsm_stages.{i}.bank.{figure_format}" for i in range(3)]
+    assert all(p.read_bytes().startswith(magic) for p in figures)
+    record_lsm(model, tmp_path / "run", 0, figure_format=figure_format)
+    assert (tmp_path / "run" / "lsm" / f"history.{figure_format}").read_bytes().startswith(magic)
 
 
 def test_coefficient_dynamics_against_the_random_control(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import foreign, tiny
+from helpers import broken_package, foreign, tiny
 from softshare import load_into
 from softshare.analysis import sharing_stats
 from softshare.analysis.lsm import record_lsm
@@ -87,7 +87,10 @@ def test_models_prints_names_and_counts(capsys):
     assert rows["swrn_28_10_1"] == "12,287,212"
     assert rows["swrn_28_10_2"] == "17,125,630"
     assert rows["swrn_28_14_2"] == "33,537,790"
-    assert r"swrn_(\d+)_(\d+)_(\d+)" in out  # families and their patterns
+    families = dict(re.findall(r"^(\S+(?: \(L: [\d, or]+\))?)\s+(\w+\s+[\d,]+)\s{2}", out, re.MULTILINE))
+    assert re.split(r"\s+", families["swrn_L_w_k"]) == ["swrn_16_4_1", "1,974,752"]  # readable, an example, its size
+    assert re.split(r"\s+", families["resnet_L (L: 26, 50, 101 or 152)"]) == ["resnet_50", "23,528,522"]
+    assert "\\d" not in out and "(?!" not in out  # no regexes
 
 
 def test_models_pattern_and_num_classes(capsys):
@@ -300,10 +303,11 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
         stable = result["stop"][size]["stable"]
         assert 0 <= stable["exact_match"] <= 1 and 1 <= stable["mean_iteration"] <= 5
     out = tmp_path / "elsewhere" / "e.json"
-    assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out)]) == 0
+    assert main(["eval", str(run / "checkpoints" / "last"), "--count", "4", "--out", str(out), "--format", "pdf"]) == 0
     assert "size" in capsys.readouterr().out
     assert list(json.loads(out.read_text())["accuracy"]) == ["9", "11"]  # the run's test sizes
-    assert out.with_suffix(".png").exists()
+    assert out.with_suffix(".pdf").read_bytes().startswith(b"%PDF")
+    assert (out.parent / "e-mazes.pdf").exists() and (out.parent / "e-mazes.gif").exists()
 
 
 def test_eval_folds_a_k1_shared_run_and_lets_it_think_longer(tmp_path, capsys):
@@ -351,7 +355,7 @@ def test_task_options_on_an_image_classifier_are_an_error(tmp_path, capsys):
 
     save_checkpoint(tmp_path / "ck", create_model("wrn_10_1"), config={"task": "classification", "dataset": "digits"})
     assert main(["eval", str(tmp_path / "ck"), "--sizes", "9"]) == 2
-    assert "apply only to runs on an algorithmic task" in capsys.readouterr().err
+    assert "--sizes apply only to runs on an algorithmic task: drop it" in capsys.readouterr().err
 
 
 def test_experiment_continues_a_study_begun_before_output_markers(monkeypatch, tmp_path, capsys):
@@ -386,10 +390,10 @@ def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp
                  "--epochs", "1", "--device", "cpu", "--out", out]) == 0
     assert main(["experiment", "algorithmic", "--scale", "gpu", "--tasks", "mazes", "--variants", "ff",
                  "--seeds", "4", "--epochs", "2", "--train-count", "30", "--test-count", "5", "--out", other,
-                 "--jobs", "2", "--patience", "7"]) == 0
-    assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1),
+                 "--jobs", "2", "--patience", "7", "--format", "svg"]) == 0
+    assert calls == [("recurrence", out, ("mazes",), (0.0, 1.0), (0, 2), "cpu", 1, "png"),
                      ("algorithmic", other, "gpu", ("mazes",), ("ff",), (4,),
-                      {"epochs": 2, "train_count": 30, "test_count": 5}, "auto", 2, 7)]
+                      {"epochs": 2, "train_count": 30, "test_count": 5}, "auto", 2, 7, "svg")]
     capsys.readouterr()
     for argv in (["--scale", "gpu"], ["--variants", "ff"], ["--train-count", "5"], ["--tasks", "prefix-sums"]):
         with pytest.raises(SystemExit):
@@ -438,10 +442,58 @@ def test_share_of_a_registered_model_and_bad_builders(capsys):
     assert main(["share", "wrn_16_1", "-k", "1"]) == 0
     assert "Conv2d[64, 64, 3, 3] x3" in capsys.readouterr().out
     assert main(["share", "nowhere.at.all:build"]) == 2
-    assert "cannot import nowhere.at.all:build" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no module named 'nowhere'" in err and "cannot build nowhere.at.all:build" in err
+    assert main(["share", "helpers:nothing_here"]) == 2
+    assert "helpers has no callable 'nothing_here'" in capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "softshare", "share", "helpers:foreign", "-k", "x"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_a_broken_optional_package_is_one_line_exit_2(tmp_path):
+    """`softshare share` of a builder in a broken package, and a preset needing a broken scikit-learn."""
+    env = broken_package(tmp_path / "site", "torchvision")
+    out = subprocess.run([sys.executable, "-m", "softshare", "share", "torchvision.models:resnet18"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "torchvision.models is installed but fails to import (RuntimeError: operator torchvision::nms" in out.stderr
+    env = broken_package(tmp_path / "site2", "sklearn")
+    out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--out-dir",
+                          str(tmp_path / "runs"), "--epochs", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "sklearn.datasets is installed but fails to import (RuntimeError" in out.stderr and "softshare[digits]" in out.stderr
+
+
+def test_share_group_by(capsys):
+    assert main(["share", "wrn_28_2", "-k", "2", "--group-by", "stage"]) == 0
+    assert "3 of " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["share", "wrn_28_2", "--group-by", "block"])
+    assert exit_info.value.code == 2 and "invalid choice: 'block'" in capsys.readouterr().err
+
+
+def test_curves_of_several_runs_in_one_figure(tmp_path, capsys, monkeypatch):
+    from softshare.train import run_dir
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 / e, "train_acc": 0.5, "val_acc": 0.6}) + "\n"
+            for e in (1, 2)))
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"val_size": 0, "label_smoothing": 0.1}))
+    drawn = []
+    real = run_dir.curves_figure
+    monkeypatch.setattr("softshare.cli.curves.curves_figure", lambda *a: drawn.append(a) or real(*a))
+    assert main(["curves", str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--out",
+                 str(tmp_path / "fig"), "--format", "svg"]) == 0
+    assert (tmp_path / "fig.svg").read_bytes().startswith(b"<?xml")
+    runs, title, split, note = drawn[0]
+    assert list(runs) == ["a", "metrics"] and split == "test" and "label smoothing 0.1" in note
+    assert main(["curves", str(tmp_path / "a"), "--out", str(tmp_path / "fig.svg")]) == 2  # not its file to replace
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["curves", str(tmp_path / "a"), "--labels", "x", "y", "--out", str(tmp_path / "g.png")]) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err
 
 
 def test_params_takes_model_args(capsys):
@@ -524,5 +576,5 @@ def test_eval_names_the_checkpoint_how_it_was_chosen_and_the_split(tmp_path, cap
     assert result["split"] == "test" and result["epoch"] == 1 and "the last epoch trained" in result["chosen"]
     assert main(["eval", str(tmp_path / "r"), "--out", str(tmp_path / "e.json"), "--no-fold"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--no-fold, --out only apply to runs on an algorithmic task: drop them" in err[0], err
+    assert len(err) == 1 and "--no-fold, --out apply only to runs on an algorithmic task: drop them" in err[0], err
     assert not (tmp_path / "e.json").exists()

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
 from safetensors.torch import save_file
+from torch.nn.utils import parametrize
 
-from helpers import BODY, foreign, plain_net
+from helpers import (BODY, Conv2dSame, FrozenKernelConv2d, ScaledStdConv2d, StdConv2d, TaggedConv2d, TimmLinear,
+                     foreign, pad_same, plain_net, subclass_net)
 from softshare import (
     SharedConv1d,
     SharedConv2d,
@@ -22,8 +25,10 @@ from softshare import (
     TemplateBank,
     create_model,
     layer_similarity,
+    load_into,
     named_banks,
     param_groups,
+    save_checkpoint,
     share,
     unshare,
 )
@@ -138,7 +143,7 @@ def test_predicate_selection():
 
 
 def test_explicit_group_splits_banks_of_one_shape():
-    model = share(foreign(), 2, group=lambda name, m: name.split(".")[0], allow_growth=True)
+    model = share(foreign(), 2, group_by=lambda name, m: name.split(".")[0], allow_growth=True)
     assert model.block1[0].bank is model.block1[2].bank
     assert model.block2[0].bank is not model.block1[0].bank
     assert len(named_banks(model)) == 6
@@ -188,6 +193,193 @@ def test_share_errors():
         share(foreign(), 0)
     with pytest.raises(SoftshareError, match="not the model itself"):
         share(nn.Conv2d(3, 3, 3), 2)
+
+
+# -- Conv/Linear subclasses (timm-style stand-ins in helpers.py) ------------------------------------
+CONVS_AND_LINEARS = lambda name, m: isinstance(m, (nn.Conv2d, nn.Linear)) and name != "head"  # noqa: E731
+
+
+def _mix(layer) -> torch.Tensor:
+    return torch.einsum("k,k...->...", layer.coefficients, layer.bank.templates)
+
+
+def test_subclasses_share_through_their_own_forward():
+    model = subclass_net()
+    before = n_params(model)
+    plan = share(model, 2, select=CONVS_AND_LINEARS, dry_run=True)
+    assert {(g.kind, len(g.layers), g.shared) for g in plan.groups} == {
+        ("StdConv2d", 3, True), ("Conv2dSame", 3, True), ("ScaledStdConv2d", 3, True), ("TaggedConv2d", 3, True),
+        ("TimmLinear", 3, True), ("Conv2d", 1, False)}
+    assert [(s.name, s.kind) for s in plan.skipped] == [(f"frozen.{i}", "FrozenKernelConv2d") for i in range(3)] + [
+        ("head", "Linear")]
+    share(model, 2, select=CONVS_AND_LINEARS)
+    d3, d1 = 8 * 8 * 9, 8 * 8
+    saved = 3 * (3 * d3 - (2 * d3 + 6)) + 2 * (3 * d1 - (2 * d1 + 6))
+    assert n_params(model) == plan.params_after == before - saved
+    assert isinstance(model.std[1], StdConv2d) and isinstance(model.std[1], SharedLayer)
+    assert type(model.frozen[0]) is FrozenKernelConv2d and model.tagged[0].tag == "mine"
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        # the subclass's transform applies to the mixed weight: standardisation by hand
+        w = _mix(model.std[1])
+        flat = w.reshape(8, -1)
+        standardised = ((flat - flat.mean(1, keepdim=True)) / (flat.var(1, unbiased=False, keepdim=True) + 1e-6).sqrt())
+        expected = nn.functional.conv2d(x, standardised.reshape_as(w), model.std[1].bias, padding=1)
+        torch.testing.assert_close(model.std[1](x), expected, rtol=1e-10, atol=1e-10)
+        # 'same' padding of a strided conv computed from the input, on the mixed weight
+        expected = nn.functional.conv2d(pad_same(x, (3, 3), (2, 2), (1, 1)), _mix(model.same[0]), model.same[0].bias,
+                                        stride=2)
+        torch.testing.assert_close(model.same[0](x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model.mlp[2](x[:, :, 0, 0]), x[:, :, 0, 0] @ _mix(model.mlp[2]).T + model.mlp[2].bias)
+    model(torch.randn(2, 3, 12, 12, dtype=torch.float64)).square().sum().backward()
+    assert model.scaled[0].gain.grad is not None and model.scaled[0].bank.templates.grad.abs().sum() > 0
+
+
+def test_subclasses_keep_outputs_round_trip_and_unshare(tmp_path):
+    original = subclass_net().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    model = share(copy.deepcopy(original), 3, select=CONVS_AND_LINEARS, init_from_weights=True, allow_growth=True)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-9, atol=1e-10)  # k = group size: exact weights
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone.std[0]) is type(model.std[0])
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+    fresh = subclass_net()
+    save_checkpoint(tmp_path / "ck", model)
+    load_into(fresh, tmp_path / "ck")
+    torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
+    unshare(model)
+    assert [type(m) for m in (model.std[0], model.same[0], model.scaled[0], model.tagged[0], model.mlp[0])] == [
+        StdConv2d, Conv2dSame, ScaledStdConv2d, TaggedConv2d, TimmLinear]
+    assert not any(isinstance(m, (SharedLayer, TemplateBank)) for m in model.modules())
+    torch.testing.assert_close(model(x), original(x), rtol=1e-9, atol=1e-10)
+    assert n_params(model) == n_params(original)
+
+
+def test_every_layer_not_converted_is_named_with_its_reason():
+    conv = nn.Conv2d(8, 8, 3)
+    parametrize.register_parametrization(conv, "weight", nn.Identity())
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), conv, nn.Conv3d(8, 8, 1),
+                          FrozenKernelConv2d(8, 8, 3), nn.Linear(8, 8))
+    plan = share(model, 2, select="*", dry_run=True)
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert set(reasons) == {"3", "4", "5"}
+    assert "parametrization" in reasons["3"] and "Conv1d, Conv2d and Linear" in reasons["4"]
+    assert "does not depend on `self.weight`" in reasons["5"]
+    summary = plan.summary()
+    assert "not converted  FrozenKernelConv2d x1: its output does not depend" in summary
+    assert "not converted  Conv3d x1" in summary
+    default = share(model, 2, dry_run=True)
+    assert [(s.name, s.reason.split(" (")[0]) for s in default.skipped if s.kind == "Linear"] == [("6", "not selected")]
+    with pytest.raises(SoftshareError, match="lazy layers whose weights are not created yet; run one forward"):
+        share(nn.Sequential(nn.Conv2d(8, 8, 3), nn.LazyConv2d(8, 3)), 1, dry_run=True)
+    with pytest.raises(SoftshareError, match="FrozenKernelConv2d: its output does not depend"):
+        share(nn.Sequential(FrozenKernelConv2d(8, 8, 3), FrozenKernelConv2d(8, 8, 3)), 1)
+
+
+def test_subclass_plan_on_the_meta_device_matches_and_leaves_the_rng_alone():
+    plan = share(subclass_net(), 2, select=CONVS_AND_LINEARS, dry_run=True)
+    with torch.device("meta"):
+        model = subclass_net()
+    state = torch.get_rng_state()
+    meta_plan = share(model, 2, select=CONVS_AND_LINEARS, dry_run=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert meta_plan.groups == plan.groups and meta_plan.skipped == plan.skipped
+
+
+# -- group_by -------------------------------------------------------------------------------------------
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_reduce, self.conv_expand = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+
+
+class MobileBlock(nn.Module):
+    """A MobileNetV3-style block whose squeeze-excite convs have the main path's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_pw, self.se, self.conv_pwl = nn.Conv2d(16, 16, 1), SqueezeExcite(), nn.Conv2d(16, 16, 1)
+
+
+def two_stage_net() -> nn.Module:
+    """stem, then 2 stages of 3 blocks: 24 convs of one shape (16, 16, 1, 1), 12 per stage."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.Sequential(*[MobileBlock() for _ in range(3)]),
+                         nn.Sequential(*[MobileBlock() for _ in range(3)]))
+
+
+@pytest.mark.parametrize("group_by, k, banks", [
+    ("shape", 2, [24]),
+    ("stage", 2, [12, 12]),  # the paper's: one bank per stage
+    ("parent", 1, [2] * 12),  # a block's conv_pw + conv_pwl; its SE's two convs
+    (lambda name, m: ".se." in name, 2, [12, 12]),  # squeeze-excite apart from the main path
+])
+def test_group_by(group_by, k, banks):
+    plan = share(two_stage_net(), k, group_by=group_by, dry_run=True)
+    shared = [g for g in plan.groups if g.shared]
+    assert [len(g.layers) for g in shared] == banks
+    d = 16 * 16
+    assert plan.params_before - plan.params_after == sum(n * d - (k * d + n * k) for n in banks)
+    if group_by == "stage":
+        assert [{name.split(".")[0] for name in g.layers} for g in shared] == [{"1"}, {"2"}]
+    if callable(group_by):
+        assert all(".se." in name for name in shared[1].layers)
+
+
+class ConvLayer(nn.Module):  # Hugging Face ResNet's names: one conv per "layer"
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__()
+        self.convolution, self.normalization = nn.Conv2d(cin, cout, kernel, bias=False), nn.BatchNorm2d(cout)
+
+
+class HFBottleneck(nn.Module):
+    def __init__(self, cin: int, width: int):
+        super().__init__()
+        self.shortcut = ConvLayer(cin, 4 * width, 1) if cin != 4 * width else nn.Identity()
+        self.layer = nn.Sequential(ConvLayer(cin, width, 1), ConvLayer(width, width, 3), ConvLayer(width, 4 * width, 1))
+
+
+class HFStage(nn.Module):
+    def __init__(self, cin: int, width: int, depth: int):
+        super().__init__()
+        self.layers = nn.Sequential(*[HFBottleneck(cin if i == 0 else 4 * width, width) for i in range(depth)])
+
+
+def hf_resnet_like() -> nn.Module:
+    """`resnet.encoder.stages.N.layers.M.layer.K.convolution`, as transformers' ResNetModel names them."""
+    encoder = nn.Module()
+    encoder.stages = nn.ModuleList([HFStage(8, 4, 3), HFStage(16, 4, 3)])  # stage 0 opens with a shortcut conv
+    resnet = nn.Module()
+    resnet.encoder = encoder
+    model = nn.Module()
+    model.resnet = resnet
+    return model
+
+
+def test_group_by_stage_finds_the_stages_of_common_layouts():
+    plan = share(hf_resnet_like(), 1, group_by="stage", allow_growth=True, dry_run=True)
+    prefixes = {".".join(name.split(".")[:5]) for g in plan.groups for name in g.layers}
+    assert prefixes == {"resnet.encoder.stages.0.layers", "resnet.encoder.stages.1.layers"}
+    for g in plan.groups:  # every bank within one stage, shortcuts with the convs of their stage
+        assert len({name.split(".")[3] for name in g.layers}) == 1
+    assert any(name.endswith("0.shortcut.convolution") for g in plan.groups for name in g.layers)
+    # by shape: 5 banks (4x8 1x1, 4x4 3x3, 16x4 1x1, the 16x8 shortcut, 4x16 1x1); by stage the 3 shapes
+    # both stages have are split: 8
+    assert (len(share(hf_resnet_like(), 1, allow_growth=True, dry_run=True).groups), len(plan.groups)) == (5, 8)
+
+    from helpers import resnet18
+    plan = share(resnet18(), 1, group_by="stage", allow_growth=True, dry_run=True)
+    stages = {tuple(g.layers): {name.split(".")[0] for name in g.layers} for g in plan.groups}
+    assert all(len(names) == 1 for names in stages.values())  # never across stages
+    assert {"layer2"} in stages.values() and stages[("layer2.0.downsample.0",)] == {"layer2"}
+    with torch.device("meta"):
+        swrn = create_model("wrn_28_2", num_classes=10)
+    plan = share(swrn, 2, group_by="stage", dry_run=True)
+    assert {g.layers[0].rsplit(".", 2)[0] for g in plan.shared_groups} == {f"stages.{i}.blocks" for i in range(3)}
+
+
+def test_group_by_rejects_unknown_rules():
+    with pytest.raises(SoftshareError, match="group_by must be one of shape, stage, parent or a function"):
+        share(two_stage_net(), 2, group_by="block")
 
 
 # -- real architectures: torchvision's ResNet-18/50, MobileNetV2 and ConvNeXt-T layouts --------------

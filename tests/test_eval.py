@@ -172,3 +172,48 @@ def test_thinking_net_folds_a_shared_net_into_a_loop_that_runs_longer():
     assert net(x, 40).shape == shared(x, 5).shape
     recurrent = create_model("prefix_recurrent", in_channels=1, width=4, depth=5, blocks=1)
     assert thinking_net(recurrent) == (recurrent, None)
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def _mazes(count: int, size: int):
+    from softshare.data.tasks import generate_mazes
+
+    x, y = generate_mazes(count, size, seed=1)
+    x = torch.as_tensor(x).float()
+    return x / x.max(), torch.as_tensor(y).long()
+
+
+def test_the_maze_figure_shows_a_solved_and_an_unsolved_maze_per_size(monkeypatch, tmp_path):
+    from softshare.eval import plots
+
+    x, y = _mazes(3, 9)
+    predictions = torch.zeros(3, 4, *y.shape[1:], dtype=torch.bool)  # nothing predicted: not solved
+    predictions[1, 2:] = y[1].bool()  # maze 1 solved from iteration 3 on
+    rows = plots.pick_mazes({9: (x, y)}, {9: predictions}, 4)
+    assert [r.label for r in rows] == ["9x9, solved after 4 iterations", "9x9, not solved after 4 iterations"]
+    assert torch.equal(rows[0].x, x[1]) and torch.equal(rows[1].x, x[0])
+    assert [r.label for r in plots.pick_mazes({9: (x, y)}, {9: predictions}, 1)] == [
+        "9x9, not solved after 1 iteration"]  # only one kind there is
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    plots.plot_maze_predictions(rows, 1, tmp_path / "m.png")
+    (legend,) = figures[0].legends
+    assert [t.get_text() for t in legend.get_texts()] == ["start", "goal", "path, predicted", "path, missed",
+                                                          "predicted, not the path"]
+    assert figures[0].axes[2].get_title() == "prediction, 1 iteration (not solved)"
+    assert len(figures[0].axes[0].lines) == 2  # start and goal ringed
+
+
+def test_accuracy_figure_names_the_net_in_words(monkeypatch, tmp_path):
+    from softshare.eval import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    result = {"model": "maze_recurrent", "task": "mazes", "train_size": 9, "trained_iterations": 2,
+              "iterations": [1, 2, 3], "accuracy": {"9": [0.1, 0.5, 0.6]},
+              "stop": {"9": {"stable": {"exact_match": 0.6, "mean_iteration": 3.0}}}}
+    plots.plot_accuracy_vs_iterations(result, tmp_path / "p.png")
+    ax = figures[0].axes[0]
+    assert ax.get_title() == "recurrent net on mazes, trained on 9x9 mazes: thinking longer"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "9x9 mazes", "trained iterations (2)", "where the stopping rule stops (mean)"]

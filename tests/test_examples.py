@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import broken_package
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.slow  # end to end, a process each: `make test-slow` (CI runs both)
 
@@ -46,11 +48,21 @@ def test_custom_model(tmp_path):
 def test_share_resnet(tmp_path):
     out = run("share_resnet.py", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert "parameters 11,689,512 -> 8,519,234" in out
+    assert re.search(r"tie\(.*parameters 8,519,234 -> 8,519,234 \(\+0.0%\)", out)  # never grows
     unshare_diff = float(re.search(r"unshare: max \|difference\| (\S+)", out)[1])
     reload_diff = float(re.search(r"reloaded: max \|difference\| (\S+)", out)[1])
     assert unshare_diff < 1e-5 and reload_diff == 0
     assert {"checkpoint", "shared.pt2", "shared_traced.pt", "unshared_scripted.pt", "shared.onnx"} <= {
         p.name for p in (tmp_path / "r").iterdir()}
+
+
+def test_share_resnet_with_a_broken_torchvision_is_one_line_exit_2(tmp_path):
+    env = broken_package(tmp_path / "site", "torchvision")
+    out = subprocess.run([sys.executable, str(EXAMPLES / "share_resnet.py"), "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "torchvision is installed but fails to import (RuntimeError: operator torchvision::nms" in out.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_train_then_lsm_of_the_run(tmp_path):

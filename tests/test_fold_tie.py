@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import softshare
-from helpers import BODY, collinear_net, plain_net, shared_swrn
+from helpers import BODY, collinear_net, plain_net, resnet18, shared_swrn
+from softshare import (SharedConv2d, SoftshareError, TemplateBank, create_model, layer_similarity, named_banks,
+                       share, tie, unshare)
 from softshare.layers import fast_mix
-from softshare import SharedConv2d, SoftshareError, TemplateBank, create_model, layer_similarity, named_banks, tie, unshare
 
 
 def n_params(model: nn.Module) -> int:
@@ -48,6 +49,61 @@ def test_tie_threshold_below_one_projects_and_reports_the_misfit():
     result = tie(model, 0.999)
     assert [len(g.layers) for g in result.groups] == [3, 2, 1]
     assert 0 < result.groups[0].fit_error < 0.01 and result.groups[0].min_similarity < 1
+
+
+def _set(model: nn.Module, vectors: dict[str, list[float]]) -> None:
+    with torch.no_grad():
+        for name, vector in vectors.items():
+            model.get_submodule(name).coefficients.copy_(torch.tensor(vector))
+
+
+def test_tie_never_grows_a_resnet18_shared_at_k2():
+    """The 4 banks of ResNet-18 at k=2 (layer1: 4 convs of 64x64x3x3; layer2-4: 3 convs each),
+    coefficients set so that each bank meets one case; parameters counted by hand."""
+    model = share(resnet18(), 2).eval()
+    assert n_params(model) == 8_519_234
+    d3, d4 = 256 * 256 * 9, 512 * 512 * 9
+    cos60 = [0.5, 0.75 ** 0.5]
+    _set(model, {
+        # layer1: one agreeing pair and two loners: tying would cost D + 2 + 2D (loners plain) > 2D + 8
+        "layer1.0.conv1": [1.0, 0.0], "layer1.1.conv1": [-3.0, 0.0], "layer1.0.conv2": [0.0, 1.0],
+        "layer1.1.conv2": cos60,
+        # layer2: no two agree (|cos| = 0.5 pairwise)
+        "layer2.0.conv2": [1.0, 0.0], "layer2.1.conv1": cos60, "layer2.1.conv2": [-0.5, 0.75 ** 0.5],
+        # layer3: all three collinear: one weight and three scales
+        "layer3.0.conv2": [0.6, 0.8], "layer3.1.conv1": [1.2, 1.6], "layer3.1.conv2": [-0.3, -0.4],
+        # layer4: a pair tied; the loner keeps its exact weight as a plain conv (smaller than a 2-template bank)
+        "layer4.0.conv2": [1.0, 0.0], "layer4.1.conv1": [0.0, 2.0], "layer4.1.conv2": [0.0, -1.0]})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    result = tie(model, 0.99)
+    assert result.params_before == 8_519_234
+    assert result.params_after == n_params(model) == 8_519_234 - (2 * d3 + 6 - (d3 + 3)) - (2 * d4 + 6 - (d4 + 2 + d4))
+    assert [(b.bank.split(".")[0], b.tied) for b in result.banks] == [
+        ("layer1", False), ("layer2", False), ("layer3", True), ("layer4", True)]
+    assert "would add" in result.banks[0].reason and "no two layers agree" in result.banks[1].reason
+    assert [(g.layers, g.outcome) for g in result.groups if g.bank.startswith(("layer3", "layer4"))] == [
+        (["layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2"], "tied"),
+        (["layer4.0.conv2"], "plain"), (["layer4.1.conv1", "layer4.1.conv2"], "tied")]
+    assert result.groups[-1].scales == pytest.approx([2.0, -1.0])
+    assert type(model.layer4[0].conv2) is nn.Conv2d
+    assert model.layer1[0].conv1.bank.num_templates == 2 and len(model.layer1[0].conv1.bank.layers) == 4
+    assert model.layer3[1].conv1.bank.num_templates == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert "0 become plain" not in result.summary() and "kept  layer1" in result.summary()
+
+
+def test_tie_allow_growth_ties_every_agreeing_group():
+    model = share(resnet18(), 2).eval()
+    _set(model, {"layer1.0.conv1": [1.0, 0.0], "layer1.1.conv1": [-3.0, 0.0], "layer1.0.conv2": [0.0, 1.0],
+                 "layer1.1.conv2": [0.5, 0.75 ** 0.5]})
+    d1 = 64 * 64 * 9
+    result = tie(model, 0.99, allow_growth=True)
+    bank = result.banks[0]
+    assert bank.tied and bank.params_after - bank.params_before == (d1 + 2 + 2 * d1) - (2 * d1 + 8)
+    assert result.params_after == n_params(model) > result.params_before
 
 
 def test_tie_errors():
@@ -105,6 +161,13 @@ def test_eval_mode_exports_with_gradients_on(kind):
     torch.onnx.export(model, (x,), buffer, dynamo=False)
     graph = onnx.load_from_string(buffer.getvalue()).graph
     assert any(node.op_type == "Conv" for node in graph.node)
+
+
+@pytest.mark.parametrize("kind", ["shared", "tied", "foreign shared"])
+def test_scripting_a_shared_net_says_to_unshare_it(kind):
+    with pytest.raises(SoftshareError, match=r"^torch.jit.script cannot compile soft-shared layers.*unshare\(model\)") as info:
+        torch.jit.script(EXPORTABLE[kind]())
+    assert "\n" not in str(info.value)
 
 
 def test_unshared_net_scripts():

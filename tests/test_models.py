@@ -411,7 +411,7 @@ def test_share_converts_resnet_into_the_registered_shared_net():
     """softshare.share on the unshared net (later blocks' 3x3 convs, one bank per stage) gives sresnet's count."""
     model = create_model("resnet_50", **SMALL)
     later_3x3 = re.compile(r"stages\.\d\.blocks\.[1-9]\d*\.conv2")
-    softshare.share(model, 2, select=lambda n, m: bool(later_3x3.fullmatch(n)), group=lambda n, m: n.split(".")[1],
+    softshare.share(model, 2, select=lambda n, m: bool(later_3x3.fullmatch(n)), group_by="stage",
                     allow_growth=True)  # stages 0 and 3 have 2 later blocks: a k=2 bank saves nothing there
     assert sum(p.numel() for p in model.parameters()) == count("sresnet_50_2", 10, **SMALL)
 

@@ -305,12 +305,60 @@ def test_unknown_logger_is_one_line(tmp_path):
         make_sinks(["csv", "mlflow"], tmp_path, {})  # called directly
 
 
+def test_figures_in_the_run_s_format_with_the_label_smoothing_note(tmp_path, monkeypatch):
+    from softshare.train import run_dir
+
+    notes = []
+    real = run_dir.curves_figure
+    monkeypatch.setattr(run_dir, "curves_figure", lambda *a: notes.append(a[3]) or real(*a))
+    train(tiny_config(tmp_path, epochs=1, lsm_every=1, figure_format="svg", label_smoothing=0.1))
+    run = tmp_path / "run"
+    assert (run / "curves.svg").read_bytes().startswith(b"<?xml") and not (run / "curves.png").exists()
+    assert (run / "lsm" / "history.svg").exists() and list((run / "lsm" / "epoch_0001").glob("lsm_*.svg"))
+    assert "label smoothing 0.1" in notes[-1] and "training loss is the higher one" in notes[-1]
+
+
+def test_curves_are_redrawn_at_most_every_few_seconds_and_always_at_the_end(tmp_path, monkeypatch):
+    from softshare.train import run_dir
+
+    drawn = []
+    monkeypatch.setattr(run_dir, "save_figure", lambda fig, path: drawn.append(len(fig.axes[0].lines[0].get_xdata())))
+    run = run_dir.RunDir(tmp_path / "r")
+    run.write_info({"epochs": 4}, torch.device("cpu"), 1)
+    for epoch in (1, 2, 3):  # epochs far shorter than CURVES_EVERY_S
+        run.append_metrics({"epoch": epoch, "train_loss": 1.0, "train_acc": 0.5})
+        run.plot_curves()
+    assert drawn == [1]  # the first epoch only
+    run.close()
+    assert drawn == [1, 3]  # what was not drawn is drawn at the end
+    run = run_dir.RunDir(tmp_path / "r")
+    run.write_info({"epochs": 4}, torch.device("cpu"), 1)
+    run.plot_curves()
+    run.append_metrics({"epoch": 4, "train_loss": 1.0, "train_acc": 0.5})
+    run.plot_curves()  # the last epoch: drawn at once
+    assert drawn == [1, 3, 3, 4]
+    run.close()
+
+
+def test_curves_of_several_runs_share_axes():
+    from softshare.train.run_dir import curves_figure
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 0.5 / e, "train_acc": 0.8, "val_acc": 0.9} for e in (1, 2)]
+    fig = curves_figure({"SWRN": rows, "WRN": rows}, "both", "test", note="a note")
+    loss, acc = fig.axes
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["SWRN, train", "SWRN, test", "WRN, train",
+                                                                    "WRN, test"]
+    assert [line.get_linestyle() for line in acc.lines] == ["--", "-", "--", "-"]  # train dashed
+    assert acc.lines[0].get_color() == acc.lines[1].get_color() != acc.lines[2].get_color()  # a colour per run
+    assert fig.get_supxlabel() == "a note"
+
+
 def test_curves_figure_names_the_split_in_percent_with_whole_epochs():
     from softshare.train.run_dir import curves_figure
 
     rows = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 0.0001 * e,
              "test_acc": 0.0002 * e, "train_recurrence_penalty": 0.1 / e} for e in (1, 2, 3)]
-    fig = curves_figure(rows, "run")
+    fig = curves_figure({"run": rows}, "run")  # the split named by the rows' keys
     loss, acc, penalty = fig.axes
     assert [t.get_text() for t in acc.get_legend().get_texts()] == ["train", "test"]
     assert acc.get_ylabel() == "accuracy (%)" and acc.lines[1].get_ydata()[-1] == pytest.approx(0.06)

@@ -60,12 +60,13 @@ def loader() -> torch.utils.data.DataLoader:
 def test_callback_records_lsm_history_moves_coefficients_out_of_decay_and_unshares(tmp_path):
     model = Classifier()
     shared = sum(isinstance(m, SharedLayer) for m in model.modules())  # 4 convs of stage 1, 3 of stage 2
-    callback = SoftshareCallback(recurrence_reg=0.1, unshare=True)
+    callback = SoftshareCallback(recurrence_reg=0.1, unshare=True, figure_format="svg")
     fit = trainer(tmp_path, callback)
     fit.fit(model, loader())
     history = [json.loads(line) for line in (tmp_path / "lsm" / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1, 2] and len(history[0]["banks"]) == 2  # one bank per stage
-    assert (tmp_path / "lsm" / "history.png").stat().st_size > 1000
+    assert (tmp_path / "lsm" / "history.svg").read_text().lstrip().startswith("<?xml")  # the format asked for
+    assert [p.suffix for p in (tmp_path / "lsm" / "epoch_0002").iterdir()] == [".svg", ".svg"]  # one per bank
     groups = fit.optimizers[0].param_groups
     coefficient_groups = [g for g in groups if g["weight_decay"] == 0]
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0] and len(coefficient_groups[0]["params"]) == shared == 7
@@ -100,6 +101,8 @@ def test_the_regulariser_adds_the_gradient_of_its_weighted_penalty():
 def test_a_scheduler_over_decayed_coefficients_is_refused_with_the_helper_named(tmp_path):
     with pytest.raises(SoftshareError, match="softshare.param_groups"):
         trainer(tmp_path, SoftshareCallback(), epochs=1).fit(Classifier(scheduler=True), loader())
+    with pytest.raises(SoftshareError, match="figure format must be one of png, pdf, svg, got 'jpg'"):
+        SoftshareCallback(figure_format="jpg")
     with pytest.raises(SoftshareError, match="share it first"):
         trainer(tmp_path, SoftshareCallback(), epochs=1).fit(_Plain(), loader())
 

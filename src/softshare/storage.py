@@ -443,12 +443,36 @@ def recover_output(path: str | os.PathLike) -> bool:
     return True
 
 
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, **savefig_kwargs: Any) -> Path:
-    """Atomically save a matplotlib `Figure` as PNG. Callers build figures with the object API
-    (``matplotlib.figure.Figure``), never pyplot, so no global backend is switched."""
+FIGURE_FORMATS = ("png", "pdf", "svg")  # every figure-writing job's --format; png is the default
+PNG_DPI = 200  # sharp in a paper or on a high-density screen; pdf and svg are vector
+
+
+def check_figure_format(figure_format: str) -> str:
+    """`figure_format` if it is one of FIGURE_FORMATS; else one line naming the valid ones."""
+    if figure_format not in FIGURE_FORMATS:
+        raise SoftshareError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {figure_format!r}")
+    return figure_format
+
+
+def figure_path(stem: str | os.PathLike, figure_format: str = "png") -> Path:
+    """``<stem>.<figure_format>`` (one of FIGURE_FORMATS); the stem may contain dots."""
+    check_figure_format(figure_format)
+    stem = Path(stem)
+    return stem.with_name(f"{stem.name}.{figure_format}")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = PNG_DPI, **savefig_kwargs: Any) -> Path:
+    """Atomically save a matplotlib `Figure` in the format its suffix names (.png at `dpi`, or
+    vector .pdf/.svg). Callers build figures with the object API (``matplotlib.figure.Figure``),
+    never pyplot, so no global backend is switched."""
     path = Path(path)
+    figure_format = path.suffix.lstrip(".").lower()
+    if figure_format not in FIGURE_FORMATS:
+        raise SoftshareError(f"cannot save a figure as {path.name}: use a .png, .pdf or .svg name")
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None},
+                "svg": {"Date": None}}[figure_format]  # the same figure gives the same bytes
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, **savefig_kwargs)
+        fig.savefig(tmp, format=figure_format, dpi=dpi, metadata=metadata, **savefig_kwargs)
     return path
 
 

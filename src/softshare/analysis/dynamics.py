@@ -18,11 +18,11 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import SoftshareError
-from ..storage import save_figure
-from .lsm import read_lsm_history
+from ..storage import figure_path, save_figure
+from .lsm import bank_label, read_lsm_history
 from .similarity import abs_cosine
 
-DYNAMICS_FIGURE = "dynamics.png"
+DYNAMICS_FIGURE = "dynamics"  # + the figure format's suffix
 FOLD_LEVELS = (0.9, 0.95, 0.99)
 
 
@@ -81,13 +81,15 @@ def random_similarity(n: int, k: int, samples: int = 200, seed: int = 0) -> dict
             "n": n, "k": k, "samples": samples}
 
 
-def plot_dynamics(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def plot_dynamics(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                  figure_format: str = "png") -> Path:
     """Per bank over epochs: consecutive |cos| (mean, min), nearest-neighbour |cos|, |cos| to the
-    start, with the random-direction control as a dotted line; ``run_dir/lsm/dynamics.png``."""
+    start, with the random-direction control as a dotted line; ``run_dir/lsm/dynamics.<format>``."""
     history = coefficient_dynamics(run_dir)
     banks = list(history[-1]["banks"])
     records = read_lsm_history(run_dir)[-1]["banks"]
     shapes = {b["bank"]: (len(b["coefficients"]), len(b["coefficients"][0])) for b in records}
+    layers = {b["bank"]: b["layers"] for b in records}
     cols = min(len(banks), 4)
     rows = math.ceil(len(banks) / cols)
     fig = Figure(figsize=(3.4 * cols + 1.5, 2.8 * rows), layout="constrained")
@@ -104,14 +106,14 @@ def plot_dynamics(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         control = random_similarity(*shapes[bank])["consecutive_mean"]
         ax.axhline(control, color="grey", ls=":", label="random directions (control)")
         ax.axhline(0.99, color="black", lw=0.6, alpha=0.4)
-        ax.set(title=bank, xlabel="epoch", ylabel="|cos|", ylim=(0, 1.02))
+        ax.set(title=bank_label(bank, layers[bank]), xlabel="epoch", ylabel="|cos|", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     for ax in axes[len(banks):]:
         ax.set_axis_off()
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("coefficient vectors over training (line at 0.99: the fold threshold)", fontsize=10)
-    path = Path(out) if out else Path(run_dir) / "lsm" / DYNAMICS_FIGURE
-    return save_figure(fig, path, dpi=110)
+    path = Path(out) if out else figure_path(Path(run_dir) / "lsm" / DYNAMICS_FIGURE, figure_format)
+    return save_figure(fig, path)
 
 
 __all__ = ["bank_dynamics", "coefficient_dynamics", "random_similarity", "plot_dynamics", "FOLD_LEVELS"]

@@ -9,7 +9,6 @@ glance), and keep a per-epoch history during training to watch the recurrence em
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -20,15 +19,16 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..errors import SoftshareError
-from ..storage import atomic_path, save_figure, write_json, write_text
+from ..storage import atomic_path, figure_path, save_figure, write_json, write_text
 from ..wrappers import unwrap_model
 from .similarity import LayerSimilarity, layer_similarity
 
 LSM_DIR = "lsm"  # inside a run directory
 HISTORY_FILE = "history.jsonl"
-HISTORY_FIGURE = "history.png"
-_MAX_ANNOTATED = 30  # beyond this many layers the numbers would be unreadable
+HISTORY_FIGURE = "history"  # + the figure format's suffix
+NAMED_LAYERS = 12  # up to this many layers: names as ticks and the value in each cell; beyond, indices
 _CMAP = "viridis"
+COLOUR_LABEL = "$|\\cos(\\alpha_i, \\alpha_j)|$ of coefficient vectors\n(1: the same layer up to a scale)"
 
 
 def short_layer_names(names: Sequence[str]) -> list[str]:
@@ -48,59 +48,108 @@ def short_layer_names(names: Sequence[str]) -> list[str]:
     return [".".join(p[common:]) for p in parts]
 
 
+def bank_label(bank: str, layers: Sequence[str]) -> str:
+    """A bank's name for a title: ``stages.0.bank`` -> ``stage 0``, ``banks.conv1`` -> ``conv1``; a
+    bank `share()` made (held by its first layer) -> the module path its layers have in common."""
+    path = [part for part in bank.split(".") if part not in ("bank", "banks")]
+    if ".".join(path) in layers:  # held by one of its layers: name the group, not that layer
+        split = [name.split(".") for name in layers]
+        common = next((i for i in range(min(map(len, split))) if len({p[i] for p in split}) > 1),
+                      min(map(len, split)))
+        path = split[0][:common] or path
+    words: list[str] = []
+    for part in path:
+        if part.isdigit() and words:  # stages.0 -> stage 0
+            words[-1] = f"{words[-1][:-1] if words[-1].endswith('s') else words[-1]} {part}"
+        else:
+            words.append(part)
+    return " ".join(words) or "bank"
+
+
 def _file_stem(bank: str) -> str:
     return "lsm_" + (re.sub(r"[^\w.-]+", "_", bank) or "bank")
 
 
-def _annotation_size(n: int) -> float | None:
-    if n > _MAX_ANNOTATED:
-        return None
-    return 9.0 if n <= 10 else 7.0 if n <= 18 else 5.0
+def _index_step(n: int, ticks: int = 8) -> int:
+    """The first of 1, 2, 5, 10, 20, 50, ... giving at most `ticks` + 1 index ticks for n layers."""
+    return next(step for step in (m * 10 ** e for e in range(12) for m in (1, 2, 5)) if (n - 1) // step <= ticks)
 
 
-def _label_step(n: int, side_inches: float, font_pt: float) -> int:
-    """Label every k-th layer so that labels of `font_pt` never overlap on a `side_inches` axis."""
-    cell_pt = 72.0 * side_inches / max(n, 1)
-    return max(1, math.ceil(1.15 * font_pt / cell_pt))
+def _layer_axes(ax, names: list[str], x_labels: bool, y_labels: bool, font_pt: float, heatmap: bool = True) -> None:
+    """Names as ticks up to NAMED_LAYERS layers, else layer indices (forward order) with the first
+    and last names in the axis label."""
+    n = len(names)
+    if n <= NAMED_LAYERS:
+        ticks, labels, axis = list(range(n)), names, None
+    else:
+        ticks = list(range(0, n, _index_step(n)))
+        labels = [str(i) for i in ticks]
+        axis = f"layer index (0: {names[0]}, {n - 1}: {names[-1]})"
+    ax.set_xticks(ticks, labels if x_labels else [], rotation=90 if n <= NAMED_LAYERS else 0, fontsize=font_pt)
+    if heatmap:
+        ax.set_yticks(ticks, labels if y_labels else [], fontsize=font_pt)
+    if axis and x_labels:
+        ax.set_xlabel(axis, fontsize=font_pt)
+    if axis and y_labels and heatmap:
+        ax.set_ylabel("layer index", fontsize=font_pt)
 
 
-def _draw(ax, similarity: LayerSimilarity, x_labels: bool, y_labels: bool, annotate: float | None,
-          label_step: int = 1, font_pt: float = 8.0):
-    """Heatmap of one bank's matrix on `ax` (fixed colour scale); returns the image. Layer names
-    label every `label_step`-th row/column (ticks stay on every layer)."""
-    matrix = similarity.matrix.numpy()
-    n = len(similarity.layers)
-    image = ax.imshow(matrix, cmap=_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
+def _draw(ax, similarity: LayerSimilarity, x_labels: bool = True, y_labels: bool = True, font_pt: float = 8.0,
+          annotate: bool = True):
+    """One bank on `ax`: its LSM heatmap on the fixed [0, 1] scale (values in the cells up to
+    NAMED_LAYERS layers, if `annotate`), or for a bank of one template its layers' scales.
+    Returns the image (None for scales)."""
     names = short_layer_names(similarity.layers)
-    shown = [name if i % label_step == 0 else "" for i, name in enumerate(names)]
-    ax.set_xticklabels(shown if x_labels else [], rotation=90, fontsize=font_pt)
-    ax.set_yticklabels(shown if y_labels else [], fontsize=font_pt)
-    if annotate:
+    n = len(names)
+    if similarity.scales is not None:
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.plot(range(n), similarity.scales, marker="o", ms=3 if n > NAMED_LAYERS else 4, color="tab:blue")
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.set_ylabel("scale $c_i$", fontsize=font_pt)
+        ax.grid(alpha=0.3)
+        _layer_axes(ax, names, x_labels, y_labels, font_pt, heatmap=False)
+        return None
+    matrix = similarity.matrix.numpy()
+    image = ax.imshow(matrix, cmap=_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    _layer_axes(ax, names, x_labels, y_labels, font_pt)
+    if annotate and n <= NAMED_LAYERS:
+        size = 8.0 if n <= 8 else 6.5
         for i in range(n):
             for j in range(n):
                 value = float(matrix[i, j])
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=annotate,
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=size,
                         color="black" if value > 0.6 else "white")
     return image
 
 
+def _title(similarity: LayerSimilarity) -> str:
+    n = len(similarity.layers)
+    label = bank_label(similarity.bank, similarity.layers)
+    if similarity.scales is not None:
+        return (f"{label}: {n} layers, one template, so layer i is $c_i T$\n"
+                f"(every |cos| is 1 by construction; the scales are what differs)")
+    return f"layer similarity, {label} ({n} layers)"
+
+
 def plot_lsm(similarities: Sequence[LayerSimilarity], out_dir: str | os.PathLike,
-             title: str | None = None) -> list[Path]:
-    """One heatmap PNG per bank, ``out_dir/lsm_<bank>.png``, values annotated up to 30 layers."""
+             title: str | None = None, figure_format: str = "png") -> list[Path]:
+    """One figure per bank, ``out_dir/lsm_<bank>.<format>``: its LSM heatmap (names and values up
+    to 12 layers, layer indices beyond), or for a bank of one template its layers' scales."""
     out_dir = Path(out_dir)
     paths = []
     for similarity in similarities:
         n = len(similarity.layers)
-        side = max(3.5, 0.42 * n + 2.0)
-        fig = Figure(figsize=(side + 1.0, side))
-        ax = fig.add_subplot()
-        image = _draw(ax, similarity, x_labels=True, y_labels=True, annotate=_annotation_size(n))  # 0.42 in a cell
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="|cos(a_i, a_j)|")
-        ax.set_title(f"{title}: {similarity.bank}" if title else f"layer similarity, {similarity.bank}",
-                     fontsize=10)
-        paths.append(save_figure(fig, out_dir / f"{_file_stem(similarity.bank)}.png", dpi=110, bbox_inches="tight"))
+        if similarity.scales is not None:
+            fig = Figure(figsize=(max(5.0, 0.18 * n + 2.5), 3.4), layout="constrained")
+            _draw(fig.add_subplot(), similarity)
+        else:
+            side = max(3.6, 0.5 * n + 1.6) if n <= NAMED_LAYERS else 5.2
+            fig = Figure(figsize=(side + 1.6, side), layout="constrained")
+            ax = fig.add_subplot()
+            image = _draw(ax, similarity)
+            fig.colorbar(image, ax=ax, shrink=0.85, label=COLOUR_LABEL).ax.yaxis.label.set_size(8)
+        fig.suptitle(f"{title}: {_title(similarity)}" if title else _title(similarity), fontsize=10)
+        paths.append(save_figure(fig, figure_path(out_dir / _file_stem(similarity.bank), figure_format)))
     return paths
 
 
@@ -113,10 +162,10 @@ def _similarities(model: nn.Module) -> list[LayerSimilarity]:
     return similarities
 
 
-def save_lsm(model: nn.Module, out_dir: str | os.PathLike) -> list[Path]:
-    """Heatmaps of every bank of `model` plus ``lsm.json`` (the matrices) in `out_dir`."""
+def save_lsm(model: nn.Module, out_dir: str | os.PathLike, figure_format: str = "png") -> list[Path]:
+    """Figures of every bank of `model` (`plot_lsm`) plus ``lsm.json`` (the matrices) in `out_dir`."""
     similarities = _similarities(model)
-    paths = plot_lsm(similarities, out_dir)
+    paths = plot_lsm(similarities, out_dir, figure_format=figure_format)
     json_path = Path(out_dir) / "lsm.json"
     write_json(json_path, {"banks": [s.to_dict() for s in similarities]})
     return [*paths, json_path]
@@ -134,7 +183,7 @@ def read_lsm_history(run_dir: str | os.PathLike) -> list[dict]:
         raise SoftshareError(f"{path} is corrupt ({err}); delete it to start a new LSM history") from None
 
 
-def record_lsm(model: nn.Module, run_dir: str | os.PathLike, epoch: int) -> list[Path]:
+def record_lsm(model: nn.Module, run_dir: str | os.PathLike, epoch: int, figure_format: str = "png") -> list[Path]:
     """Save the LSMs of `epoch` for a run: history line, per-epoch PNGs, refreshed history figure.
 
     For the trainer's ``--lsm-every N``. Records of epochs >= `epoch` are dropped first, so a
@@ -147,8 +196,8 @@ def record_lsm(model: nn.Module, run_dir: str | os.PathLike, epoch: int) -> list
     write_text(lsm_dir / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in records))
     epoch_dir = lsm_dir / f"epoch_{epoch:04d}"
     with atomic_path(epoch_dir) as tmp:
-        plot_lsm(similarities, tmp, title=f"epoch {epoch}")
-    return [lsm_dir / HISTORY_FILE, *sorted(epoch_dir.iterdir()), plot_lsm_history(run_dir)]
+        plot_lsm(similarities, tmp, title=f"epoch {epoch}", figure_format=figure_format)
+    return [lsm_dir / HISTORY_FILE, *sorted(epoch_dir.iterdir()), plot_lsm_history(run_dir, figure_format=figure_format)]
 
 
 def _spread(count: int, limit: int) -> list[int]:
@@ -158,40 +207,45 @@ def _spread(count: int, limit: int) -> list[int]:
     return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
 
 
-def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8) -> Path:
-    """Tiled figure ``run_dir/lsm/history.png``: rows are banks, columns evenly spaced epochs."""
+def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8, figure_format: str = "png") -> Path:
+    """Tiled figure ``run_dir/lsm/history.<format>``: rows are banks, columns evenly spaced
+    recorded epochs (the title says how many of how many, so no epoch is left out unsaid)."""
     if max_columns < 2:
         raise SoftshareError(f"max_columns must be at least 2, got {max_columns}")
-    records = read_lsm_history(run_dir)
-    if not records:
+    recorded = read_lsm_history(run_dir)
+    if not recorded:
         raise SoftshareError(f"no LSM history in {Path(run_dir) / LSM_DIR}; train with --lsm-every N first")
-    records = [records[i] for i in _spread(len(records), max_columns)]
-    banks = [bank["bank"] for bank in records[-1]["banks"]]
-    rows, cols = len(banks), len(records)
+    records = [recorded[i] for i in _spread(len(recorded), max_columns)]
+    last = [LayerSimilarity.from_dict(bank) for bank in records[-1]["banks"]]
+    rows, cols = len(last), len(records)
     n_max = max(len(bank["layers"]) for record in records for bank in record["banks"])
-    tile = max(1.8, min(0.3 * n_max + 0.8, 3.2 if n_max <= 16 else 5.0))
-    fig = Figure(figsize=(tile * cols + 1.6, tile * rows + 0.6), layout="constrained")
+    tile = 2.0 if n_max <= 8 else 2.6
+    fig = Figure(figsize=(tile * cols + 2.2, tile * rows + 1.0), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for col, record in enumerate(records):
-        by_name = {bank["bank"]: bank for bank in record["banks"]}
-        for row, name in enumerate(banks):
+        by_name = {bank["bank"]: LayerSimilarity.from_dict(bank) for bank in record["banks"]}
+        for row, final in enumerate(last):
             ax = axes[row][col]
-            bank = by_name.get(name)
-            if bank is None:
+            similarity = by_name.get(final.bank)
+            if similarity is None:
                 ax.set_axis_off()
                 continue
-            matrix = torch.tensor(bank["matrix"], dtype=torch.float64)
-            similarity = LayerSimilarity(bank["bank"], bank["layers"], matrix)
-            n = len(bank["layers"])
-            image = _draw(ax, similarity, x_labels=row == rows - 1, y_labels=col == 0, annotate=6.0 if n <= 8 else None,
-                          label_step=_label_step(n, tile, 7.0), font_pt=7.0)
+            drawn = _draw(ax, similarity, x_labels=row == rows - 1, y_labels=col == 0, font_pt=6.5,
+                          annotate=len(similarity.layers) <= 8)
+            image = drawn if drawn is not None else image
             if col == 0:
-                ax.set_ylabel(name, fontsize=9)
+                ax.set_ylabel(bank_label(final.bank, final.layers), fontsize=9)
             if row == 0:
                 ax.set_title(f"epoch {record['epoch']}", fontsize=10)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="|cos(a_i, a_j)|")
-    return save_figure(fig, Path(run_dir) / LSM_DIR / HISTORY_FIGURE, dpi=110, bbox_inches="tight")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=COLOUR_LABEL).ax.yaxis.label.set_size(8)
+    epochs = [r["epoch"] for r in recorded]
+    shown = (f"all {len(recorded)} recorded epochs" if cols == len(recorded) else
+             f"{cols} of {len(recorded)} recorded epochs, evenly spaced (every one is in {LSM_DIR}/{HISTORY_FILE} "
+             f"and {LSM_DIR}/epoch_NNNN/)")
+    fig.suptitle(f"Layer similarity during training (epochs {epochs[0]}-{epochs[-1]}): {shown}", fontsize=10)
+    return save_figure(fig, figure_path(Path(run_dir) / LSM_DIR / HISTORY_FIGURE, figure_format))
 
 
-__all__ = ["short_layer_names", "plot_lsm", "save_lsm", "record_lsm", "read_lsm_history", "plot_lsm_history"]
+__all__ = ["short_layer_names", "bank_label", "plot_lsm", "save_lsm", "record_lsm", "read_lsm_history", "plot_lsm_history"]

@@ -34,11 +34,25 @@ class LayerSimilarity:
     matrix: torch.Tensor  # (n_layers, n_layers), float64
     coefficients: torch.Tensor | None = None  # (n_layers, k) float64: the vectors compared (how they move in training)
 
+    @property
+    def scales(self) -> list[float] | None:
+        """A bank of one template: each layer's coefficient, its scale c_i (the matrix is all ones
+        by construction, so the scales are what there is to see); None for k > 1 or unknown."""
+        if self.coefficients is None or self.coefficients.shape[1] != 1:
+            return None
+        return self.coefficients[:, 0].tolist()
+
     def to_dict(self) -> dict:
         record = {"bank": self.bank, "layers": self.layers, "matrix": self.matrix.tolist()}
         if self.coefficients is not None:
             record["coefficients"] = self.coefficients.tolist()
         return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> LayerSimilarity:
+        coefficients = record.get("coefficients")
+        return cls(record["bank"], record["layers"], torch.tensor(record["matrix"], dtype=torch.float64),
+                   None if coefficients is None else torch.tensor(coefficients, dtype=torch.float64))
 
 
 def layer_similarity(model: nn.Module) -> list[LayerSimilarity]:

@@ -28,6 +28,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "share": ("share", "convert any model to soft sharing: the plan, parameters before/after"),
     "train": ("train", "train a model (paper recipe presets, CPU/GPU/torchrun DDP)"),
     "eval": ("eval", "loss and top-1/top-5 error (or task exact-match) on the test set"),
+    "curves": ("curves", "training curves of one or several runs in one figure (shared axes)"),
     "lsm": ("lsm", "layer similarity matrix (LSM) heatmaps of a trained model"),
     "fold": ("fold", "fold blocks with collinear coefficients into explicit loops"),
     "data": ("data", "generate maze / prefix-sum task data (easy-to-hard benchmark format)"),

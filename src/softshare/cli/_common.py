@@ -10,6 +10,8 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 
+from ..storage import FIGURE_FORMATS
+
 
 def _number(kind, predicate, what):
     def parse(text: str):
@@ -56,6 +58,12 @@ def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace {what} even if it holds something softshare did not write there "
                              f"(the old content stays intact until the new output is complete)")
+
+
+def add_figure_format(parser: argparse.ArgumentParser) -> None:
+    """The one flag choosing the format of a job's figures."""
+    parser.add_argument("--format", dest="figure_format", choices=FIGURE_FORMATS, default="png",
+                        help="figure format: png (raster, 200 dpi) or vector pdf / svg for a paper (default: png)")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

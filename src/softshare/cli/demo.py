@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..studies.demo import DemoConfig, run_demo
-from ._common import add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
+from ._common import add_figure_format, add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 
 
@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stopping rule: iterations a prediction must stay unchanged")
     p.add_argument("--seed", type=nonnegative_int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    add_figure_format(p)
     p.set_defaults(func=run)
 
 

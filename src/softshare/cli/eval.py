@@ -8,7 +8,7 @@ import json
 
 from ..eval import evaluate_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ._common import add_overwrite, format_table, log_to_stdout, positive_int
+from ._common import add_figure_format, add_overwrite, format_table, log_to_stdout, positive_int
 
 
 
@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help=f"score a soft-shared net as it is, for its trained iterations (default: fold it at "
                            f"|cos| >= {DEFAULT_THRESHOLD} so that a final loop runs longer, as the studies do)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
-    add_overwrite(task, "the --out file (and the .png beside it)")
+    add_overwrite(task, "the --out file (and the figures beside it)")
+    add_figure_format(task)
     p.set_defaults(func=run)
 
 
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
                     if getattr(args, k)}
     if not args.fold:
         task_options["fold"] = False
+    if args.figure_format != "png":
+        task_options["figure_format"] = args.figure_format
     # progress lines on long test sets, unless stdout is for the JSON
     with contextlib.nullcontext() if args.json else log_to_stdout("softshare.eval"):
         result = evaluate_checkpoint(args.checkpoint, dataset=args.data, data_root=args.data_root,

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ..eval.algorithmic import STOP_PATIENCE
 from ..fold import DEFAULT_THRESHOLD
-from ..storage import check_output, mark_output, output_lock
+from ..storage import FIGURE_FORMATS, check_output, mark_output, output_lock
 from ..studies.algorithmic import DEFAULT_VARIANTS, TASKS, VARIANTS, plan_experiment, run_experiment
 from ..studies.recurrence import LAMBDAS, SETTINGS, check_study, run_study
 from ..train.run_dir import is_run
-from ._common import add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
+from ._common import add_figure_format, add_overwrite, log_to_stdout, nonnegative_float, nonnegative_int, positive_int
 
 
 
@@ -73,9 +73,10 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="results directory (default: runs/experiment-<study>[-<scale>]); rerunning "
                                  "into it continues the study")
     add_overwrite(p, "--out (the study's files there are written; other files stay)")
+    add_figure_format(p)
 
 
-STUDY_FILES = ("runs", "results.json", "results.md")  # and the study's .png figures
+STUDY_FILES = ("runs", "results.json", "results.md")  # and the study's figures (FIGURE_FORMATS)
 
 
 @contextlib.contextmanager
@@ -96,7 +97,7 @@ def _unmarked_study(path: Path) -> bool:
     directory, by proof) and the study's results files."""
     if not (path / "runs").is_dir():
         return False
-    if any(p.name not in STUDY_FILES and p.suffix != ".png" for p in path.iterdir()):
+    if any(p.name not in STUDY_FILES and p.suffix.lstrip(".") not in FIGURE_FORMATS for p in path.iterdir()):
         return False
     return all(is_run(p) for p in (path / "runs").iterdir())
 
@@ -106,20 +107,22 @@ def run_algorithmic(args: argparse.Namespace) -> int:
                                    ("test_count", args.test_count)) if v is not None}
     out = args.out or f"runs/experiment-algorithmic-{args.scale}"
     plan_experiment(Path(out), args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
-                    args.device, args.jobs, args.patience)  # every config validated before anything is written
+                    args.device, args.jobs, args.patience, args.figure_format)  # all validated before any write
     with _claim(out, "experiment algorithmic", args.overwrite), \
             log_to_stdout("softshare.experiment", "softshare.train"):
         run_experiment(out, args.scale, tuple(args.tasks), tuple(args.variants), tuple(args.seeds), overrides,
-                       args.device, args.jobs, args.patience)
+                       args.device, args.jobs, args.patience, args.figure_format)
     print(f"done: {out}/results.md")
     return 0
 
 
 def run_recurrence(args: argparse.Namespace) -> int:
     out = args.out or "runs/experiment-recurrence"
-    check_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
+    check_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs,
+                args.figure_format)
     with _claim(out, "experiment recurrence", args.overwrite), \
             log_to_stdout("softshare.experiment", "softshare.train"):
-        run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs)
+        run_study(out, tuple(args.tasks), tuple(args.lambdas), tuple(args.seeds), args.device, args.epochs,
+                  args.figure_format)
     print(f"done: {out}/results.md")
     return 0

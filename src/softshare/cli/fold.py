@@ -10,7 +10,7 @@ from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
 from ..storage import atomic_path, check_output, mark_output
-from ._common import _number, add_overwrite, log_to_stdout, positive_int
+from ._common import _number, add_figure_format, add_overwrite, log_to_stdout, positive_int
 
 
 
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="device for evaluation: auto, cpu, cuda, cuda:N")
     p.add_argument("--iterations", type=positive_int, nargs="+", default=[], metavar="N",
                    help="with --data, also evaluate the folded model with its loops run N times")
+    add_figure_format(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         with log_to_stdout("softshare.fold"):  # a line per threshold folded (and evaluated)
             rows = sweep(model, args.thresholds or DEFAULT_THRESHOLDS, evaluate)
         with atomic_path(out, keep_foreign=True) as tmp:  # appears at once, replacing only the old one's files
-            written = [out / p.relative_to(tmp) for p in write_sweep(rows, tmp, count_parameters(model), before)]
+            written = [out / p.relative_to(tmp) for p in write_sweep(rows, tmp, count_parameters(model), before,
+                                                                      args.figure_format)]
             mark_output(tmp, "fold")
         print(sweep_table(rows, count_parameters(model), pick_metric(before)))
         print("wrote " + ", ".join(map(str, written)))

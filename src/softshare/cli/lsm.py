@@ -10,9 +10,9 @@ from pathlib import Path
 from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ..storage import check_output, exclusive_lock, mark_output, output_lock
+from ..storage import FIGURE_FORMATS, check_output, exclusive_lock, mark_output, output_lock
 from ..train.run_dir import is_run
-from ._common import add_overwrite, format_table
+from ._common import add_figure_format, add_overwrite, format_table
 
 
 
@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run directory (best checkpoint, else last), checkpoint directory or model.safetensors")
     p.add_argument("--out", metavar="DIR", help="output directory (default for a run directory: RUN/lsm)")
     add_overwrite(p, "--out")
+    add_figure_format(p)
     p.set_defaults(func=run)
 
 
@@ -42,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
             if inside else output_lock(out, "LSM output"))
     with lock:
         model = load(path)
-        written = save_lsm(model, out)
+        written = save_lsm(model, out, args.figure_format)
         mark_output(out, "lsm", files=[p.name for p in written])
         if is_run_dir and read_lsm_history(path):
-            written.append(plot_lsm_history(path))
+            written.append(plot_lsm_history(path, figure_format=args.figure_format))
     for similarity in layer_similarity(model):
         names = short_layer_names(similarity.layers)
         rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]
@@ -61,8 +62,8 @@ def _written_by_softshare(out: Path) -> bool:
     content, not by the files' names)."""
     for entry in out.iterdir():
         figures = entry.is_dir() and re.fullmatch(r"epoch_\d{4}", entry.name) and all(
-            p.suffix == ".png" for p in entry.iterdir())
-        if not (figures or entry.name in ("lsm.json", "history.jsonl") or entry.suffix == ".png"):
+            _is_figure(p) for p in entry.iterdir())
+        if not (figures or entry.name in ("lsm.json", "history.jsonl") or _is_figure(entry)):
             return False
     try:
         records = [json.loads((out / "lsm.json").read_text())] if (out / "lsm.json").exists() else []
@@ -71,6 +72,10 @@ def _written_by_softshare(out: Path) -> bool:
         return bool(records) and all(_lsm_banks(record["banks"]) for record in records)
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _is_figure(path: Path) -> bool:
+    return path.suffix.lstrip(".") in FIGURE_FORMATS
 
 
 def _lsm_banks(banks: object) -> bool:

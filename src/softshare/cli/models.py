@@ -11,7 +11,6 @@ from ..models import create_model, list_families, list_models
 from ._common import format_table, positive_int
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", description="List the named models of every registered family.")
     p.add_argument("pattern", nargs="?", default="*", help="glob filter on model names (default: all)")
@@ -20,13 +19,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = []
+    names = list_models(args.pattern)
     with torch.device("meta"):  # count parameters without allocating them
-        for name in list_models(args.pattern):
-            model = create_model(name, num_classes=args.num_classes)
-            rows.append((name, count_parameters(model)))
-    print(format_table(["model", "parameters"], rows))
-    print("\nfamilies (any size matching the pattern works):")
-    for family in list_families():
-        print(f"  {family.pattern.pattern:28s} {family.description}")
+        counts = {name: _parameters(name, args.num_classes) for name in names}
+        families = [f for f in list_families() if args.pattern == "*" or any(n in f.examples for n in names)]
+        rows = [(f.readable_pattern(), f.examples[0], _parameters(f.examples[0], args.num_classes), f.description)
+                for f in families]
+    print(format_table(["model", "parameters"], list(counts.items())))
+    print(f"\nfamilies: any name matching the pattern works (parameters at {args.num_classes} classes)")
+    print(format_table(["pattern", "example", "parameters", "what"], rows))
     return 0
+
+
+def _parameters(name: str, num_classes: int) -> int:
+    return count_parameters(create_model(name, num_classes=num_classes))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 
 from torch import nn
@@ -11,7 +10,8 @@ from torch import nn
 from ..budget import build_skeleton, memory_budget
 from ..checkpoint import save_checkpoint
 from ..convert import share
-from ..errors import SoftshareError
+from ..convert.share import GROUP_BY
+from ..errors import SoftshareError, import_optional
 from ..storage import atomic_path, check_output, mark_output
 from ..layers.structure import count_parameters
 from ..models import create_model
@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-k", "--num-templates", type=positive_int, default=2, help="templates per bank (default: 2)")
     p.add_argument("--select", nargs="+", metavar="GLOB",
                    help="layers to consider, glob patterns on module names (default: every Conv1d/Conv2d)")
+    p.add_argument("--group-by", choices=GROUP_BY, default="shape",
+                   help="layers of one shape share a bank: anywhere (shape), within a stage (stage: the paper's "
+                        "one bank per stage), or within their parent module (parent) (default: shape)")
     p.add_argument("--model-args", type=json_object, default={}, metavar="JSON",
                    help="keyword arguments for the builder, e.g. '{\"num_classes\": 10}'")
     p.add_argument("--allow-growth", action="store_true",
@@ -48,11 +51,12 @@ def build(spec: str, kwargs: dict) -> nn.Module:
     if ":" not in spec:
         return create_model(spec, **kwargs)
     module_name, _, attr = spec.partition(":")
-    try:
-        builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise SoftshareError(f"cannot import {spec} ({err}); give MODULE:CALLABLE of an installed module, "
-                             f"e.g. torchvision.models:resnet18") from None
+    module = import_optional(module_name, f"cannot build {spec}: give MODULE:CALLABLE of an installed, importable "
+                                          f"module, e.g. torchvision.models:resnet18")
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise SoftshareError(f"cannot build {spec}: {module_name} has no callable {attr!r}; give MODULE:CALLABLE, "
+                             f"e.g. torchvision.models:resnet18")
     try:
         model = builder(**kwargs)
     except TypeError as err:
@@ -72,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
     fix = "fix --model-args, or plan it without --out (the plan allocates nothing)"
     model = build_skeleton(lambda: build(args.model, args.model_args), budget / 8 if args.out else math.inf,
                            f"model {args.model}", fix)
-    plan = share(model, args.num_templates, select=args.select, allow_growth=args.allow_growth, dry_run=True)
+    plan = share(model, args.num_templates, select=args.select, group_by=args.group_by, allow_growth=args.allow_growth,
+                 dry_run=True)
     print(plan.summary())
     if args.out:
         model = build(args.model, args.model_args)  # for real: it fits the budget
-        share(model, args.num_templates, select=args.select, init_from_weights=args.init_from_weights,
-              allow_growth=args.allow_growth)
+        share(model, args.num_templates, select=args.select, group_by=args.group_by,
+              init_from_weights=args.init_from_weights, allow_growth=args.allow_growth)
         with atomic_path(args.out, keep_foreign=True) as tmp:  # the old output stays until the new one is complete
             save_checkpoint(tmp, model)
             mark_output(tmp, "share")

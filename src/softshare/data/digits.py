@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import SoftshareError
+from ..errors import import_optional
 from .dataset import ImageDataset, channel_stats, split_indices
 
 TEST_SIZE = 360  # of 1797 images: a 1437/360 train/test split
@@ -15,12 +15,9 @@ SPLIT_SEED = 0
 
 def load_digits_dataset() -> ImageDataset:
     """The 1797 digits as uint8 (N, 1, 8, 8) images (0..16 scaled to 0..255), split with a fixed seed."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise SoftshareError("the digits dataset needs scikit-learn; install it with "
-                             "pip install 'softshare[digits]' (or pip install scikit-learn)") from e
-    bunch = load_digits()
+    datasets = import_optional("sklearn.datasets", "the digits dataset needs scikit-learn: "
+                                                   "pip install 'softshare[digits]' -c constraints.txt")
+    bunch = datasets.load_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     train_idx, test_idx = split_indices(len(labels), TEST_SIZE, SPLIT_SEED)

@@ -28,8 +28,9 @@ from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
 from ..layers import named_banks, to_channels_last
 from ..layers.structure import count_parameters
 from ..progress import progress
-from ..storage import check_output, exclusive_lock, file_digest, output_lock, write_json
-from .plots import animate_maze_thinking, maze_predictions, plot_accuracy_vs_iterations, plot_maze_predictions
+from ..storage import check_output, exclusive_lock, figure_path, file_digest, output_lock, write_json
+from .plots import (animate_maze_thinking, maze_predictions, pick_mazes, plot_accuracy_vs_iterations,
+                    plot_maze_predictions)
 
 log = logging.getLogger("softshare.eval")
 
@@ -48,6 +49,7 @@ def solved(task: str, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
 STOP_PATIENCE = 10  # the stable rule: iterations a prediction must stay unchanged before it stops
 EXTRAPOLATION_FACTOR = 20  # unbounded nets are scored up to this many times their trained iterations
+MAZES_SHOWN = 8  # instances per size kept for the maze figure, to find one the net solves and one it does not
 LEARNED = 0.05  # below this exact match at the training size a net is not run longer than trained
 
 
@@ -167,7 +169,7 @@ class TaskEvaluation:
     model: nn.Module
     evaluated: nn.Module
     result: dict
-    examples: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # the first instance per size
+    examples: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # the first MAZES_SHOWN per size
 
 
 def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | None = None,
@@ -229,7 +231,7 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
         curve, stop = thought["exact_match"], thought["stop"]
         best = max(range(len(curve)), key=curve.__getitem__)
         result["accuracy"][str(size)], result["stop"][str(size)] = curve, stop
-        examples[size] = (x[:1], y[:1])
+        examples[size] = (x[:MAZES_SHOWN], y[:MAZES_SHOWN])
         result["test"][str(size)] = {
             "at_trained": curve[min(trained, iterations) - 1], "last": curve[-1], "best": curve[best],
             "best_iteration": best + 1,
@@ -262,22 +264,24 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
                              count: int | None = None, device: str = "auto", batch_size: int = 100,
                              data_root: str | None = None, out: str | None = None,
                              patience: int = STOP_PATIENCE, overwrite: bool = False, fold: bool = True,
-                             threshold: float = DEFAULT_THRESHOLD) -> dict:
+                             threshold: float = DEFAULT_THRESHOLD, figure_format: str = "png") -> dict:
     """`score_task_checkpoint`, written as JSON and a plot (for mazes also input/target/prediction
-    figures and a GIF): what `softshare eval` does with an algorithmic run.
+    figures, a solved and an unsolved maze per size, and a GIF), the figures in `figure_format`:
+    what `softshare eval` does with an algorithmic run.
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plots beside it as .png) or next to the checkpoint (`<run>/eval-<best|last>.json`, under the
-    run's lock: not while it trains). Each of them must be new or this job's own (the JSON says
-    so, and records the plots it wrote with their digests), unless `overwrite`; one evaluation
-    at a time writes an `out`.
+    plots beside it) or next to the checkpoint (`<run>/eval-<best|last>.json`, under the run's
+    lock: not while it trains). Each of them must be new or this job's own (the JSON says so, and
+    records the plots it wrote with their digests), unless `overwrite`; one evaluation at a time
+    writes an `out`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
+    figure_path("plot", figure_format)  # a bad format is refused before any work
     if out and Path(out).suffix != ".json":
-        raise SoftshareError(f"--out {out} must be a .json path (the plots go beside it with .png); give e.g. "
+        raise SoftshareError(f"--out {out} must be a .json path (the plots go beside it); give e.g. "
                              f"--out {Path(out).with_suffix('.json')}")
     ckpt_path = find_checkpoint(path)
     meta = read_meta(ckpt_path)
@@ -285,7 +289,7 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
     if config.get("task") not in IN_CHANNELS:
         raise SoftshareError(f"{ckpt_path} was not trained on an algorithmic task (task {config.get('task')!r})")
     json_path = Path(out) if out else _default_eval_path(ckpt_path)
-    companions = _companions(json_path, config["task"])
+    companions = _companions(json_path, config["task"], figure_format)
     if out:  # before any work: never clobber a user's file, the JSON or a plot beside it
         check_output(json_path, "eval", overwrite=overwrite, directory=False)
         for companion in companions.values():
@@ -314,18 +318,20 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
             examples = evaluation.examples
             device_used = next(evaluation.evaluated.parameters()).device
             predictions = maze_predictions(evaluation.evaluated, examples, found["eval_iterations"], device_used)
-            plot_maze_predictions(examples, predictions, min(found["trained_iterations"], found["eval_iterations"]),
-                                  companions["mazes_plot"])
-            animate_maze_thinking(examples, predictions, companions["mazes_animation"])
+            at = min(found["trained_iterations"], found["eval_iterations"])
+            rows = pick_mazes(examples, predictions, at)
+            plot_maze_predictions(rows, at, companions["mazes_plot"])
+            animate_maze_thinking(rows, companions["mazes_animation"])
         write_json(json_path, {**result, "files": {p.name: file_digest(p) for p in companions.values()}})
     return {**result, "json": str(json_path), **{k: str(v) for k, v in companions.items()}}
 
 
-def _companions(json_path: Path, task: str) -> dict[str, Path]:
+def _companions(json_path: Path, task: str, figure_format: str) -> dict[str, Path]:
     """The plots an eval writes beside its JSON."""
-    plots = {"plot": json_path.with_suffix(".png")}
+    plots = {"plot": _plot_path(json_path, figure_format)}
     if task == "mazes":
-        plots.update(mazes_plot=_mazes_plot_path(json_path), mazes_animation=_mazes_animation_path(json_path))
+        plots.update(mazes_plot=_mazes_plot_path(json_path, figure_format),
+                     mazes_animation=_mazes_animation_path(json_path))
     return plots
 
 
@@ -349,12 +355,16 @@ def in_trained_layout(model: nn.Module, config: dict) -> nn.Module:
     return to_channels_last(model) if config.get("channels_last") else model
 
 
-def _mazes_plot_path(json_path: Path) -> Path:
-    return json_path.with_name(json_path.stem + "-mazes.png")
+def _plot_path(json_path: Path, figure_format: str) -> Path:
+    return figure_path(json_path.with_suffix(""), figure_format)
+
+
+def _mazes_plot_path(json_path: Path, figure_format: str) -> Path:
+    return figure_path(json_path.with_name(json_path.stem + "-mazes"), figure_format)
 
 
 def _mazes_animation_path(json_path: Path) -> Path:
-    return _mazes_plot_path(json_path).with_suffix(".gif")
+    return json_path.with_name(json_path.stem + "-mazes.gif")
 
 
 def _default_eval_path(ckpt_path: Path) -> Path:

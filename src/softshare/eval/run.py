@@ -56,6 +56,9 @@ def evaluator_for(config: dict | None, device: str = "auto", dataset: str | None
     return exact_match
 
 
+CLI_FLAGS = {"fold": "--no-fold", "figure_format": "--format"}  # the task options not spelt as their flags
+
+
 def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | None = None,
                         download: bool = False, device: str = "auto", batch_size: int | None = None,
                         **task_options) -> dict:
@@ -76,8 +79,8 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
         return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
     if task_options:
-        flags = ", ".join("--no-fold" if name == "fold" else f"--{name}" for name in sorted(task_options))
-        raise SoftshareError(f"{ckpt_path} is an image classifier; {flags} only apply to runs on an algorithmic "
+        flags = ", ".join(CLI_FLAGS.get(name, f"--{name}") for name in sorted(task_options))
+        raise SoftshareError(f"{ckpt_path} is an image classifier; {flags} apply only to runs on an algorithmic "
                              f"task: drop {'it' if len(task_options) == 1 else 'them'}")
     if not (dataset or config.get("dataset")):
         raise SoftshareError(f"{ckpt_path} does not record its dataset; pass --data NAME")

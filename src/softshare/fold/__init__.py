@@ -11,11 +11,11 @@ from ..analysis import FoldSite
 from ..layers import LoopBlock, loop_blocks, set_iterations
 from .core import FoldGroup, FoldResult, count_parameters, fold_model, plan_loops
 from .plan import DEFAULT_THRESHOLD, find_groups, foldable_sites, loop_direction
-from .tie import TieGroup, TieResult, tie, tie_groups
+from .tie import TieBank, TieGroup, TieResult, tie, tie_groups
 from .report import DEFAULT_THRESHOLDS, SweepRow, sweep, write_fold_report, write_sweep
 
 __all__ = [
-    "fold_model", "plan_loops", "tie", "tie_groups", "TieResult", "TieGroup", "FoldResult", "FoldGroup", "count_parameters",
+    "fold_model", "plan_loops", "tie", "tie_groups", "TieResult", "TieGroup", "TieBank", "FoldResult", "FoldGroup", "count_parameters",
     "LoopBlock", "loop_blocks", "set_iterations",
     "FoldSite", "foldable_sites", "find_groups", "loop_direction",
     "sweep", "SweepRow", "write_sweep", "write_fold_report", "DEFAULT_THRESHOLD", "DEFAULT_THRESHOLDS",

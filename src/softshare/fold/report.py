@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from torch import nn
 
-from ..storage import save_figure, write_json, write_text
+from ..storage import figure_path, save_figure, write_json, write_text
 from ..progress import progress
 from .core import FoldResult, count_parameters, fold_model, plan_loops
 from .plan import check_threshold
@@ -111,8 +111,8 @@ def pick_metric(metrics: Mapping[str, float] | None) -> str | None:
 
 
 def write_sweep(rows: Sequence[SweepRow], out_dir: str | os.PathLike, params_before: int,
-                metrics_before: Mapping[str, float] | None = None) -> list[Path]:
-    """``fold_sweep.json``, ``fold_sweep.md`` (table) and ``fold_sweep.png`` (curves) in `out_dir`."""
+                metrics_before: Mapping[str, float] | None = None, figure_format: str = "png") -> list[Path]:
+    """``fold_sweep.json``, ``fold_sweep.md`` (table) and ``fold_sweep.<format>`` (curves) in `out_dir`."""
     out_dir = Path(out_dir)
     metric = pick_metric(metrics_before) or pick_metric(rows[0].metrics if rows else None)
     write_json(out_dir / "fold_sweep.json", {"rule": GROUPING_RULE, "params_before": params_before,
@@ -120,7 +120,8 @@ def write_sweep(rows: Sequence[SweepRow], out_dir: str | os.PathLike, params_bef
                                              "rows": [row.to_dict() for row in rows]})
     write_text(out_dir / "fold_sweep.md", sweep_table(rows, params_before, metric) + "\n")
     return [out_dir / "fold_sweep.json", out_dir / "fold_sweep.md",
-            _plot_sweep(rows, out_dir / "fold_sweep.png", params_before, metrics_before, metric)]
+            _plot_sweep(rows, figure_path(out_dir / "fold_sweep", figure_format), params_before, metrics_before,
+                        metric)]
 
 
 def sweep_table(rows: Sequence[SweepRow], params_before: int, metric: str | None = None) -> str:
@@ -137,7 +138,7 @@ def sweep_table(rows: Sequence[SweepRow], params_before: int, metric: str | None
 
 def _plot_sweep(rows: Sequence[SweepRow], path: Path, params_before: int,
                 metrics_before: Mapping[str, float] | None, metric: str | None) -> Path:
-    return save_figure(sweep_figure(rows, params_before, metrics_before, metric), path, dpi=110)
+    return save_figure(sweep_figure(rows, params_before, metrics_before, metric), path)
 
 
 def sweep_figure(rows: Sequence[SweepRow], params_before: int, metrics_before: Mapping[str, float] | None,

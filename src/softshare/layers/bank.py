@@ -97,6 +97,13 @@ class TemplateBank(nn.Module):
         state = {k: v for k, v in state.items() if k not in ("_cache", "_scratch")}  # older pickles
         super().__setstate__({"_mixer": BankMixer(), **state})
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every submodule first: say what works instead of
+        TorchScript's error about the bank's Python types."""
+        raise SoftshareError("torch.jit.script cannot compile soft-shared layers (template banks); script "
+                             "softshare.unshare(model) instead (plain layers, same outputs), or use torch.jit.trace "
+                             "or torch.export on the model in eval mode")
+
     def extra_repr(self) -> str:
         return f"k={self.num_templates}, weight_shape={self.weight_shape}"
 

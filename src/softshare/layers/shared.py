@@ -167,6 +167,41 @@ class SharedLinear(SharedLayer):
                 f"bias={self.bias is not None}, k={self.num_templates}")
 
 
+class SharedSubclass(SharedLayer):
+    """Base of the shared form of a Conv1d/Conv2d/Linear *subclass* (timm's StdConv2d, Conv2dSame,
+    a quantisation-aware conv...): the subclass's own `forward` runs, and its ``self.weight`` is
+    the mixed weight, so a transform its forward applies to the weight (standardisation, 'same'
+    padding) applies to the mixed one. Built by `shared_subclass` (one class per subclass, still an
+    instance of it) from an existing layer; `plain_class` is the subclass."""
+
+    plain_class: type = nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.bank.weight_for(self)
+
+    def __reduce_ex__(self, protocol):  # the class is made at run time: pickle the recipe
+        return (_rebuild_shared_subclass, (self.plain_class,), self.__getstate__())
+
+
+_SHARED_SUBCLASSES: dict[type, type] = {}
+
+
+def shared_subclass(cls: type) -> type:
+    """The shared form of Conv/Linear subclass `cls`: ``SharedSubclass`` first in the MRO (its
+    ``weight`` property), then `cls` (its forward, hyperparameters and extra parameters)."""
+    if cls not in _SHARED_SUBCLASSES:
+        _SHARED_SUBCLASSES[cls] = type(f"Shared{cls.__name__}", (SharedSubclass, cls),
+                                       {"plain_class": cls, "__module__": __name__,
+                                        "__qualname__": f"Shared{cls.__qualname__}"})
+    return _SHARED_SUBCLASSES[cls]
+
+
+def _rebuild_shared_subclass(cls: type) -> SharedSubclass:
+    shared = shared_subclass(cls)
+    return shared.__new__(shared)
+
+
 def named_banks(model: nn.Module) -> list[tuple[str, TemplateBank, list[tuple[str, SharedLayer]]]]:
     """Every bank in `model` with its canonical name and its (name, layer) users in module order.
 

@@ -17,21 +17,24 @@ from torch import nn
 from ..errors import SoftshareError
 from .bank import TemplateBank
 from .conv1d import Conv1d
-from .shared import SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, named_banks
+from .shared import SharedConv1d, SharedConv2d, SharedLayer, SharedLinear, SharedSubclass, named_banks, shared_subclass
 
 PLAIN_TO_SHARED: dict[type, type] = {nn.Conv1d: SharedConv1d, Conv1d: SharedConv1d, nn.Conv2d: SharedConv2d,
                                      nn.Linear: SharedLinear}
 SHARED_TO_PLAIN: dict[type, type] = {SharedConv1d: nn.Conv1d, SharedConv2d: nn.Conv2d, SharedLinear: nn.Linear}
+PLAIN_BASES = (nn.Conv1d, nn.Conv2d, nn.Linear)  # their subclasses share through `SharedSubclass`
 
 
 def to_shared(module: nn.Module, bank: TemplateBank) -> SharedLayer:
     """A shared layer drawing from `bank` with `module`'s hyperparameters and bias (not its weight)."""
     cls = PLAIN_TO_SHARED.get(type(module))
-    if cls is None:
+    if cls is None and not isinstance(module, PLAIN_BASES):
         raise SoftshareError(f"only nn.Conv1d, nn.Conv2d and nn.Linear can share a bank, got {type(module).__name__}")
     if tuple(module.weight.shape) != bank.weight_shape:
         raise SoftshareError(f"a {type(module).__name__} with weight {tuple(module.weight.shape)} cannot use a bank "
                              f"of {bank.weight_shape} templates")
+    if cls is None:
+        return _subclass_to_shared(module, bank)
     has_bias = module.bias is not None
     if cls is SharedLinear:
         layer = SharedLinear(bank, bias=has_bias)
@@ -49,6 +52,8 @@ def to_shared(module: nn.Module, bank: TemplateBank) -> SharedLayer:
 
 def to_plain(layer: SharedLayer) -> nn.Module:
     """The nn.Conv1d/Conv2d/Linear computing exactly what `layer` computes now (its mixed weight)."""
+    if isinstance(layer, SharedSubclass):
+        return _subclass_to_plain(layer)
     cls = SHARED_TO_PLAIN.get(type(layer))
     if cls is None:
         raise SoftshareError(f"{type(layer).__name__} has no plain counterpart")
@@ -66,6 +71,40 @@ def to_plain(layer: SharedLayer) -> nn.Module:
     if has_bias:
         plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
     return plain.train(layer.training)
+
+
+def _moved(module: nn.Module, cls: type) -> nn.Module:
+    """A new `cls` instance holding `module`'s state (its own copies of the parameter, buffer and
+    submodule tables, so editing them leaves `module` as it was)."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for table in ("_parameters", "_buffers", "_modules"):
+        state[table] = dict(state[table])
+    new.__dict__.update(state)
+    return new
+
+
+def _subclass_to_shared(module: nn.Module, bank: TemplateBank) -> SharedSubclass:
+    """`module` (a Conv/Linear subclass) as an instance of its shared form: same class behaviour,
+    hyperparameters, bias and extra parameters; its weight now drawn from `bank`."""
+    weight = module.weight
+    layer = _moved(module, shared_subclass(type(module)))
+    del layer._parameters["weight"]
+    layer.bank = bank
+    factory = {"dtype": bank.templates.dtype, "device": bank.templates.device}
+    layer.coefficients = nn.Parameter(torch.nn.functional.normalize(torch.randn(bank.num_templates, **factory), dim=0),
+                                      requires_grad=weight.requires_grad)
+    bank.attach(layer)
+    return layer
+
+
+def _subclass_to_plain(layer: SharedSubclass) -> nn.Module:
+    weight = layer.bank.mix(layer.coefficients).detach()
+    plain = _moved(layer, layer.plain_class)
+    del plain._modules["bank"]
+    requires_grad = plain._parameters.pop("coefficients").requires_grad
+    plain._parameters = {"weight": nn.Parameter(weight.clone(), requires_grad=requires_grad), **plain._parameters}
+    return plain
 
 
 def count_parameters(model: nn.Module) -> int:

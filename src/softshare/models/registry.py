@@ -34,6 +34,49 @@ class ModelFamily:
     renamed: tuple[tuple[str, str], ...] = ()
 
 
+    def readable_pattern(self) -> str:
+        """The name pattern for people: ``swrn_L_w_k``, ``resnet_L (L: 26, 50, 101 or 152)``, not the
+        regex. Each integer group is named after the builder argument it fills (depth L, widen w,
+        num_templates k, else the argument's name); a lookahead (an exclusion) is left out."""
+        params = [name for name in inspect.signature(self.builder).parameters][:self.pattern.groups]
+        text, out, notes, group, i = self.pattern.pattern, [], [], 0, 0
+        while i < len(text):
+            if text.startswith("(?!", i) or text.startswith("(?=", i):
+                i = _closing(text, i) + 1
+            elif text[i] == "(" and not text.startswith("(?", i):
+                end = _closing(text, i)
+                symbol = _SYMBOLS.get(params[group], params[group]) if group < len(params) else f"n{group}"
+                choices = text[i + 1:end].split("|")
+                if len(choices) > 1 and all(c.isdigit() for c in choices):
+                    notes.append(f"{symbol}: {', '.join(choices[:-1])} or {choices[-1]}")
+                out.append(symbol)
+                group, i = group + 1, end + 1
+            elif text[i] == "\\" and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 2
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+_SYMBOLS = {"depth": "L", "widen": "w", "num_templates": "k"}  # the paper's names for a model's sizes
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at `start`."""
+    depth, index = 0, start
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2
+            continue
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+        index += 1
+    raise SoftshareError(f"unbalanced parentheses in the model name pattern {text!r}")
+
+
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
@@ -83,7 +126,7 @@ def find_family(name: str) -> tuple[ModelFamily, list[int]]:
                 raise SoftshareError(f"model {name!r} asks for sizes of {max(args):,}; numbers in a model name "
                                      f"are at most {MAX_NAME_INT:,} (e.g. swrn_28_10_2)")
             return family, args
-    families = ", ".join(f"{f.name} ({f.pattern.pattern})" for f in _FAMILIES.values())
+    families = ", ".join(f.readable_pattern() for f in _FAMILIES.values())
     err = unknown_name("model", name, list_models())
     raise SoftshareError(f"{err}. Families: {families}")
 

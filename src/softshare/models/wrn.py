@@ -190,7 +190,7 @@ def _loop_lengths(loops: Sequence[int], num_blocks: int) -> list[int]:
 
 
 @register_family("wrn", _NOT_BOTTLENECK + r"wrn_(\d+)_(\d+)", ["wrn_16_4", "wrn_16_8", "wrn_28_10", "wrn_28_14"],
-                 "pre-activation Wide ResNet WRN-L-w for 32x32 inputs", small_example="wrn_10_1",
+                 "pre-activation Wide ResNet WRN-L-w for 32x32 inputs (L = 6n+4)", small_example="wrn_10_1",
                  input_size=(32, 32))
 def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     return WideResNet(depth, widen, None, num_classes, in_channels)
@@ -198,7 +198,7 @@ def wrn(depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> 
 
 @register_family("swrn", _NOT_BOTTLENECK + r"swrn_(\d+)_(\d+)_(\d+)",
                  ["swrn_16_4_1", "swrn_16_8_1", "swrn_28_10_1", "swrn_28_10_2", "swrn_28_10_6", "swrn_28_14_2"],
-                 "soft-shared WRN-L-w with a bank of k templates per stage", small_example="swrn_16_1_2",
+                 "soft-shared WRN-L-w (L = 6n+4) with a bank of k templates per stage", small_example="swrn_16_1_2",
                  input_size=(32, 32))
 def swrn(depth: int, widen: int, num_templates: int, num_classes: int = 10, in_channels: int = 3,
          fold: dict | None = None) -> WideResNet:

@@ -28,11 +28,12 @@ import torch
 from matplotlib.figure import Figure
 
 from ..analysis.lsm import save_lsm
+from ..checkpoint import find_checkpoint, load
 from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, LEARNED, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ..storage import save_figure, write_json, write_text
+from ..storage import figure_path, save_figure, write_json, write_text
 from ..train.config import TrainConfig, resolve_config
 from ..train.loop import train
 from ..train.algorithmic import steps_per_epoch
@@ -44,6 +45,7 @@ TASKS = ("mazes", "prefix-sums")
 TARGET = 0.95  # training exact match that counts as "trained"
 RECURRENCE_REG = 1.0  # the regulariser's weight in the *_reg variants
 EVAL_VERSION = 4  # bump when the cached per-run evaluation changes meaning (4: curves kept in it)
+LSM_FIGURES = "lsm-evaluated"  # a shared run's LSM figures, beside its evaluation
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ class Variant:
         extra = {"num_templates": self.num_templates} if self.num_templates else {}
         return {"model": self.model, "recurrence_reg": self.recurrence_reg, "lipschitz": self.lipschitz, **extra}
 
+    @property
+    def label(self) -> str:
+        """The body in words, for figures: ``soft-shared, k = 2 + recurrence reg.``."""
+        body = {"ff": "feed-forward", "recurrent": "recurrent"}.get(self.model, f"soft-shared, k = {self.num_templates}")
+        return body + (" + recurrence reg." if self.recurrence_reg else "") + (", DT-L" if self.lipschitz else "")
+
 
 VARIANTS = {v.name: v for v in (
     Variant("ff", "ff"),
@@ -75,7 +83,7 @@ DEFAULT_VARIANTS = ("ff", "shared_k1", "shared_k2", "shared_k2_reg", "shared_k4"
 def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ...] = ("prefix-sums",),
                    variants: tuple[str, ...] = DEFAULT_VARIANTS, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
                    overrides: dict | None = None, device: str = "auto", jobs: int = 1,
-                   patience: int = STOP_PATIENCE) -> dict:
+                   patience: int = STOP_PATIENCE, figure_format: str = "png") -> dict:
     """Train and evaluate every (task, variant, seed); write results.json, results.md and plots.
 
     `overrides` are config fields applied to every run on top of the `<task>_<scale>` preset
@@ -83,7 +91,7 @@ def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ..
     """
     out = Path(out_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    work = plan_experiment(out, scale, tasks, variants, seeds, overrides, device, jobs, patience)
+    work = plan_experiment(out, scale, tasks, variants, seeds, overrides, device, jobs, patience, figure_format)
     if jobs == 1:
         runs = [_run_one(*item) for item in work]
     else:  # one thread per worker: these nets are too small to gain from more (docs/algorithmic.md)
@@ -100,16 +108,18 @@ def run_experiment(out_dir: str | Path, scale: str = "cpu", tasks: tuple[str, ..
                                                           for r in runs]})
     write_text(out / "results.md", markdown_report(results))
     for task in tasks:
-        plot_training(results, task, out / f"training_{task}.png")
-        plot_extrapolation(results, task, out / f"extrapolation_{task}.png")
-        plot_iterations(results, task, out / f"iterations_{task}.png")
+        plot_training(results, task, figure_path(out / f"training_{task}", figure_format))
+        plot_extrapolation(results, task, figure_path(out / f"extrapolation_{task}", figure_format))
+        plot_iterations(results, task, figure_path(out / f"iterations_{task}", figure_format))
     return results
 
 
 def plan_experiment(out: Path, scale: str, tasks: tuple[str, ...], variants: tuple[str, ...], seeds: tuple[int, ...],
-                    overrides: dict | None, device: str, jobs: int, patience: int) -> list[tuple]:
+                    overrides: dict | None, device: str, jobs: int, patience: int,
+                    figure_format: str = "png") -> list[tuple]:
     """Every run's resolved config (each validated), before anything is written: (config, variant, patience)."""
     _check(scale, tasks, variants, seeds, jobs)
+    figure_path("figure", figure_format)  # a bad format is refused before anything is trained
     work = []
     for task in tasks:
         preset = f"{task.replace('-', '_')}_{scale}"
@@ -117,7 +127,8 @@ def plan_experiment(out: Path, scale: str, tasks: tuple[str, ...], variants: tup
             for seed in seeds:
                 fields = {**(overrides or {}), **VARIANTS[name].overrides(), "seed": seed, "device": device,
                           "name": f"{task}-{name}-s{seed}", "out_dir": str(Path(out) / "runs")}
-                work.append((resolve_config(preset, overrides=fields), name, patience))
+                work.append((resolve_config(preset, overrides={**fields, "figure_format": figure_format}), name,
+                             patience))
     return work
 
 
@@ -164,19 +175,22 @@ def _run_one(config: TrainConfig, variant: str, patience: int) -> dict:
         "curve": [(row["epoch"] * per_epoch, row["train_acc"]) for row in history],
         "trained_iterations": config.depth, "train_size": config.train_size,
     }
-    return {**record, **evaluate_run(run_path, config, patience)}
+    return {**record, **evaluate_run(run_path, config, patience, config.figure_format)}
 
 
-def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE) -> dict:
+def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIENCE,
+                 figure_format: str = "png") -> dict:
     """The run's best checkpoint scored by `eval.evaluate_task` (shared nets folded to think
-    longer), with the LSM of a shared net in ``lsm-evaluated/``; cached in ``study-eval.json``
-    beside the run, curves included."""
+    longer), with the LSM of a shared net in ``lsm-evaluated/`` (drawn again when asked in another
+    format); cached in ``study-eval.json`` beside the run, curves included."""
     path = run_path / "study-eval.json"
     settings = {"version": EVAL_VERSION, "sizes": config.test_sizes, "count": config.test_count,
                 "patience": patience, "threshold": DEFAULT_THRESHOLD, "epochs": config.epochs}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
+            if config.model == "shared" and not any((run_path / LSM_FIGURES).glob(f"*.{figure_format}")):
+                save_lsm(load(find_checkpoint(run_path)), run_path / LSM_FIGURES, figure_format)
             return cached["result"]
     # the best checkpoint by validation exact match at the training size (the first epoch that
     # reached it), as DeepThinking tests its nets: later epochs can think less far
@@ -185,7 +199,7 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
                                        count=config.test_count, patience=patience, threshold=DEFAULT_THRESHOLD,
                                        log=log)
     if evaluation.result["fold"] is not None:
-        save_lsm(evaluation.model, run_path / "lsm-evaluated")
+        save_lsm(evaluation.model, run_path / LSM_FIGURES, figure_format)
     found = evaluation.result
     result = {"parameters": found["parameters"], "checkpoint": Path(found["checkpoint"]).name,
               "checkpoint_epoch": found["checkpoint_epoch"], **({"fold": found["fold"]} if found["fold"] else {}),
@@ -289,42 +303,66 @@ def markdown_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+COLOURS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C7"]  # grey last: thin lines are grey-ish
+
+
+def variant_label(name: str) -> str:
+    """A variant's body in words (its code name when it is not a known variant)."""
+    return VARIANTS[name].label if name in VARIANTS else name
+
+
+def _task_words(task: str) -> str:
+    return task.replace("-", " ")
+
+
+def _legend(ax, extra: list[tuple[dict, str]]) -> None:
+    """The axes' legend plus lines that say what the styles mean, to the right of the plot."""
+    for style, text in extra:
+        ax.plot([], [], label=text, **style)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
 def plot_training(results: dict, task: str, path: Path) -> None:
     """Training exact match against steps: each seed a thin line, the mean over seeds a thick one."""
-    fig = Figure(figsize=(8, 4.5), layout="tight")
+    fig = Figure(figsize=(9.5, 4.5), layout="constrained")
     ax = fig.subplots()
     variants = list(dict.fromkeys(r["variant"] for r in results["runs"] if r["task"] == task))
+    seeds = 0
     for index, variant in enumerate(variants):
         runs = [r for r in results["runs"] if r["task"] == task and r["variant"] == variant]
-        colour = f"C{index}"
+        seeds = max(seeds, len(runs))
+        colour = COLOURS[index % len(COLOURS)]
         for run in runs:
             steps, acc = zip(*run["curve"])
-            ax.plot(steps, [100 * a for a in acc], color=colour, alpha=0.35, lw=0.8)
+            ax.plot(steps, [100 * a for a in acc], color=colour, alpha=0.3, lw=0.8)
         length = min(len(r["curve"]) for r in runs)
         steps = [runs[0]["curve"][i][0] for i in range(length)]
         mean = [100 * statistics.fmean(r["curve"][i][1] for r in runs) for i in range(length)]
-        ax.plot(steps, mean, color=colour, lw=2, label=f"{variant} (mean of {len(runs)})")
-    ax.axhline(100 * results["target_train_acc"], color="grey", ls="--", lw=1)
+        ax.plot(steps, mean, color=colour, lw=2, label=variant_label(variant))
+    target = 100 * results["target_train_acc"]
+    ax.axhline(target, color="grey", ls="--", lw=1)
     ax.set(xlabel="training steps", ylabel="training exact match (%)", ylim=(-2, 102),
-           title=f"{task}: training (thin: each seed)")
+           title=f"{_task_words(task)}: learning the training size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax, [(dict(color="black", lw=2), f"thick: mean over {seeds} seeds"),
+                 (dict(color="black", lw=0.8, alpha=0.3), "thin: one seed"),
+                 (dict(color="grey", ls="--", lw=1), f"{target:.0f}%: counted as trained")])
     save_figure(fig, path)
 
 
 def plot_extrapolation(results: dict, task: str, path: Path) -> None:
     """Exact match at the stopping rule against size: mean ± std band per variant, seeds as dots."""
-    fig = Figure(figsize=(8, 4.5), layout="tight")
+    fig = Figure(figsize=(9.5, 4.5), layout="constrained")
     ax = fig.subplots()
     rows = [r for r in results["summary"] if r["task"] == task]
     sizes = [int(s) for s in rows[0]["test"]["stable"]]
     for index, row in enumerate(rows):
-        colour = f"C{index}"
+        colour = COLOURS[index % len(COLOURS)]
         offset = 1 + 0.012 * (index - len(rows) / 2)  # keep coinciding lines and dots apart
         xs = [s * offset for s in sizes]
         mean = [100 * row["test"]["stable"][str(s)][0] for s in sizes]
         std = [100 * row["test"]["stable"][str(s)][1] for s in sizes]
-        ax.plot(xs, mean, "-", color=colour, lw=1.8, label=row["variant"])
+        ax.plot(xs, mean, "-", color=colour, lw=1.8, label=f"{variant_label(row['variant'])} ({row['seeds']} seeds)")
         ax.fill_between(xs, [max(0.0, m - d) for m, d in zip(mean, std)],
                         [min(100.0, m + d) for m, d in zip(mean, std)], color=colour, alpha=0.12)
         for run in (r for r in results["runs"] if r["task"] == task and r["variant"] == row["variant"]):
@@ -332,18 +370,22 @@ def plot_extrapolation(results: dict, task: str, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.minorticks_off()
-    ax.set(xlabel="test size (bits)" if task == "prefix-sums" else "test size (maze side)",
-           ylabel="exact match at the stopping rule (%)", ylim=(-2, 102),
-           title=f"{task}: extrapolation from size {results['runs'][0].get('train_size', sizes[0])} (dots: seeds)")
+    unit = "bits" if task == "prefix-sums" else "maze side"
+    train_size = results["runs"][0].get("train_size", sizes[0])
+    ax.set(xlabel=f"test size ({unit}; trained at {train_size})", ylabel="exact match at the stopping rule (%)",
+           ylim=(-2, 102), title=f"{_task_words(task)}: extrapolation to larger sizes")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax, [(dict(color="black", lw=1.8), "line: mean over seeds"),
+                 (dict(color="grey", alpha=0.25, lw=6), "band: mean ± 1 std"),
+                 (dict(color="black", ls="none", marker=".", ms=5), "dot: one seed")])
     save_figure(fig, path)
 
 
 def plot_iterations(results: dict, task: str, path: Path) -> None:
-    """Exact match on the largest size against iterations, one line per run that can run longer."""
+    """Exact match on the largest size against iterations: one line per seed of every variant
+    that runs longer than trained; a dot where the stopping rule stops."""
     runs = [r for r in results["runs"] if r["task"] == task and r["eval_iterations"] > r["trained_iterations"]]
-    fig = Figure(figsize=(8, 4.5), layout="tight")
+    fig = Figure(figsize=(9.5, 4.5), layout="constrained")
     ax = fig.subplots()
     if not runs:
         ax.text(0.5, 0.5, "no net ran longer than trained", ha="center", va="center", transform=ax.transAxes)
@@ -351,17 +393,24 @@ def plot_iterations(results: dict, task: str, path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     for run in runs:
         curve = run["curves"][size]
-        colour = f"C{variants.index(run['variant'])}"
+        colour = COLOURS[variants.index(run["variant"]) % len(COLOURS)]
+        first = run["seed"] == min(r["seed"] for r in runs if r["variant"] == run["variant"])
+        seeds = sum(r["variant"] == run["variant"] for r in runs)
         ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=colour, lw=1, alpha=0.8,
-                label=run["variant"] if run["seed"] == min(r["seed"] for r in runs if r["variant"] == run["variant"])
-                else None)
+                label=f"{variant_label(run['variant'])} ({seeds} seed{'s' if seeds > 1 else ''})" if first else None)
         ax.plot(run["test"][size]["stable_iteration"], 100 * run["test"][size]["stable"], "o", color=colour, ms=5,
                 markeredgecolor="black", markeredgewidth=0.5)
+    extra = []
     if runs:
-        ax.axvline(runs[0]["trained_iterations"], color="grey", ls="--", lw=1, label="trained iterations")
+        trained = runs[0]["trained_iterations"]
+        ax.axvline(trained, color="grey", ls="--", lw=1)
+        extra = [(dict(color="black", lw=1), "one line per seed"),
+                 (dict(color="white", ls="none", marker="o", markeredgecolor="black", ms=5),
+                  "where the stopping rule stops (mean)"),
+                 (dict(color="grey", ls="--", lw=1), f"trained iterations ({trained})")]
     ax.set(xlabel="iterations", ylabel=f"exact match at size {size} (%)", ylim=(-2, 102),
-           title=f"{task}: thinking longer (dots: where the stopping rule stops, on average)")
+           title=f"{_task_words(task)}: thinking longer than trained, at size {size}")
     ax.grid(alpha=0.3)
     if runs:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _legend(ax, extra)
     save_figure(fig, path)

@@ -30,10 +30,12 @@ from ..device import environment_description
 from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ..storage import check_output, output_lock, rebuild_dir, save_figure, write_json, write_text
+from ..storage import (FIGURE_FORMATS, check_output, figure_path, output_lock, rebuild_dir, save_figure, write_json,
+                       write_text)
 from ..train.algorithmic import steps_per_epoch
 from ..train.config import TrainConfig, resolve_config
 from ..train.run_dir import read_metrics
+from .algorithmic import LSM_FIGURES
 
 log = logging.getLogger("softshare.experiment")
 
@@ -58,6 +60,7 @@ class DemoConfig:
     patience: int = STOP_PATIENCE
     seed: int = 0
     device: str = "cpu"
+    figure_format: str = "png"  # png | pdf | svg
 
 
 def _say(message: str) -> None:
@@ -69,6 +72,7 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
 
     `config.out` must be new, empty or an earlier demo's output, unless `overwrite`."""
     started = time.perf_counter()
+    figure_path(config.out, config.figure_format)  # a bad format is refused before anything is written
     out = check_output(config.out, "demo", overwrite=overwrite, legacy=_written_by_softshare)
     # resolved (and validated) before anything is written; the output is built in place at `out`
     configs = {kind: _train_config(config, kind, out / "runs") for kind in NETS}
@@ -86,7 +90,8 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
             evaluation = score_task_checkpoint(work / "runs" / kind, device=config.device, patience=config.patience,
                                                log=log)
             if kind == "shared":
-                lsm = sorted(p.name for p in save_lsm(evaluation.model, work / "runs" / kind / "lsm-evaluated"))
+                lsm = sorted(p.name for p in save_lsm(evaluation.model, work / "runs" / kind / LSM_FIGURES,
+                                                      config.figure_format) if p.suffix != ".json")
             found = evaluation.result
             curves[kind] = found["accuracy"]
             evaluations[kind] = {key: found[key] for key in ("parameters", "checkpoint_epoch", "fold",
@@ -96,20 +101,22 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
 
         _say("[3/4] figures")
         histories = {kind: read_metrics(work / "runs" / kind) for kind in NETS}
-        _plot_training(histories, configs, work / "training.png")
-        _plot_thinking(curves, evaluations, config, work / "thinking.png")
+        figures = {name: figure_path(work / name, config.figure_format).name for name in ("thinking", "training")}
+        _plot_training(histories, configs, work / figures["training"])
+        _plot_thinking(curves, evaluations, config, work / figures["thinking"])
 
         results = {"config": config.__dict__, "evaluations": evaluations,
                    "seconds": round(time.perf_counter() - started, 1),
                    "hardware": environment_description(config.device), "torch": torch.__version__}
         write_json(work / "results.json", results)
         _say("[4/4] report")
-        write_text(work / "report.md", _report(results, lsm))
+        write_text(work / "report.md", _report(results, lsm, figures))
     _say(f"done in {time.perf_counter() - started:.0f} s: {out / 'report.md'}")
     return out / "report.md"
 
 
-DEMO_FILES = ("report.md", "results.json", "training.png", "thinking.png", "runs")  # all a demo writes
+DEMO_FILES = ("report.md", "results.json", "runs",  # all a demo writes, its figures in any format
+              *(f"{name}.{ext}" for name in ("training", "thinking") for ext in FIGURE_FORMATS))
 
 
 def _written_by_softshare(out: Path) -> bool:
@@ -127,7 +134,8 @@ def _written_by_softshare(out: Path) -> bool:
 def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:
     overrides = dict(model=kind, width=config.width, depth=config.depth, epochs=config.epochs,
                      train_count=config.train_count, test_count=config.test_count, test_sizes=config.test_sizes,
-                     seed=config.seed, out_dir=str(runs), name=kind, device=config.device)
+                     seed=config.seed, out_dir=str(runs), name=kind, device=config.device,
+                     figure_format=config.figure_format)
     if kind == "shared":
         overrides.update(num_templates=config.num_templates, recurrence_reg=config.recurrence_reg)
     return resolve_config("prefix_sums_cpu", overrides=overrides)
@@ -170,12 +178,12 @@ def _plot_training(histories: dict[str, list[dict]], configs: dict[str, TrainCon
     """Training exact match and loss against steps, one line per net."""
     fig = Figure(figsize=(10, 3.8), layout="tight")
     ax_acc, ax_loss = fig.subplots(1, 2)
-    for index, (kind, rows) in enumerate(histories.items()):
+    for kind, rows in histories.items():
         per_epoch = steps_per_epoch(configs[kind])
         steps = [r["epoch"] * per_epoch for r in rows]
         label = "soft-shared" if kind == "shared" else LABELS[kind]  # folding comes after training
-        ax_acc.plot(steps, [100 * r["train_acc"] for r in rows], color=f"C{index}", marker=".", label=label)
-        ax_loss.plot(steps, [r["train_loss"] for r in rows], color=f"C{index}", marker=".", label=label)
+        ax_acc.plot(steps, [100 * r["train_acc"] for r in rows], color=COLOURS[kind], marker=".", label=label)
+        ax_loss.plot(steps, [r["train_loss"] for r in rows], color=COLOURS[kind], marker=".", label=label)
     ax_acc.set(xlabel="training steps", ylabel="training exact match (%)", ylim=(-2, 102),
                title="32-bit strings solved during training")
     ax_loss.set(xlabel="training steps", ylabel="training loss", yscale="log", title="training loss")
@@ -185,40 +193,56 @@ def _plot_training(histories: dict[str, list[dict]], configs: dict[str, TrainCon
     save_figure(fig, path)
 
 
+# drawn in this order; where lines coincide (all at 100%) the wide hollow marker rings the small filled one
+STYLES = {"shared": dict(marker="s", ms=11, mfc="none", mew=1.6, ls="--", lw=2.2, zorder=2),
+          "ff": dict(marker="^", ms=8, mfc="none", mew=1.4, ls="-.", lw=1.6, zorder=2.5),
+          "recurrent": dict(marker="o", ms=4.5, ls="-", lw=1.2, zorder=3)}
+COLOURS = {"recurrent": "C0", "shared": "C1", "ff": "C2"}
+
+
 def _plot_thinking(curves: dict, evaluations: dict, config: DemoConfig, path: Path) -> None:
-    """Left: exact match at the stopping rule against size. Right: accuracy against iterations on
-    the largest size, for the nets that can run longer than trained."""
-    fig = Figure(figsize=(11, 4), layout="tight")
+    """Left: exact match at the stopping rule against string length. Right: exact match against
+    iterations on the longest strings; the feed-forward net runs only its trained iterations."""
+    fig = Figure(figsize=(11, 4.3), layout="constrained")
     ax_size, ax_iter = fig.subplots(1, 2)
     sizes = [int(s) for s in config.test_sizes]
-    for index, kind in enumerate(NETS):
+    for kind in STYLES:
         test = evaluations[kind]["test"]
-        offset = 1 + 0.02 * (index - 1)  # keep coinciding lines apart
-        ax_size.plot([s * offset for s in sizes], [100 * test[str(s)]["stable"] for s in sizes], marker="os^"[index],
-                     color=f"C{index}", label=LABELS[kind])
+        ax_size.plot(sizes, [100 * test[str(s)]["stable"] for s in sizes], color=COLOURS[kind], label=LABELS[kind],
+                     **STYLES[kind])
     ax_size.set_xscale("log")
     ax_size.set_xticks(sizes, [str(s) for s in sizes])
     ax_size.minorticks_off()
-    ax_size.set(xlabel="string length (bits; trained at 32)", ylabel="exact match at the stopping rule (%)",
-                ylim=(-2, 102), title="extrapolation")
+    ax_size.set(xlabel=f"string length (bits; trained at {sizes[0]})", ylabel="exact match at the stopping rule (%)",
+                ylim=(-4, 104), title="extrapolation to longer strings")
     largest = str(max(sizes))
-    for index, kind in enumerate(NETS):
+    for kind in STYLES:
         curve = curves[kind][largest]
-        if len(curve) > config.depth:
-            ax_iter.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=f"C{index}", label=LABELS[kind])
-            stop = evaluations[kind]["test"][largest]
-            ax_iter.plot(stop["stable_iteration"], 100 * stop["stable"], "o", color=f"C{index}",
-                         markeredgecolor="black")
-    ax_iter.axvline(config.depth, color="grey", ls="--", lw=1, label="trained iterations")
-    ax_iter.set(xlabel="iterations", ylabel=f"exact match on {largest}-bit strings (%)", ylim=(-2, 102),
-                title="thinking longer (dot: the stopping rule, mean)")
+        short = len(curve) <= config.depth
+        label = f"{LABELS[kind]} (only its {len(curve)} trained iterations)" if short else LABELS[kind]
+        ax_iter.plot(range(1, len(curve) + 1), [100 * a for a in curve], color=COLOURS[kind], label=label,
+                     ls=STYLES[kind]["ls"], lw=2.5 if short else STYLES[kind]["lw"],
+                     zorder=3.5 if short else STYLES[kind]["zorder"])  # a short line on top, where others begin
+        stop = evaluations[kind]["test"][largest]
+        if not short:
+            ax_iter.plot(stop["stable_iteration"], 100 * stop["stable"], "o", ms=7, color=COLOURS[kind],
+                         markeredgecolor="black", zorder=4)
+    ax_iter.axvline(config.depth, color="grey", ls=":", lw=1.2, label=f"trained iterations ({config.depth})")
+    if any(len(curves[kind][largest]) > config.depth for kind in STYLES):
+        ax_iter.plot([], [], "o", color="white", markeredgecolor="black", label="where the stopping rule stops (mean)")
+    ax_iter.set(xlabel="iterations", ylabel=f"exact match on {largest}-bit strings (%)", ylim=(-4, 104),
+                title="thinking longer than trained")
     for ax in (ax_size, ax_iter):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        rank = [next((i for i, kind in enumerate(NETS) if label.startswith(LABELS[kind])), len(NETS))
+                for label in labels]
+        order = sorted(range(len(labels)), key=rank.__getitem__)  # the nets in NETS order, then the rest
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
     save_figure(fig, path)
 
 
-def _report(results: dict, lsm_pngs: list[str]) -> str:
+def _report(results: dict, lsm_figures: list[str], figures: dict[str, str]) -> str:
     c, ev = results["config"], results["evaluations"]
     sizes = list(ev["recurrent"]["test"])
     fold = ev["shared"]["fold"]
@@ -247,9 +271,11 @@ def _report(results: dict, lsm_pngs: list[str]) -> str:
         cells = " | ".join(f"{100 * ev[k]['test'][size]['stable']:.0f} ({ev[k]['test'][size]['stable_iteration']:.0f})"
                            for k in NETS)
         lines.append(f"| {size} | {cells} |")
-    lines += ["", "![thinking](thinking.png)", "", "## Training", "", "![training](training.png)", "",
-              "## Layer Similarity Matrices of the soft-shared net (one per conv role)", ""]
-    lines += [f"![LSM](runs/shared/lsm-evaluated/{name})" for name in lsm_pngs]
+    lines += ["", f"![thinking]({figures['thinking']})", "", "## Training", "", f"![training]({figures['training']})",
+              "", "## The soft-shared net's banks (one per conv role)", "",
+              "With one template per bank every iteration's weight is a multiple c_t of it (its Layer Similarity "
+              "Matrix is all ones), so the figures show the scales c_t; with more templates, the LSM.", ""]
+    lines += [f"![LSM](runs/shared/{LSM_FIGURES}/{name})" for name in lsm_figures]
     lines += ["", "## Go further", "", "```bash",
               "softshare experiment algorithmic --jobs 2        # every body, 5 seeds: the study in docs/algorithmic.md",
               "softshare eval runs/demo/runs/recurrent          # accuracy against iterations up to 600, stopping rules",

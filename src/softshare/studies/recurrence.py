@@ -59,16 +59,18 @@ def folded_layers(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tup
 
 
 def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lambdas: tuple[float, ...] = LAMBDAS,
-              seeds: tuple[int, ...] = (0,), device: str = "auto", epochs: int | None = None) -> dict:
-    """Train (or reuse) one run per (task, lambda, seed); write results.json and results.md."""
-    check_study(out_dir, tasks, lambdas, seeds, device, epochs)
+              seeds: tuple[int, ...] = (0,), device: str = "auto", epochs: int | None = None,
+              figure_format: str = "png") -> dict:
+    """Train (or reuse) one run per (task, lambda, seed); write results.json and results.md (the
+    runs' own figures in `figure_format`)."""
+    check_study(out_dir, tasks, lambdas, seeds, device, epochs, figure_format)
     out = Path(out_dir)
     rows = []
     for task in tasks:
         setting = SETTINGS[task]
         for lam in lambdas:
             for seed in seeds:
-                rows.append(_run_one(out, task, setting, lam, seed, device, epochs))
+                rows.append(_run_one(out, task, setting, lam, seed, device, epochs, figure_format))
     results = {"threshold": DEFAULT_THRESHOLD, "rows": rows, "torch": torch.__version__,
                "hardware": environment_description(device)}
     write_json(out / "results.json", results)
@@ -77,7 +79,7 @@ def run_study(out_dir: str | Path, tasks: tuple[str, ...] = tuple(SETTINGS), lam
 
 
 def check_study(out_dir: str | Path, tasks: tuple[str, ...], lambdas: tuple[float, ...], seeds: tuple[int, ...],
-                device: str = "auto", epochs: int | None = None) -> None:
+                device: str = "auto", epochs: int | None = None, figure_format: str = "png") -> None:
     """Refuse bad arguments, and every run's config that would not validate, before anything is written."""
     for task in tasks:
         if task not in SETTINGS:
@@ -89,20 +91,21 @@ def check_study(out_dir: str | Path, tasks: tuple[str, ...], lambdas: tuple[floa
     for task in tasks:
         for lam in lambdas:
             for seed in seeds:
-                _config(Path(out_dir), task, SETTINGS[task], lam, seed, device, epochs)
+                _config(Path(out_dir), task, SETTINGS[task], lam, seed, device, epochs, figure_format)
 
 
 def _config(out: Path, task: str, setting: Setting, lam: float, seed: int, device: str,
-            epochs: int | None) -> TrainConfig:
+            epochs: int | None, figure_format: str = "png") -> TrainConfig:
     overrides = {**setting.overrides, "recurrence_reg": lam, "seed": seed, "device": device,
+                 "figure_format": figure_format,
                  "out_dir": str(out / "runs"), "name": f"{task}-reg{lam:g}-s{seed}",
                  **({"epochs": epochs} if epochs else {})}
     return resolve_config(setting.preset, overrides=overrides)
 
 
 def _run_one(out: Path, task: str, setting: Setting, lam: float, seed: int, device: str,
-             epochs: int | None) -> dict:
-    config = _config(out, task, setting, lam, seed, device, epochs)
+             epochs: int | None, figure_format: str = "png") -> dict:
+    config = _config(out, task, setting, lam, seed, device, epochs, figure_format)
     log.info("%s: training with recurrence_reg %g (a finished run is reused, an interrupted one continued)",
              config.name, lam)
     trained = train(config, resume="auto")

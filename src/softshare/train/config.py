@@ -94,6 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     logger: list[str] = field(default_factory=lambda: ["jsonl"])  # + csv | tensorboard | wandb
     log_every: int = 50  # TensorBoard / W&B: training loss and lr every N optimizer steps; 0 = off
+    figure_format: str = "png"  # png | pdf | svg: curves and LSM figures
 
     def run_name(self) -> str:
         return self.name or f"{self.task}-{self.dataset if self.task == 'classification' else ''}-{self.model}".replace("--", "-")

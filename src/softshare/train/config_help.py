@@ -7,6 +7,8 @@ stays in `config.validate`.
 
 from __future__ import annotations
 
+from ..storage import FIGURE_FORMATS
+
 CUSTOM = "custom"  # a model and data of the user's own, trained through softshare.fit
 ALL_TASKS = ("classification", "mazes", "prefix-sums", CUSTOM)
 IMAGE = ("classification",)
@@ -89,6 +91,7 @@ FIELD_HELP: dict[str, str] = {
     "logger": "metric sinks besides metrics.jsonl (always written): csv, tensorboard, wandb",
     "log_every": "tensorboard/wandb: the training loss and lr every N optimizer steps (the epoch's metrics are "
                  "logged at every epoch); 0 = off",
+    "figure_format": "format of the run's figures (curves, LSM): png, or vector pdf or svg for a paper",
 }
 
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
@@ -98,6 +101,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("auto", "bf16", "none"),
     "recall_init": ("pytorch", "he"),
     "logger": ("jsonl", "csv", "tensorboard", "wandb"),
+    "figure_format": FIGURE_FORMATS,
 }
 
 # fields that mean something for some tasks only (the rest apply to all)

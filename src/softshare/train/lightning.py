@@ -4,7 +4,8 @@
     trainer = lightning.Trainer(callbacks=[SoftshareCallback(recurrence_reg=0.1, tie=0.99)])
 
 - the LSM history of every bank (`analysis.lsm.record_lsm`: history.jsonl, one figure per epoch,
-  history.png) in `run_dir/lsm/`, from the start and after every `lsm_every` epochs;
+  history.png, or .pdf/.svg by `figure_format`) in `run_dir/lsm/`, from the start and after every
+  `lsm_every` epochs;
 - the recurrence regulariser added to the training loss: its weighted gradient is added to the
   loss's after each backward (the same gradient as ``loss + recurrence_reg * penalty``), and
   ``train_recurrence_penalty`` is logged;
@@ -31,6 +32,7 @@ from ..convert import unshare as unshare_model
 from ..errors import SoftshareError
 from ..fold import tie as tie_model
 from ..layers import SharedLayer, named_banks
+from ..storage import check_figure_format
 
 try:
     import lightning.pytorch as pl
@@ -43,10 +45,12 @@ log = logging.getLogger("softshare.train")
 
 class SoftshareCallback(pl.Callback):
     """See the module docstring. `run_dir` (default: the trainer's ``default_root_dir``) holds
-    ``lsm/``; `lsm_every` 0 turns the history off; `tie` is a |cos| threshold (e.g. 0.99)."""
+    ``lsm/``; `lsm_every` 0 turns the history off; `tie` is a |cos| threshold (e.g. 0.99);
+    `figure_format` png, or vector pdf or svg for a paper."""
 
     def __init__(self, recurrence_reg: float = 0.0, lsm_every: int = 1, run_dir: str | os.PathLike | None = None,
-                 tie: float | None = None, unshare: bool = False, exclude_coefficients_from_decay: bool = True) -> None:
+                 tie: float | None = None, unshare: bool = False, exclude_coefficients_from_decay: bool = True,
+                 figure_format: str = "png") -> None:
         super().__init__()
         if recurrence_reg < 0 or lsm_every < 0:
             raise SoftshareError(f"recurrence_reg and lsm_every must be >= 0, got {recurrence_reg} and {lsm_every}")
@@ -54,6 +58,7 @@ class SoftshareCallback(pl.Callback):
         self.tie, self.unshare = tie, unshare
         self.exclude_coefficients_from_decay = exclude_coefficients_from_decay
         self.tie_result = None  # what tie() did, after fit
+        self.figure_format = check_figure_format(figure_format)
 
     def _run_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.run_dir if self.run_dir is not None else trainer.default_root_dir)
@@ -70,7 +75,7 @@ class SoftshareCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resumed run's loops are restored: a resumed run keeps the history it has
         if self.lsm_every and trainer.is_global_zero and trainer.current_epoch == 0:
-            record_lsm(pl_module, self._run_dir(trainer), 0)  # the starting point
+            record_lsm(pl_module, self._run_dir(trainer), 0, self.figure_format)  # the starting point
 
     # -- each step: the regulariser's gradient ------------------------------------------------
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,7 +93,7 @@ class SoftshareCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if self.lsm_every and trainer.is_global_zero and epoch % self.lsm_every == 0:
-            record_lsm(pl_module, self._run_dir(trainer), epoch)
+            record_lsm(pl_module, self._run_dir(trainer), epoch, self.figure_format)
 
     # -- end ----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftshareError
+from ..errors import SoftshareError, import_optional
 from ..storage import atomic_path
 from .config_help import FIELD_CHOICES
 
@@ -59,13 +59,10 @@ class TensorBoardSink(MetricSink):
     """
 
     def __init__(self, run_path: Path, config: dict[str, Any]) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            from torch.utils.tensorboard.summary import hparams
-        except ImportError:
-            raise SoftshareError("--logger tensorboard needs the tensorboard package: "
-                                 "pip install 'softshare[tensorboard]' -c constraints.txt") from None
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"))
+        fix = "--logger tensorboard needs the tensorboard package: pip install 'softshare[tensorboard]' -c constraints.txt"
+        tensorboard = import_optional("torch.utils.tensorboard", fix)
+        hparams = import_optional("torch.utils.tensorboard.summary", fix).hparams
+        self.writer = tensorboard.SummaryWriter(log_dir=str(run_path / "tensorboard"))
         values = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
                   for key, value in config.items()}
         for summary in hparams(values, {"acc/val": 0.0, "loss/val": 0.0}):  # the HPARAMS tab: config x result
@@ -91,11 +88,8 @@ class WandbSink(MetricSink):
     """A Weights & Biases run named after the run directory, config attached."""
 
     def __init__(self, run_path: Path, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise SoftshareError("--logger wandb needs the wandb package (pip install wandb) and a login "
-                                 "(wandb login), or WANDB_MODE=offline") from None
+        wandb = import_optional("wandb", "--logger wandb needs the wandb package (pip install 'softshare[wandb]' "
+                                         "-c constraints.txt) and a login (wandb login), or WANDB_MODE=offline")
         self.run = wandb.init(name=run_path.name, dir=str(run_path), config=config, resume="allow",
                               id=f"softshare-{run_path.name}")
 

@@ -173,7 +173,7 @@ def _train(config: TrainConfig, build_task: TaskBuilder, checkpoint, changed: di
         if task.evaluation_note():
             log.info("%s", task.evaluation_note())
         if config.lsm_every and position.epoch == 0 and position.batch == 0:
-            record_lsm(model, run.path, 0)  # the starting point; fails early for a model without banks
+            record_lsm(model, run.path, 0, config.figure_format)  # the starting point; fails early for a model without banks
     barrier(dist)
 
     per_epoch = task.batches_per_epoch()
@@ -218,7 +218,7 @@ def _train(config: TrainConfig, build_task: TaskBuilder, checkpoint, changed: di
                 if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
                     save_training_checkpoint(run, "last", model, config, optimizer, position, metrics, ema)
                 if config.lsm_every and (epoch + 1) % config.lsm_every == 0:
-                    record_lsm(model, run.path, epoch + 1)
+                    record_lsm(model, run.path, epoch + 1, config.figure_format)
             barrier(dist)
     return TrainResult(model, run_path if run else None, config.epochs, metrics, primary(position.best),
                        best_epoch=position.best_epoch)

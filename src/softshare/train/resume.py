@@ -32,7 +32,7 @@ SAFE_ON_RESUME = ("epochs", "lr", "schedule", "lr_milestones", "lr_gamma", "warm
 # Where and how the run executes, not what it computes: applied with a logged line (data_root only
 # when the data there are the run's own: the training state records their fingerprint).
 RUNTIME_FIELDS = ("device", "amp", "compile", "channels_last", "deterministic", "data_root", "download",
-                  "workers", "logger")
+                  "workers", "logger", "figure_format")
 LOCATION_FIELDS = ("name", "out_dir")  # a resumed run stays where it is
 
 

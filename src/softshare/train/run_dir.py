@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -33,17 +34,18 @@ from matplotlib.ticker import MaxNLocator
 from ..checkpoint import META_FILE, read_meta
 from ..device import device_description
 from ..errors import SoftshareError
-from ..storage import (LOCK_FILE, OUTPUT_MARKER, atomic_path, check_writable, exclusive_lock, mark_output,
-                       output_kind, recover_leftovers, save_figure, write_json)
+from ..storage import (LOCK_FILE, OUTPUT_MARKER, atomic_path, check_writable, exclusive_lock, figure_path,
+                       mark_output, output_kind, recover_leftovers, save_figure, write_json)
 from ..version import __version__
 from .config import TrainConfig
 
 log = logging.getLogger("softshare.train")
+CURVES_EVERY_S = 10.0  # the least time between two drawings of a run's curves figure
 RUN_KIND = "run"
 # What a run writes into its directory (--overwrite deletes these before starting afresh; any
 # other file there is the user's and stays): the trainer's files, its loggers', and what
 # `softshare eval`, `lsm` and the studies add to a run.
-RUN_ENTRIES = ("config.json", "run_info.json", "metrics.jsonl", "metrics.csv", "train.log", "curves.png",
+RUN_ENTRIES = ("config.json", "run_info.json", "metrics.jsonl", "metrics.csv", "train.log", "curves.*",
                "checkpoints", "lsm", "split.json", "data.json", "classes.json", "tensorboard", "eval-*",
                "study-*.json", "lsm-evaluated", OUTPUT_MARKER)
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -174,6 +176,9 @@ class RunDir:
                                  f"choose another --out-dir or fix its permissions") from None
         self.checkpoints = path / "checkpoints"
         self.metrics_path = path / "metrics.jsonl"
+        self.config: dict | None = None  # the resolved config, once `write_info` has written it
+        self._curves_drawn = -math.inf  # time.monotonic() of the last curves figure
+        self._curves_pending = False  # an epoch not drawn yet
         self._attach_log()
 
     def _attach_log(self) -> None:
@@ -183,6 +188,8 @@ class RunDir:
         self._handler = handler
 
     def close(self) -> None:
+        if self._curves_pending:  # the last epochs came too fast to draw: draw them now
+            self.plot_curves(force=True)
         log.removeHandler(self._handler)
         self._handler.close()
 
@@ -199,6 +206,7 @@ class RunDir:
         if resumed is not None:
             resumes = [*resumes, {**resumed, "at": now, "argv": sys.argv}]
         write_json(self.path / "config.json", config)
+        self.config = config
         write_json(info_path, {
             "softshare_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
             "python": platform.python_version(), "device": device_description(device),
@@ -219,12 +227,26 @@ class RunDir:
         with atomic_path(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot_curves(self) -> None:
+    def plot_curves(self, eval_split: str | None = None, force: bool = False) -> None:
         """Per epoch: task loss, accuracy in percent, and the recurrence penalty when it was on;
-        training and validation (or test, with val_size 0) apart, EMA weights dashed."""
+        training and the evaluated split (validation, or test with val_size 0: named by the rows'
+        `val_`/`test_` keys unless `eval_split` says) apart, EMA weights dashed; in the run's
+        figure format (`curves.<figure_format>`), with a note when label smoothing makes the
+        training loss higher than the evaluation loss. Drawn at most every CURVES_EVERY_S seconds
+        (a figure costs about a second: one-second epochs would spend half their time drawing) and
+        always for the last epoch and at `close`."""
         rows = self.read_metrics()
+        config = self.config or {}
+        last = bool(rows) and rows[-1]["epoch"] >= config.get("epochs", math.inf)
+        if not (force or last) and time.monotonic() - self._curves_drawn < CURVES_EVERY_S:
+            self._curves_pending = True
+            return
+        self._curves_drawn, self._curves_pending = time.monotonic(), False
         if rows:
-            save_figure(curves_figure(rows, self.path.name), self.path / "curves.png", dpi=110)
+            path = figure_path(self.path / "curves", config.get("figure_format", "png"))
+            split = eval_split or SPLITS[eval_prefix(rows)]
+            save_figure(curves_figure({self.path.name: rows}, self.path.name, eval_split,
+                                      curves_note(config, split)), path)
 
 
 def read_metrics(run_path: str | os.PathLike) -> list[dict]:
@@ -265,28 +287,57 @@ def local_device(device: torch.device, local_rank: int) -> torch.device:
 SPLITS = {"val": "validation", "test": "test"}  # metric prefix -> what the curves call it
 
 
-def curves_figure(rows: list[dict], title: str) -> Figure:
-    """The figure of `RunDir.plot_curves` (see there) from metrics rows."""
-    has_penalty = any(r.get("train_recurrence_penalty") is not None for r in rows)
-    fig = Figure(figsize=(13 if has_penalty else 9.5, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3 if has_penalty else 2)
-    series = [("train_loss", "train", axes[0], "-", 1), ("train_acc", "train", axes[1], "-", 100)]
-    colours = {"train": "tab:blue"}
-    for (prefix, split), colour, ema in zip(SPLITS.items(), ("tab:orange", "tab:red"), ("tab:green", "tab:olive")):
-        colours.update({split: colour, f"{split}, EMA weights": ema})
-        for key, ax, scale in (("loss", axes[0], 1), ("acc", axes[1], 100)):
-            series += [(f"{prefix}_{key}", split, ax, "-", scale),
-                       (f"ema_{prefix}_{key}", f"{split}, EMA weights", ax, "--", scale)]
-    if has_penalty:
-        series.append(("train_recurrence_penalty", "train", axes[2], "-", 1))
+def eval_prefix(rows: list[dict]) -> str:
+    """The prefix of the evaluated split's metrics in `rows`: ``val`` (a validation split), or
+    ``test`` (a run with val_size 0; runs before the split was named recorded ``val`` for both)."""
+    return "val" if any(k.startswith(("val_", "ema_val_")) for r in rows for k in r) else "test"
+
+
+def curves_note(config: dict, eval_split: str) -> str | None:
+    """Why the training loss sits above the evaluation loss, when label smoothing is the reason."""
+    smoothing = config.get("label_smoothing") or 0.0
+    if not smoothing:
+        return None
+    return (f"Training loss is measured with label smoothing {smoothing:g} on augmented batches, the {eval_split} "
+            f"loss without either: so the training loss is the higher one.")
+
+
+SPLIT_STYLES = {"train": ("--", "o", "none"), "eval": ("-", "o", None), "ema": (":", "s", None)}
+
+
+def curves_figure(runs: dict[str, list[dict]], title: str, eval_split: str | None = None,
+                  note: str | None = None) -> Figure:
+    """The figure of `RunDir.plot_curves` for one run, or several runs on shared axes: `runs`
+    maps a label to its metrics rows. One run: a colour per split. Several: a colour per run, a
+    line style per split (train dashed, the evaluated split solid, EMA dotted). Each run's
+    evaluated split is read from its `val_` or `test_` keys and named so unless `eval_split`
+    names it (runs recorded before that split was named). `note` goes under the plots."""
+    has_penalty = any(r.get("train_recurrence_penalty") is not None for rows in runs.values() for r in rows)
+    fig = Figure(figsize=(13 if has_penalty else 10, 4.2 if note else 3.9), layout="constrained")
+    axes = fig.subplots(1, 3 if has_penalty else 2, sharex=True)
+    single = len(runs) == 1
     accuracies = []
-    for key, label, ax, style, scale in series:
-        points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, marker="o", ms=3, label=label, color=colours[label])
-            if scale == 100:
-                accuracies += [value for _, value in points]
-    axes[0].set(xlabel="epoch", ylabel="task loss", title="loss (without the regulariser)")
+    for index, (label, rows) in enumerate(runs.items()):
+        evaluated = eval_prefix(rows)
+        named = eval_split or SPLITS[evaluated]
+        splits = [("train", "train"), (evaluated, named), (f"ema_{evaluated}", f"{named}, EMA weights")]
+        for prefix, split in splits:
+            kind = "train" if prefix == "train" else "ema" if prefix.startswith("ema") else "eval"
+            style, marker, face = SPLIT_STYLES[kind]
+            colour = {"train": "tab:blue", "eval": "tab:orange", "ema": "tab:green"}[kind] if single else f"C{index}"
+            name = split if single else f"{label}, {split}"
+            for ax, key, scale in ((axes[0], f"{prefix}_loss", 1), (axes[1], f"{prefix}_acc", 100)):
+                points = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, marker=marker, ms=3.5, mfc=face, color=colour, label=name)
+                    if scale == 100:
+                        accuracies += [value for _, value in points]
+            if has_penalty and prefix == "train":
+                points = [(r["epoch"], r["train_recurrence_penalty"]) for r in rows
+                          if r.get("train_recurrence_penalty") is not None]
+                if points:
+                    axes[2].plot(*zip(*points), "-", marker="o", ms=3.5, color=colour, label=label if not single else "train")
+    axes[0].set(xlabel="epoch", ylabel="task loss", title="loss (without the regulariser)" if has_penalty else "loss")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if accuracies:  # never a zoom that makes one example look like a cliff: at least 10 points shown
         low = max(0.0, min(min(accuracies) - 2, 90.0))
@@ -296,8 +347,9 @@ def curves_figure(rows: list[dict], title: str) -> Figure:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and (single or ax is axes[1]):  # several runs: one legend
             ax.legend(fontsize=8)
     fig.suptitle(title)
+    if note:
+        fig.supxlabel(note, fontsize=8.5)
     return fig
-
