@@ -23,6 +23,8 @@ from ..checkpoint import load, load_checkpoint, read_meta
 from ..data.tasks import IN_CHANNELS, evaluation_examples
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..pretrained import PREFIX as PRETRAINED_PREFIX
+from ..pretrained import is_pretrained
 from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
 from ..storage import check_output, figure_path, write_json
 from ..layers import named_banks, to_channels_last
@@ -268,13 +270,16 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
-    plots beside it) or next to the checkpoint (`<run>/eval-<best|last>.json`). An `out`
+    plots beside it) or next to the checkpoint (`<run>/eval-<best|last>.json`; a shipped
+    ``pretrained:NAME`` net: `eval-NAME.json` in the working directory). An `out`
     holding anything but an earlier eval result is refused unless `overwrite`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
     figure_path("plot", figure_format)  # a bad format is refused before any work
+    if out is None and is_pretrained(path):  # never write into the installed package
+        out = f"eval-{str(path)[len(PRETRAINED_PREFIX):]}.json"
     if out:  # before any work: never clobber a user's file (or the plots beside a new result)
         check_output(out, "eval", overwrite=overwrite, directory=False)
         if not Path(out).exists():

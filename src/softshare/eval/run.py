@@ -69,7 +69,7 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
     ckpt_path = find_checkpoint(path)
     config = run_config(ckpt_path)
     if config.get("task", "classification") != "classification":
-        return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
+        return evaluate_task_checkpoint(path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
     if task_options:
         raise SoftshareError(f"{ckpt_path} is an image classifier; {', '.join(sorted(task_options))} apply only "
