@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cpu: presets prefix_sums_cpu/mazes_cpu (prefix sums, the default variants and 5 seeds "
                         "with --test-count 100 took 35 min with --jobs 2 on the idle 2-core machine, "
                         "docs/algorithmic.md); gpu: prefix_sums_gpu/mazes_gpu (one GPU)")
-    a.add_argument("--tasks", nargs="+", default=["prefix-sums"], choices=TASKS)
+    a.add_argument("--tasks", "--task", nargs="+", default=["prefix-sums"], choices=TASKS,
+                   help="prefix-sums (default), mazes or both")
     a.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                    metavar="VARIANT", help=f"subset of {' '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)})")
     a.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2, 3, 4])

@@ -24,6 +24,8 @@ from ..checkpoint import describe_checkpoint, find_checkpoint, load, load_checkp
 from ..data.tasks import IN_CHANNELS, evaluation_examples, image_side
 from ..device import resolve_device
 from ..errors import SoftshareError
+from ..pretrained import PREFIX as PRETRAINED_PREFIX
+from ..pretrained import is_pretrained
 from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
 from ..layers import named_banks, to_channels_last
 from ..layers.structure import count_parameters
@@ -272,14 +274,17 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
     Defaults come from the run's config: its test sizes, test count and seed (the test sets are
     disjoint from its training and validation rows). Outputs go to `out` (a .json path; the
     plots beside it) or next to the checkpoint (`<run>/eval-<best|last>.json`, under the run's
-    lock: not while it trains). Each of them must be new or this job's own (the JSON says so, and
-    records the plots it wrote with their digests), unless `overwrite`; one evaluation at a time
-    writes an `out`.
+    lock: not while it trains; a shipped ``pretrained:NAME`` net: `eval-NAME.json` in the working
+    directory). Each of them must be new or this job's own (the JSON says so, and records the
+    plots it wrote with their digests), unless `overwrite`; one evaluation at a time writes an
+    `out`.
     """
     check_positive("patience", patience)
     if iterations is not None:
         check_positive("iterations", iterations)
     figure_path("plot", figure_format)  # a bad format is refused before any work
+    if out is None and is_pretrained(path):  # never write into the installed package
+        out = f"eval-{str(path)[len(PRETRAINED_PREFIX):]}.json"
     if out and Path(out).suffix != ".json":
         raise SoftshareError(f"--out {out} must be a .json path (the plots go beside it); give e.g. "
                              f"--out {Path(out).with_suffix('.json')}")

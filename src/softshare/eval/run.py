@@ -76,7 +76,7 @@ def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | 
         if dataset is not None and dataset != task:
             raise SoftshareError(f"{ckpt_path} was trained on {task}; --data {dataset} does not apply (drop it, or "
                                  f"give --data {task})")
-        return evaluate_task_checkpoint(ckpt_path, device=device, batch_size=batch_size or 100,
+        return evaluate_task_checkpoint(path, device=device, batch_size=batch_size or 100,
                                         data_root=data_root, **task_options)
     if task_options:
         flags = ", ".join(CLI_FLAGS.get(name, f"--{name}") for name in sorted(task_options))
