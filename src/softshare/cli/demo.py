@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", description="Train a recurrent, a soft-shared and a feed-forward net on 32-bit "
                                                   "prefix sums side by side, draw the shared net's LSM, fold it into a "
                                                   "loop and score all on strings up to 512 bits at the label-free "
-                                                  "stopping rule; writes OUT/report.md. Defaults: 152 s of training "
-                                                  "and scoring on the idle 2-core machine (measured, seed 0; README).")
+                                                  "stopping rule; writes OUT/report.md. Defaults: 1,960 CPU-seconds "
+                                                  "(33 min on 2 busy cores, seed 0; README).")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); only an earlier demo's "
                                                  f"output there is replaced")
     add_overwrite(p, "--out")
