@@ -24,11 +24,10 @@ from ..checkpoint import describe_checkpoint, find_checkpoint, load, load_checkp
 from ..data.tasks import IN_CHANNELS, evaluation_examples, image_side
 from ..device import resolve_device
 from ..errors import SoftshareError
-from ..pretrained import PREFIX as PRETRAINED_PREFIX
-from ..pretrained import is_pretrained
 from ..fold import DEFAULT_THRESHOLD, FoldResult, fold_model
 from ..layers import named_banks, to_channels_last
 from ..layers.structure import count_parameters
+from ..pretrained import is_pretrained, pretrained_name
 from ..progress import progress
 from ..storage import check_output, exclusive_lock, figure_path, file_digest, output_lock, write_json
 from .plots import (animate_maze_thinking, maze_predictions, pick_mazes, plot_accuracy_vs_iterations,
@@ -284,7 +283,7 @@ def evaluate_task_checkpoint(path: str | os.PathLike, sizes: list[int] | None = 
         check_positive("iterations", iterations)
     figure_path("plot", figure_format)  # a bad format is refused before any work
     if out is None and is_pretrained(path):  # never write into the installed package
-        out = f"eval-{str(path)[len(PRETRAINED_PREFIX):]}.json"
+        out = f"eval-{pretrained_name(str(path))}.json"
     if out and Path(out).suffix != ".json":
         raise SoftshareError(f"--out {out} must be a .json path (the plots go beside it); give e.g. "
                              f"--out {Path(out).with_suffix('.json')}")

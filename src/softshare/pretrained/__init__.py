@@ -27,9 +27,14 @@ def is_pretrained(name: object) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def pretrained_name(name: str) -> str:
+    """NAME of ``pretrained:NAME`` (NAME itself unchanged)."""
+    return name[len(PREFIX):] if is_pretrained(name) else name
+
+
 def pretrained_path(name: str) -> Path:
     """The checkpoint directory of ``pretrained:NAME`` (or of NAME)."""
-    key = name[len(PREFIX):] if is_pretrained(name) else name
+    key = pretrained_name(name)
     known = catalogue()
     if key not in known:
         raise unknown_name("pretrained net", key, known)
@@ -40,4 +45,4 @@ def pretrained_path(name: str) -> Path:
     return path
 
 
-__all__ = ["PREFIX", "catalogue", "is_pretrained", "pretrained_path"]
+__all__ = ["PREFIX", "catalogue", "is_pretrained", "pretrained_name", "pretrained_path"]
