@@ -170,6 +170,12 @@ def test_cli_lsm_on_a_run_and_a_checkpoint(model, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["lsm", str(run / "checkpoints" / "last"), "--out", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "lsm.json").exists()
+    # a run directory with --out elsewhere: the history is drawn there too, the run is left as it was
+    (run / "lsm" / "history.png").unlink()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["lsm", str(run), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "history.png").exists()
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_cli_fold_and_sweep(collinear, tmp_path, capsys):

@@ -207,9 +207,11 @@ def _spread(count: int, limit: int) -> list[int]:
     return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
 
 
-def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8, figure_format: str = "png") -> Path:
-    """Tiled figure ``run_dir/lsm/history.<format>``: rows are banks, columns evenly spaced
-    recorded epochs (the title says how many of how many, so no epoch is left out unsaid)."""
+def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8, figure_format: str = "png",
+                     out_dir: str | os.PathLike | None = None) -> Path:
+    """Tiled figure ``history.<format>`` in `out_dir` (default ``run_dir/lsm``): rows are banks,
+    columns evenly spaced recorded epochs (the title says how many of how many, so no epoch is left
+    out unsaid)."""
     if max_columns < 2:
         raise SoftshareError(f"max_columns must be at least 2, got {max_columns}")
     recorded = read_lsm_history(run_dir)
@@ -245,7 +247,8 @@ def plot_lsm_history(run_dir: str | os.PathLike, max_columns: int = 8, figure_fo
              f"{cols} of {len(recorded)} recorded epochs, evenly spaced (every one is in {LSM_DIR}/{HISTORY_FILE} "
              f"and {LSM_DIR}/epoch_NNNN/)")
     fig.suptitle(f"Layer similarity during training (epochs {epochs[0]}-{epochs[-1]}): {shown}", fontsize=10)
-    return save_figure(fig, figure_path(Path(run_dir) / LSM_DIR / HISTORY_FIGURE, figure_format))
+    out = Path(run_dir) / LSM_DIR if out_dir is None else Path(out_dir)
+    return save_figure(fig, figure_path(out / HISTORY_FIGURE, figure_format))
 
 
 __all__ = ["short_layer_names", "bank_label", "plot_lsm", "save_lsm", "record_lsm", "read_lsm_history", "plot_lsm_history"]

@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     with lock:
         model = load(path)
         written = save_lsm(model, out, args.figure_format)
+        if is_run_dir and read_lsm_history(path):  # drawn into --out too: never into a run it was not asked to
+            written.append(plot_lsm_history(path, figure_format=args.figure_format, out_dir=out))
         mark_output(out, "lsm", files=[p.name for p in written])
-        if is_run_dir and read_lsm_history(path):
-            written.append(plot_lsm_history(path, figure_format=args.figure_format))
     for similarity in layer_similarity(model):
         names = short_layer_names(similarity.layers)
         rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]
