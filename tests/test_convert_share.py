@@ -640,7 +640,7 @@ def test_allow_growth_is_the_only_way_to_grow():
 
 
 # -- unshare ------------------------------------------------------------------------------------
-def test_unshare_restores_plain_layers_with_identical_outputs():
+def test_unshare_restores_plain_layers_with_identical_outputs(tmp_path):
     original = plain_net()
     model = share(copy.deepcopy(original), 2).eval()
     x = torch.randn(2, 3, 6, 6)
@@ -650,10 +650,12 @@ def test_unshare_restores_plain_layers_with_identical_outputs():
     assert [type(model.get_submodule(n)) for n in BODY] == [nn.Conv2d] * 6
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
     assert n_params(model) == n_params(original)
-    # what Hugging Face save_pretrained refuses: tensors shared between keys
+    # what Hugging Face save_pretrained refuses: tensors shared between keys (never at /dev/null:
+    # safetensors writes a temporary file and renames it over the target, so root would replace it)
     with pytest.raises(RuntimeError, match="share memory"):
-        save_file(share(plain_net(), 2).state_dict(), "/dev/null")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "/dev/null")
+        save_file(share(plain_net(), 2).state_dict(), tmp_path / "shared.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "unshared.safetensors")
+    assert (tmp_path / "unshared.safetensors").stat().st_size > 0
 
 
 def test_unshare_keeps_training_state_and_trains():
