@@ -22,9 +22,10 @@ data-fashion-mnist:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
 	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
 
-# test: the default suite (~245 CPU-seconds); test-slow: the end-to-end tests marked slow (CI runs both)
+# test: the default suite, one worker per core (pytest-xdist); test-slow: the end-to-end tests
+# marked slow, one at a time (CI runs both). Times: README "Tests".
 test: venv data-fashion-mnist
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-slow: venv data-fashion-mnist
 	$(PY) -m pytest -q -m slow

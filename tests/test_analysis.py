@@ -69,6 +69,7 @@ def test_model_without_banks():
         save_lsm(create_model("wrn_16_1"), "unused")
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_history_records_epochs_and_forgets_re_trained_ones(model, tmp_path):
     for epoch in (0, 2, 4):
         record_lsm(model, tmp_path, epoch)
@@ -229,6 +230,7 @@ def test_coefficient_dynamics_against_the_random_control(tmp_path):
     assert summary["cos_to_start_mean"] == pytest.approx(4 / 5)  # |cos((1,2), (2,1))|
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_history_keeps_the_coefficients_for_the_dynamics(model, tmp_path):
     from softshare.analysis import coefficient_dynamics, plot_dynamics
     record_lsm(model, tmp_path, 0)

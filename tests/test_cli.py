@@ -145,6 +145,7 @@ def test_bad_argument_values_one_line_exit_2(argv, fragment, capsys):
     assert err.startswith(f"softshare {argv[0]}: error: ") and fragment in err
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_bad_argument_value_subprocess_no_traceback():
     result = run_cli("params", "swrn_28_10_2", "--num-classes", "zero")
     assert result.returncode == 2
@@ -364,6 +365,7 @@ def test_task_options_on_an_image_classifier_are_an_error(tmp_path, capsys):
     assert "--sizes apply only to runs on an algorithmic task: drop it" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_experiment_continues_a_study_begun_before_output_markers(monkeypatch, tmp_path, capsys):
     from softshare.cli import experiment as job
 
@@ -457,6 +459,7 @@ def test_share_of_a_registered_model_and_bad_builders(capsys):
     assert out.returncode == 2 and out.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_a_broken_optional_package_is_one_line_exit_2(tmp_path):
     """`softshare share` of a builder in a broken package, and a preset needing a broken scikit-learn."""
     env = broken_package(tmp_path / "site", "torchvision")

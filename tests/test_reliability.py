@@ -178,6 +178,7 @@ def test_kill_torture_resumes_to_the_uninterrupted_weights(tmp_path):
     assert result["best_epoch"] >= result["last_records_best_epoch"]
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_a_kill_during_the_first_checkpoint_leaves_a_resumable_run(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOFTSHARE_CRASH_AT": "weights@last"}
     code = "from helpers import tiny; from softshare.train.loop import train; train(tiny(%r, name='run'))"
@@ -592,6 +593,7 @@ def test_leftovers_of_any_dead_writer_are_cleaned_by_the_next_job_there(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prefix_sums_data"]
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_a_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path):
     """A file-size limit (what `ulimit -f` sets) stands for a full disk: the first checkpoint cannot be
     written; one line, exit 2, no traceback, no temporaries; without the limit the run resumes."""
@@ -654,6 +656,7 @@ def test_a_read_only_directory_for_real(run, tmp_path, capsys):
         tmp_path.chmod(0o755)
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_ctrl_c_pressed_twice_ends_in_one_line(tmp_path):
     """The first Ctrl-C saves a checkpoint, the second stops at once: either way one line, exit 130."""
     for gap in (0.0, 0.3):

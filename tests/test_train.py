@@ -103,6 +103,7 @@ def test_short_training_bf16_channels_last(device, tmp_path, compiled, monkeypat
     assert ("CUDA" in info["device"]) == (device.type == "cuda")
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_interrupted_and_resumed_run_ends_with_identical_weights(device, tmp_path, restore_global_flags):
     """Bit-identical on any device with deterministic algorithms on (amp auto: bf16 autocast on
     CUDA, fp32 on CPU)."""
@@ -202,6 +203,7 @@ def test_existing_or_unwritable_run_directory(tmp_path):
         train(tiny_config(blocker, epochs=1))
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_lsm_every_records_the_emergence_of_recurrence(tmp_path):
     train(tiny_config(tmp_path, epochs=2, lsm_every=1))
     lsm = tmp_path / "run" / "lsm"
@@ -236,6 +238,7 @@ def test_param_groups_put_exactly_the_coefficients_in_no_decay():
     torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # accepted by an optimizer as is
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_loggers_ema_adamw_and_the_regulariser_logged_apart(tmp_path, caplog, monkeypatch):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -305,6 +308,7 @@ def test_unknown_logger_is_one_line(tmp_path):
         make_sinks(["csv", "mlflow"], tmp_path, {})  # called directly
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_figures_in_the_run_s_format_with_the_label_smoothing_note(tmp_path, monkeypatch):
     from softshare.train import run_dir
 

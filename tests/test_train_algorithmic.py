@@ -222,6 +222,7 @@ def test_coefficients_learn_at_their_own_rate():
             assert group["weight_decay"] == config.weight_decay
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_random_starting_states_train_and_resume_exactly(tmp_path):
     """random_state: part of each batch starts from a random thought; the draws come from the
     trainer's seeded RNG, so a run interrupted mid-epoch resumes to the same weights."""

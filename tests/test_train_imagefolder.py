@@ -62,6 +62,7 @@ def test_bad_files_are_counted_and_logged_once_per_epoch(imagefolder, tmp_path):
     assert result.epochs_done == 2
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_resume_mid_epoch_gives_identical_weights(imagefolder, tmp_path):
     straight = train(tiny_config(tmp_path / "a", imagefolder, epochs=2, deterministic=True))
     stopped = train(tiny_config(tmp_path / "b", imagefolder, epochs=2, deterministic=True), stop=StopAfter(16))

@@ -57,6 +57,7 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*brighter_half(64)), batch_size=16)
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_callback_records_lsm_history_moves_coefficients_out_of_decay_and_unshares(tmp_path):
     model = Classifier()
     shared = sum(isinstance(m, SharedLayer) for m in model.modules())  # 4 convs of stage 1, 3 of stage 2
