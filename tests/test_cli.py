@@ -284,10 +284,10 @@ def test_cli_failure_midway_leaves_previous_set_intact(tmp_path, monkeypatch, in
     assert (maze_dir(tmp_path, "train", 9) / "inputs.npy").read_bytes() == before
 
 
-def test_cli_bad_flag_value_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "softshare", "train", "--preset", "digits_tiny", "--lr", "-1",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "lr must be > 0" in out.stderr
+def test_cli_bad_flag_value_is_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", "digits_tiny", "--lr", "-1", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "lr must be > 0" in err and not any(tmp_path.iterdir())
 
 
 def test_eval_writes_table_and_plot(tmp_path, capsys):
@@ -317,6 +317,7 @@ def test_eval_writes_table_and_plot(tmp_path, capsys):
     assert (out.parent / "e-mazes.pdf").exists() and (out.parent / "e-mazes.gif").exists()
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_eval_folds_a_k1_shared_run_and_lets_it_think_longer(tmp_path, capsys):
     """`softshare eval` scores a soft-shared run as the study does: folded (k = 1: one loop), run past
     its trained iterations, and says so; --no-fold scores the net as trained."""
@@ -415,10 +416,10 @@ def test_experiment_subcommands_pass_on_exactly_their_own_flags(monkeypatch, tmp
     (["--data-root", "/nonexistent/imagenet"], "does not exist"),
     ([], "needs --data-root"),
 ])
-def test_train_imagefolder_bad_root_is_one_line_exit_2(tmp_path, args, message):
-    out = run_cli("train", "--dataset", "imagefolder", "--model", "resnet_26", "--out-dir", str(tmp_path), *args)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr
+def test_train_imagefolder_bad_root_is_one_line_exit_2(tmp_path, args, message, capsys):
+    assert main(["train", "--dataset", "imagefolder", "--model", "resnet_26", "--out-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and message in err and "Traceback" not in err, err
 
 
 # -- version, share, params --model-args, config help, --print-config, YAML preset: --

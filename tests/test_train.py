@@ -121,6 +121,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(device, tmp_pat
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_rates_after_a_mid_epoch_resume_count_the_whole_epoch(tmp_path, monkeypatch):
     """A clock that ticks once per reading makes the times exact: the epoch finished after a resume
     reports its seconds (before the stop and after it) and all its images over them."""

@@ -97,6 +97,7 @@ class StopAfter(StopFlag):
         pass
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_resume_mid_epoch_is_exact(tmp_path):
     """2 epochs straight == stop after 5 steps (mid epoch 2) + resume, with the progressive loss on."""
     straight = tiny(tmp_path, name="straight", alpha=0.5, depth=3)

@@ -44,6 +44,7 @@ def test_tiny_imagefolder_trains_well_above_chance(imagefolder, tmp_path):
         evaluator_for(config, "cpu")(create_model("swrn_26_1_2", num_classes=3, base_width=8))
 
 
+@pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_bad_files_are_counted_and_logged_once_per_epoch(imagefolder, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(imagefolder, root)
