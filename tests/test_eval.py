@@ -200,7 +200,7 @@ def test_the_maze_figure_shows_a_solved_and_an_unsolved_maze_per_size(monkeypatc
     (legend,) = figures[0].legends
     assert [t.get_text() for t in legend.get_texts()] == ["start", "goal", "path, predicted", "path, missed",
                                                           "predicted, not the path"]
-    assert figures[0].axes[2].get_title() == "prediction, 1 iteration (not solved)"
+    assert figures[0].axes[2].get_title() == "1 iteration: not solved"
     assert len(figures[0].axes[0].lines) == 2  # start and goal ringed
 
 

@@ -111,7 +111,7 @@ def _maze_rows(fig: Figure, rows: list[MazeRow], at: int) -> None:
         row[2].imshow(picture.numpy(), interpolation="nearest")
         row[0].set_title(maze.label.split(",")[0], fontsize=9)
         row[1].set_title("target path", fontsize=9)
-        row[2].set_title(f"prediction, {_iterations(at)} ({'solved' if right else 'not solved'})", fontsize=9)
+        row[2].set_title(f"{_iterations(at)}: {'solved' if right else 'not solved'}", fontsize=9)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
