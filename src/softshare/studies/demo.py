@@ -238,7 +238,10 @@ def _plot_thinking(curves: dict, evaluations: dict, config: DemoConfig, path: Pa
         rank = [next((i for i, kind in enumerate(NETS) if label.startswith(LABELS[kind])), len(NETS))
                 for label in labels]
         order = sorted(range(len(labels)), key=rank.__getitem__)  # the nets in NETS order, then the rest
-        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
+        # right panel: the curves rise to 100% and the stop markers sit there, so the legend goes
+        # where nothing is drawn (under the plateau, after the rise)
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
+                  loc="lower right" if ax is ax_iter else "best")
     save_figure(fig, path)
 
 
