@@ -238,10 +238,10 @@ def _plot_thinking(curves: dict, evaluations: dict, config: DemoConfig, path: Pa
         rank = [next((i for i, kind in enumerate(NETS) if label.startswith(LABELS[kind])), len(NETS))
                 for label in labels]
         order = sorted(range(len(labels)), key=rank.__getitem__)  # the nets in NETS order, then the rest
-        # right panel: the curves rise to 100% and the stop markers sit there, so the legend goes
-        # where nothing is drawn (under the plateau, after the rise)
-        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8,
-                  loc="lower right" if ax is ax_iter else "best")
+        # right panel: the curves and stop markers fill the plot wherever the nets learned, so its
+        # legend goes below the axes, where it can hide nothing
+        place = dict(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2) if ax is ax_iter else dict(loc="best")
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, **place)
     save_figure(fig, path)
 
 
