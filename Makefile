@@ -23,7 +23,7 @@ data-fashion-mnist:
 	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
 
 # test: the default suite, one worker per core (pytest-xdist); test-slow: the end-to-end tests
-# marked slow, one at a time (CI runs both). Times: README "Tests".
+# marked slow, one at a time (CI runs both). Times: README, the paragraph after the make commands.
 test: venv data-fashion-mnist
 	$(PY) -m pytest -q -n auto
 
