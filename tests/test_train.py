@@ -213,10 +213,14 @@ def test_lsm_every_records_the_emergence_of_recurrence(tmp_path):
     assert (lsm / "history.png").stat().st_size > 1000
 
 
-def test_lsm_every_on_a_model_without_banks_fails_before_training(tmp_path):
-    with pytest.raises(SoftshareError, match="no template banks"):
-        train(tiny_config(tmp_path, epochs=1, lsm_every=1, model="wrn_16_1"))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+@pytest.mark.parametrize("task, model", [("classification", "wrn_16_1"), ("prefix-sums", "recurrent")])
+def test_lsm_every_on_a_model_without_banks_is_refused_before_anything_is_written(tmp_path, task, model):
+    config = (tiny_config(tmp_path, epochs=1, lsm_every=1, model=model) if task == "classification" else
+              resolve_config(None, overrides={"task": task, "model": model, "lsm_every": 1,
+                                              "out_dir": str(tmp_path), "name": "run"}))
+    with pytest.raises(SoftshareError, match=r"--lsm-every .* has none \(nothing in it is shared\)"):
+        train(config)
+    assert not (tmp_path / "run").exists()  # no run directory, not even a config.json
 
 
 # -- optimizer groups -----------------------------------------------------------------------

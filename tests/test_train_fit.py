@@ -87,6 +87,8 @@ def test_fit_learns_with_its_own_loss_and_refuses_what_it_cannot_do(tmp_path):
         softshare.fit(model, iter(batches), epochs=1, out_dir=tmp_path, name="other", device="cpu")
     with pytest.raises(SoftshareError, match="unknown config key"):
         softshare.fit(model, batches, epoch=1, out_dir=tmp_path, name="other", device="cpu")
+    with pytest.raises(SoftshareError, match="TinyResNet has none; share it first"):
+        softshare.fit(model, batches, epochs=1, lsm_every=1, out_dir=tmp_path, name="other", device="cpu")
     assert not (tmp_path / "other").exists()
 
 

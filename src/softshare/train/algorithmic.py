@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..budget import check_fits
+from ..budget import build_skeleton, check_fits
 from ..data.tasks import (IN_CHANNELS, evaluation_examples, examples, image_side, selection_examples,
                           validation_count)
 from ..errors import SoftshareError
+from ..layers.bank import TemplateBank
 from ..eval.algorithmic import default_iterations, in_trained_layout, solve_mask, solved, think, thinking_net
 from ..storage import write_json
 from ..wrappers import unwrap_model
@@ -73,6 +74,19 @@ def check_model(config: TrainConfig) -> None:
         return
     model = config.model if config.task == "classification" else resolve_model_name(config.task, config.model)
     check_model_args(model, config.model_args)
+    if config.lsm_every and not _has_banks(config, model):
+        raise SoftshareError(f"--lsm-every records the Layer Similarity Matrix of template banks, and {model} has "
+                             "none (nothing in it is shared); drop --lsm-every or train a soft-shared model "
+                             "(e.g. swrn_22_1_2, or --model shared on an algorithmic task)")
+
+
+def _has_banks(config: TrainConfig, model: str) -> bool:
+    """Whether `model` holds a template bank: its shapes alone, built on the meta device."""
+    if config.task != "classification":
+        return model.endswith("_shared")
+    skeleton = build_skeleton(lambda: create_model(model, **config.model_args), float("inf"), f"model {model}",
+                              "choose a smaller model")
+    return any(isinstance(module, TemplateBank) for module in skeleton.modules())
 
 
 def bytes_per_instance(task: str, size: int) -> int:

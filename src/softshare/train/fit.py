@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..data.loader import stream_seed
 from ..errors import SoftshareError
+from ..layers.bank import TemplateBank
 from ..storage import write_json
 from .config import TrainConfig, resolve_config
 from .config_help import CUSTOM
@@ -62,6 +63,9 @@ def fit(model: nn.Module, train_data: Iterable, val_data: Iterable | None = None
     fields = {**config, "task": CUSTOM, "model": f"{kind.__module__}.{kind.__qualname__}", "out_dir": str(out_dir),
               "name": name or kind.__name__.lower()}
     train_config = resolve_config(overrides=fields)
+    if train_config.lsm_every and not any(isinstance(module, TemplateBank) for module in model.modules()):
+        raise SoftshareError(f"lsm_every records the Layer Similarity Matrix of template banks, and {kind.__name__} "
+                             "has none; share it first (softshare.share(model)) or drop lsm_every")
 
     def build_task(config: TrainConfig, device: torch.device, dist) -> Task:
         return ModuleTask(config, device, dist, model, train_data, val_data, loss)
