@@ -230,6 +230,59 @@ def test_coefficient_dynamics_against_the_random_control(tmp_path):
     assert summary["cos_to_start_mean"] == pytest.approx(4 / 5)  # |cos((1,2), (2,1))|
 
 
+def test_foldable_pairs_from_names_are_the_pairs_fold_merges():
+    """Read from recorded names, the pairs must be exactly those of `block_runs` on the model: the
+    same role in consecutive blocks (b1.conv1 with b2.conv1, never b1.conv1 with b1.conv2)."""
+    from softshare.analysis import block_runs, foldable_pairs
+    for name, kwargs in (("swrn_22_1_4", {}), ("swrn_28_1_2", {}), ("prefix_shared", dict(num_templates=2, depth=6))):
+        model = create_model(name, **kwargs)
+        from_model = set()
+        for site in block_runs(model):
+            for role in site.roles:
+                names = [f"{site.container}.{site.start + b}.{role}" for b in range(len(site.blocks))]
+                from_model |= set(zip(names, names[1:]))
+        from_names = {(s.layers[i], s.layers[j]) for s in layer_similarity(model) for i, j in foldable_pairs(s.layers)}
+        assert from_names == from_model and from_model
+    assert foldable_pairs(["0.conv1", "1.conv1", "stem", "head.fc"]) == [(0, 1)]
+    assert foldable_pairs(["a.1.conv1", "a.3.conv1", "b.2.conv1"]) == []  # not consecutive, other container
+
+
+def test_drift_control_against_its_closed_form():
+    """k = 2, every layer starting on one line and turned by theta: two layers end at angle 0 or
+    2 theta from each other with probability 1/2 each, so the control's pair |cos| is
+    (1 + |cos 2 theta|) / 2 on average, whatever the layers really did."""
+    from softshare.analysis.dynamics import bank_dynamics
+    theta = math.pi / 6
+    start = torch.tensor([[1.0, 0.0]] * 6, dtype=torch.float64)
+    turned = torch.tensor([[math.cos(theta), math.sin(theta)]] * 6, dtype=torch.float64)  # all the same way
+    summary = bank_dynamics(turned, start, pairs=[(0, 1), (2, 3), (4, 5)], drift_samples=4000)
+    assert summary["consecutive_mean"] == pytest.approx(1.0) and summary["cos_to_start_mean"] == pytest.approx(
+        math.cos(theta))
+    assert summary["drift_mean"] == pytest.approx((1 + abs(math.cos(2 * theta))) / 2, abs=0.02)
+    assert summary["drift_at_0.99"] == pytest.approx(0.5, abs=0.03)  # the same way by chance: half the pairs
+    unmoved = bank_dynamics(start, start, pairs=[(0, 1)])
+    assert unmoved["drift_mean"] == pytest.approx(1.0) and unmoved["pairs"] == 1
+    assert math.isnan(bank_dynamics(start, start, pairs=[])["consecutive_mean"])
+
+
+def test_pairs_over_training_counts_what_folding_needs(tmp_path):
+    from softshare.analysis import pairs_over_training
+    model = create_model("swrn_22_1_2")
+    record_lsm(model, tmp_path, 0)
+    for stage in range(3):
+        _make_collinear(model, stage, [1, 2])  # every foldable pair collinear, scaled -2
+    record_lsm(model, tmp_path, 1)
+    start, end = pairs_over_training(tmp_path)
+    assert start["pairs"] == end["pairs"] == 6  # 3 stages x (conv1, conv2) of blocks 1-2
+    assert end["at_0.99"] == 6 and end["mean"] == pytest.approx(1.0)
+    expected = [abs(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+                for record in read_lsm_history(tmp_path)[:1] for bank in record["banks"]
+                for a, b in ((torch.tensor(bank["coefficients"][0]), torch.tensor(bank["coefficients"][2])),
+                             (torch.tensor(bank["coefficients"][1]), torch.tensor(bank["coefficients"][3])))]
+    assert start["mean"] == pytest.approx(sum(expected) / 6)
+    assert start["at_0.9"] == sum(v >= 0.9 for v in expected) and start["cos_to_start"] == pytest.approx(1.0)
+
+
 @pytest.mark.slow  # end-to-end (trains, or runs the CLI in a subprocess): make test-slow
 def test_history_keeps_the_coefficients_for_the_dynamics(model, tmp_path):
     from softshare.analysis import coefficient_dynamics, plot_dynamics

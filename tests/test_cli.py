@@ -166,7 +166,9 @@ def test_cli_lsm_on_a_run_and_a_checkpoint(model, tmp_path, capsys):
     record_lsm(model, run, 0)
     assert main(["lsm", str(run)]) == 0
     assert (run / "lsm" / "lsm_stages.2.bank.png").exists() and (run / "lsm" / "history.png").exists()
-    assert "b1.conv1" in capsys.readouterr().out
+    assert (run / "lsm" / "dynamics.png").exists()
+    out = capsys.readouterr().out
+    assert "b1.conv1" in out and "foldable pairs" in out and " of 6 " in out
     assert main(["lsm", str(run / "checkpoints" / "last")]) == 2
     assert "--out" in capsys.readouterr().err
     assert main(["lsm", str(run / "checkpoints" / "last"), "--out", str(tmp_path / "figs")]) == 0

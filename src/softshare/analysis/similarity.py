@@ -4,7 +4,8 @@ One definition each of the three notions the rest of softshare builds on:
 - `abs_cosine`: S_ij = |<a_i, a_j>| / (|a_i| |a_j|), the Layer Similarity Matrix entry;
 - a layer's *role*: its name among the direct children of its block (``conv1``), and a *run*
   of consecutive blocks with the same shared roles drawing from one bank (`block_runs`): the
-  layers of one role in a run are what `softshare.fold` merges into one looped layer;
+  layers of one role in a run are what `softshare.fold` merges into one looped layer
+  (`foldable_pairs`: the same pairs read from recorded layer names, for histories without a model);
 - `recurrence_penalty`: the training pull of exactly those pairs towards collinearity.
 """
 
@@ -108,6 +109,20 @@ def block_runs(model: nn.Module) -> list[FoldSite]:
                 run = FoldSite(container_name, index, [block], roles, banks)
                 sites.append(run)
     return sites
+
+
+def foldable_pairs(layers: list[str]) -> list[tuple[int, int]]:
+    """Index pairs (i, j) of `layers` (one bank's layer names, as the LSM records them) that a fold
+    needs collinear: the same role in consecutive blocks, ``<container>.<b>.<role>`` and
+    ``<container>.<b+1>.<role>`` (a SWRN stage's ``blocks.1.conv1`` with ``blocks.2.conv1``, not
+    with ``blocks.1.conv2``). Names without a block index pair with nothing."""
+    index = {}
+    for i, name in enumerate(layers):
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2].isdigit():
+            index[(".".join(parts[:-2]), int(parts[-2]), parts[-1])] = i
+    return [(i, index[(container, block + 1, role)]) for (container, block, role), i in index.items()
+            if (container, block + 1, role) in index]
 
 
 def recurrence_penalty(model: nn.Module) -> torch.Tensor:

@@ -7,10 +7,20 @@ import json
 import re
 from pathlib import Path
 
-from ..analysis import LSM_DIR, layer_similarity, plot_lsm_history, read_lsm_history, save_lsm, short_layer_names
+from ..analysis import (
+    LSM_DIR,
+    layer_similarity,
+    pairs_over_training,
+    plot_dynamics,
+    plot_lsm_history,
+    read_lsm_history,
+    save_lsm,
+    short_layer_names,
+)
+from ..analysis.dynamics import DYNAMICS_FIGURE, FOLD_LEVELS
 from ..checkpoint import find_checkpoint, load
 from ..errors import SoftshareError
-from ..storage import FIGURE_FORMATS, check_output, exclusive_lock, mark_output, output_lock
+from ..storage import FIGURE_FORMATS, check_output, exclusive_lock, figure_path, mark_output, output_lock
 from ..train.run_dir import is_run
 from ._common import add_figure_format, add_overwrite, format_table
 
@@ -44,16 +54,38 @@ def run(args: argparse.Namespace) -> int:
     with lock:
         model = load(path)
         written = save_lsm(model, out, args.figure_format)
-        if is_run_dir and read_lsm_history(path):  # drawn into --out too: never into a run it was not asked to
+        history = read_lsm_history(path) if is_run_dir else []
+        if history:  # drawn into --out too: never into a run it was not asked to
             written.append(plot_lsm_history(path, figure_format=args.figure_format, out_dir=out))
+        with_coefficients = bool(history) and all("coefficients" in b for b in history[-1]["banks"])
+        over_training = pairs_over_training(path) if with_coefficients else []
+        if over_training:
+            written.append(plot_dynamics(path, figure_path(out / DYNAMICS_FIGURE, args.figure_format)))
         mark_output(out, "lsm", files=[p.name for p in written])
     for similarity in layer_similarity(model):
         names = short_layer_names(similarity.layers)
         rows = [[name, *(f"{v:.2f}" for v in row)] for name, row in zip(names, similarity.matrix.tolist())]
         print(f"{similarity.bank}:")
         print(format_table(["", *names], rows) + "\n")
+    if over_training:
+        print(_pairs_table(over_training))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _pairs_table(rows: list[dict]) -> str:
+    """The coefficient history as folding sees it, beside what the same movement in random
+    directions would give (the drift control)."""
+    levels = " / ".join(str(level) for level in FOLD_LEVELS)
+    table = format_table(
+        ["epoch", f"pairs >= {levels}", "mean |cos|", "|cos| to start", f"control: mean, pairs >= {levels}"],
+        [[row["epoch"], " / ".join(str(row[f"at_{level}"]) for level in FOLD_LEVELS) + f" of {row['pairs']}",
+          f"{row['mean']:.3f}", f"{row['cos_to_start']:.3f}",
+          f"{row['drift_mean']:.3f}, " + " / ".join(f"{row[f'drift_at_{level}']:.1f}" for level in FOLD_LEVELS)
+          if "drift_mean" in row else "-"] for row in rows])
+    return ("foldable pairs (the same role in consecutive blocks: what a fold needs collinear) over training; "
+            "control: each layer turned by its measured angle from the start, in a random direction "
+            "(mean of 200 draws):\n" + table + "\n")
 
 
 def _written_by_softshare(out: Path) -> bool:
