@@ -76,6 +76,25 @@ def test_a_net_that_did_not_learn_is_scored_at_its_trained_iterations(monkeypatc
     assert result["eval_iterations"] == 4 and result["fold"] is None
 
 
+def test_a_slow_net_is_not_cut_short_by_its_score_after_the_trained_iterations(monkeypatch):
+    """A net that solves nothing after its 2 trained iterations but everything once its thought
+    settles is a slow thinker, not one that did not learn: the gate looks at the stable rule with
+    the full budget, as the per-epoch validation that picks the best checkpoint does."""
+    torch.manual_seed(0)
+    run = {**PREFIX_RUN, "train_size": 48, "depth": 2, "test_sizes": [48]}
+    shared = create_model("prefix_shared", num_classes=2, in_channels=1, width=8, depth=2, blocks=1,
+                          num_templates=1).eval()
+    folded = fold_model(shared, 0.99).model
+    _labels_from_the_net(monkeypatch, folded, {48: 40})  # labels: its own settled predictions
+    x, y = evaluation.evaluation_examples(run, 48, 16)
+    by_hand = think(folded, "prefix-sums", x, y, 40, 100, torch.device("cpu"))
+    assert by_hand["exact_match"][1] < evaluation.LEARNED <= by_hand["stop"]["stable"]["exact_match"]
+    result = evaluate_task(shared, run).result
+    assert result["fold"]["acc_after"] == pytest.approx(by_hand["exact_match"][1])
+    assert result["eval_iterations"] == 40  # 20x trained, not cut to 2
+    assert result["test"]["48"]["stable"] == pytest.approx(by_hand["stop"]["stable"]["exact_match"])
+
+
 def test_evaluator_for_an_algorithmic_run(tmp_path):
     config = tiny(tmp_path).to_dict()
     evaluate = evaluator_for(config, "cpu")

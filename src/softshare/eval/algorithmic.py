@@ -183,8 +183,11 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
 
     With `fold`, a soft-shared net is folded first (`thinking_net`) so that it can think longer.
     Nets that run any number of iterations run `default_iterations`, unless they score below
-    LEARNED at the training size after their trained iterations: thinking longer cannot help a
-    net that did not learn, so it is scored at its trained count. `iterations` overrides both.
+    LEARNED at the training size at the stable rule with that budget: a net that solves nothing
+    even where it was trained is scored at its trained count (saving the long sizes' time). The
+    gate thinks as long as the scored sizes do, because a net can be slow rather than wrong: one
+    that is below LEARNED after its trained iterations but solves the training size by thinking
+    longer is what the per-epoch validation may pick as best. `iterations` overrides both.
     """
     check_positive("patience", patience)
     if iterations is not None:
@@ -199,26 +202,29 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
         x, y = evaluation_examples(config, config["train_size"], count, root)
         return think(net, task, x, y, trained, batch_size, device)["exact_match"][-1]
 
+    def stable_at_training_size(net: nn.Module, budget: int) -> float:
+        x, y = evaluation_examples(config, config["train_size"], count, root)
+        thought = think(net, task, x, y, budget, batch_size, device, patience=patience, until_settled=True)
+        return thought["stop"]["stable"]["exact_match"]
+
     evaluated, folded = thinking_net(model, threshold) if fold else (model, None)
     result: dict = {"parameters": count_parameters(model), "trained_iterations": trained, "patience": patience,
                     "fold": None}
-    learned = None
     if folded is not None:
-        before, learned = exact_match_at_training_size(model), exact_match_at_training_size(evaluated)
+        before, after = exact_match_at_training_size(model), exact_match_at_training_size(evaluated)
         result["fold"] = {"threshold": threshold, "loops": folded.loops[0], "params_after": folded.params_after,
-                          "acc_before": before, "acc_after": learned,
+                          "acc_before": before, "acc_after": after,
                           "runs_longer": evaluated.max_iterations is None}
         log.info("folded at |cos| >= %g into loops %s (%d -> %d parameters): exact match at size %d %.1f%% -> "
                  "%.1f%%%s", threshold, folded.loops[0], folded.params_before, folded.params_after,
-                 config["train_size"], 100 * before, 100 * learned,
+                 config["train_size"], 100 * before, 100 * after,
                  "; its last loop runs any number of iterations" if evaluated.max_iterations is None else "")
     evaluated = in_trained_layout(evaluated, config)
     if iterations is None:
         iterations = default_iterations(evaluated, trained)
-        if iterations > trained and (learned if learned is not None
-                                     else exact_match_at_training_size(evaluated)) < LEARNED:
-            log.info("below %.0f%% exact match at the training size: scored at its %d trained iterations only",
-                     100 * LEARNED, trained)
+        if iterations > trained and stable_at_training_size(evaluated, iterations) < LEARNED:
+            log.info("below %.0f%% exact match at the training size even thinking up to %d iterations (stable "
+                     "rule): scored at its %d trained iterations only", 100 * LEARNED, iterations, trained)
             iterations = trained
     evaluated.check_iterations(0, iterations)
     result["eval_iterations"] = iterations

@@ -258,8 +258,8 @@ def markdown_report(results: dict) -> str:
              f"- seeds: {results['seeds']}; overrides of the presets: {results['overrides'] or 'none'}",
              f"- stopping rule: a prediction unchanged for {results['patience']} iterations (no labels); nets that "
              f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
-             f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size is scored at its trained "
-             f"iterations only)",
+             f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size even at the stable rule is "
+             f"scored at its trained iterations only)",
              "- every net is scored from its best checkpoint (highest validation exact match at the training size, "
              "the first epoch that reached it), as DeepThinking tests its nets",
              "- mean ± std over seeds; time to target over the seeds that reached it", ""]
