@@ -4,10 +4,9 @@
     python examples/train_fashion_mnist.py --epochs 1      # one epoch
     python examples/train_fashion_mnist.py --tiny          # scikit-learn's digits (what the test runs)
 
-How long (docs/fashion_mnist.md): one epoch of the preset (55,000 training images, 5,000
-validation images) took 510 s (536 s with start-up and evaluation; 275 s of CPU time, one thread)
-on the project's 2-core AMD EPYC machine at load average ~7 from other jobs, 2026-12-02; the
-earlier 10-epoch runs (60,000 images) took 22.4 min each with one core per run.
+How long (docs/fashion_mnist.md): a 10-epoch run of the preset (55,000 training images, 5,000
+validation images) took 28-31 min wall, 160-198 s per epoch, with two runs side by side on the
+project's 2-core machine, one thread each (2026-12-03); 93 min when other jobs loaded it too.
 
 Fashion-MNIST is read from --data-root, or Debian's dataset-fashion-mnist package, or
 downloaded with --download.
