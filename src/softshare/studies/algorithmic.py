@@ -192,8 +192,7 @@ def evaluate_run(run_path: Path, config: TrainConfig, patience: int = STOP_PATIE
             if config.model == "shared" and not any((run_path / LSM_FIGURES).glob(f"*.{figure_format}")):
                 save_lsm(load(find_checkpoint(run_path)), run_path / LSM_FIGURES, figure_format)
             return cached["result"]
-    # the best checkpoint by validation exact match at the training size (the first epoch that
-    # reached it), as DeepThinking tests its nets: later epochs can think less far
+    # checkpoints/best: the training run chose it on validation only (train/algorithmic.py)
     log.info("%s: scoring", run_path.name)
     evaluation = score_task_checkpoint(run_path, device=config.device, sizes=config.test_sizes,
                                        count=config.test_count, patience=patience, threshold=DEFAULT_THRESHOLD,
@@ -260,8 +259,9 @@ def markdown_report(results: dict) -> str:
              f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
              f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size even at the stable rule is "
              f"scored at its trained iterations only)",
-             "- every net is scored from its best checkpoint (highest validation exact match at the training size, "
-             "the first epoch that reached it), as DeepThinking tests its nets",
+             "- every net is scored from its best checkpoint, chosen on held-out validation data only: exact match at "
+             "the run's select_size at the stable rule, then at the training size (without select_size: at the "
+             "training size alone); ties go to the later epoch",
              "- mean ± std over seeds; time to target over the seeds that reached it", ""]
     for task in dict.fromkeys(r["task"] for r in results["summary"]):
         rows = [r for r in results["summary"] if r["task"] == task]
