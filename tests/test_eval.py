@@ -95,6 +95,24 @@ def test_a_slow_net_is_not_cut_short_by_its_score_after_the_trained_iterations(m
     assert result["test"]["48"]["stable"] == pytest.approx(by_hand["stop"]["stable"]["exact_match"])
 
 
+def test_an_overthinker_is_scored_with_the_full_budget_not_cut_to_its_trained_iterations(monkeypatch):
+    """The mirror case: a net that solves everything after its 2 trained iterations and loses it
+    when its thought runs on. Cut to 2 iterations its stable rule would read 100%; with the budget
+    it reads what the rule really gives."""
+    torch.manual_seed(0)
+    run = {**PREFIX_RUN, "train_size": 48, "depth": 2, "test_sizes": [48]}
+    shared = create_model("prefix_shared", num_classes=2, in_channels=1, width=8, depth=2, blocks=1,
+                          num_templates=1).eval()
+    folded = fold_model(shared, 0.99).model
+    _labels_from_the_net(monkeypatch, folded, {48: 2})  # labels: its predictions after the trained 2
+    x, y = evaluation.evaluation_examples(run, 48, 16)
+    by_hand = think(folded, "prefix-sums", x, y, 40, 100, torch.device("cpu"))
+    assert by_hand["exact_match"][1] == 1.0 and by_hand["stop"]["stable"]["exact_match"] < evaluation.LEARNED
+    result = evaluate_task(shared, run).result
+    assert result["eval_iterations"] == 40 and result["test"]["48"]["at_trained"] == 1.0
+    assert result["test"]["48"]["stable"] == pytest.approx(by_hand["stop"]["stable"]["exact_match"])
+
+
 def test_evaluator_for_an_algorithmic_run(tmp_path):
     config = tiny(tmp_path).to_dict()
     evaluate = evaluator_for(config, "cpu")

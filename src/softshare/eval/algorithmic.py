@@ -182,12 +182,14 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
     size (default: the run's test sizes), every iteration, the stopping rules.
 
     With `fold`, a soft-shared net is folded first (`thinking_net`) so that it can think longer.
-    Nets that run any number of iterations run `default_iterations`, unless they score below
-    LEARNED at the training size at the stable rule with that budget: a net that solves nothing
-    even where it was trained is scored at its trained count (saving the long sizes' time). The
-    gate thinks as long as the scored sizes do, because a net can be slow rather than wrong: one
-    that is below LEARNED after its trained iterations but solves the training size by thinking
-    longer is what the per-epoch validation may pick as best. `iterations` overrides both.
+    Nets that run any number of iterations run `default_iterations`, unless they learned nothing:
+    below LEARNED at the training size both after their trained iterations and at the stable rule
+    with that budget. Such a net is scored at its trained count (saving the long sizes' time).
+    Either score alone would mislead: a slow thinker is below LEARNED after its trained
+    iterations but solves the training size by thinking longer (the per-epoch validation may pick
+    it as best), and an overthinker solves it after its trained iterations but loses it when run
+    longer (its stable rule must be scored with the budget, not cut to the trained count).
+    `iterations` overrides both.
     """
     check_positive("patience", patience)
     if iterations is not None:
@@ -210,6 +212,7 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
     evaluated, folded = thinking_net(model, threshold) if fold else (model, None)
     result: dict = {"parameters": count_parameters(model), "trained_iterations": trained, "patience": patience,
                     "fold": None}
+    after = None
     if folded is not None:
         before, after = exact_match_at_training_size(model), exact_match_at_training_size(evaluated)
         result["fold"] = {"threshold": threshold, "loops": folded.loops[0], "params_after": folded.params_after,
@@ -222,10 +225,13 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
     evaluated = in_trained_layout(evaluated, config)
     if iterations is None:
         iterations = default_iterations(evaluated, trained)
-        if iterations > trained and stable_at_training_size(evaluated, iterations) < LEARNED:
-            log.info("below %.0f%% exact match at the training size even thinking up to %d iterations (stable "
-                     "rule): scored at its %d trained iterations only", 100 * LEARNED, iterations, trained)
-            iterations = trained
+        if iterations > trained:
+            at_trained = after if after is not None else exact_match_at_training_size(evaluated)
+            if at_trained < LEARNED and stable_at_training_size(evaluated, iterations) < LEARNED:
+                log.info("below %.0f%% exact match at the training size after %d iterations and at the stable rule "
+                         "thinking up to %d: scored at its %d trained iterations only", 100 * LEARNED, trained,
+                         iterations, trained)
+                iterations = trained
     evaluated.check_iterations(0, iterations)
     result["eval_iterations"] = iterations
     result.update(accuracy={}, stop={}, test={})

@@ -257,8 +257,8 @@ def markdown_report(results: dict) -> str:
              f"- seeds: {results['seeds']}; overrides of the presets: {results['overrides'] or 'none'}",
              f"- stopping rule: a prediction unchanged for {results['patience']} iterations (no labels); nets that "
              f"run longer (recurrent, shared folded into a loop) are scored up to {EXTRAPOLATION_FACTOR}x the trained "
-             f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size even at the stable rule is "
-             f"scored at its trained iterations only)",
+             f"iterations (a net below {100 * LEARNED:.0f}% exact match at the training size both after its trained "
+             f"iterations and at the stable rule is scored at its trained iterations only)",
              "- every net is scored from its best checkpoint, chosen on held-out validation data only: exact match at "
              "the run's select_size at the stable rule, then at the training size (without select_size: at the "
              "training size alone); ties go to the later epoch",
