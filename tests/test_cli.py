@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from helpers import broken_package, foreign, tiny
-from softshare import load_into
+from softshare import load, load_into
 from softshare.analysis import sharing_stats
 from softshare.analysis.lsm import record_lsm
 import softshare.cli
@@ -25,6 +25,7 @@ from softshare.cli import JOBS, build_parser, main
 from softshare.data.tasks import files as task_files
 from softshare.data.tasks import generate_mazes, load_mazes, load_prefix_sums, maze_dir, save_mazes
 from softshare.fold import loop_blocks
+from softshare.fold.plan import foldable_sites
 from softshare.models import create_model
 from softshare.train.config import PRESETS, TrainConfig, resolve_config
 from softshare.train.config_help import FIELD_CHOICES, FIELD_HELP
@@ -335,6 +336,24 @@ def test_eval_folds_a_k1_shared_run_and_lets_it_think_longer(tmp_path, capsys):
     assert main(["eval", str(run), "--sizes", "9", "--no-fold", "--count", "4", "--json"]) == 0
     unfolded = json.loads(capsys.readouterr().out)
     assert unfolded["fold"] is None and unfolded["iterations"] == [1, 2]
+
+
+def test_eval_folds_at_the_threshold_it_is_given(tmp_path, capsys):
+    """--fold-threshold T merges two blocks into a loop exactly when every conv role's coefficient
+    vectors have |cos| >= T (computed here from the checkpoint), and says what it folded."""
+    train(tiny(tmp_path, name="k2", model="shared", num_templates=2, epochs=1, model_args={"coef_init": "aligned"}))
+    run = tmp_path / "k2"
+    coefficients = foldable_sites(load(run))[0].coefficients().detach()  # (2 blocks, roles, k)
+    least = torch.nn.functional.cosine_similarity(coefficients[0], coefficients[1], dim=-1).abs().min().item()
+    assert 0.01 < least < 0.998  # aligned starts: similar, not identical, so both sides can be tried
+    for threshold, loops in ((least - 0.001, [2]), (least + 0.001, [1, 1])):
+        out = tmp_path / f"e{loops[0]}.json"
+        assert main(["eval", str(run), "--sizes", "9", "--count", "4", "--iterations", "2",
+                     "--fold-threshold", f"{threshold:.6f}", "--out", str(out)]) == 0
+        assert f"folded at |cos| >= {float(f'{threshold:.6f}')} into loops {loops}" in capsys.readouterr().out
+        assert json.loads(out.read_text())["fold"]["loops"] == loops
+    assert main(["eval", str(run), "--no-fold", "--fold-threshold", "0.9"]) == 2
+    assert "--fold-threshold and --no-fold contradict each other" in capsys.readouterr().err
 
 
 def test_eval_refuses_too_many_iterations_for_ff(tmp_path, capsys):

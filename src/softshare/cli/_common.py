@@ -31,6 +31,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _number(float, lambda v: v > 0, "a finite positive number")
 nonnegative_float = _number(float, lambda v: v >= 0, "a finite non-negative number")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+similarity = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")  # a fold threshold (|cos|)
 
 
 def json_object(text: str) -> dict:

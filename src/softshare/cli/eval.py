@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import json
 
+from ..errors import SoftshareError
 from ..eval import evaluate_checkpoint
 from ..fold import DEFAULT_THRESHOLD
-from ._common import add_figure_format, add_overwrite, format_table, log_to_stdout, positive_int
+from ._common import add_figure_format, add_overwrite, format_table, log_to_stdout, positive_int, similarity
 
 
 
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     task.add_argument("--no-fold", dest="fold", action="store_false",
                       help=f"score a soft-shared net as it is, for its trained iterations (default: fold it at "
                            f"|cos| >= {DEFAULT_THRESHOLD} so that a final loop runs longer, as the studies do)")
+    task.add_argument("--fold-threshold", dest="threshold", type=similarity, metavar="T",
+                      help=f"fold at |cos| >= T instead of {DEFAULT_THRESHOLD}: a lower T merges blocks that are "
+                           f"nearly the same into longer loops (the fold's cost at the training size is printed)")
     task.add_argument("--out", metavar="JSON", help="result path (default: <run>/eval-<best|last>.json)")
     add_overwrite(task, "the --out file (and the figures beside it)")
     add_figure_format(task)
@@ -39,9 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience", "overwrite")
+    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience", "overwrite", "threshold")
                     if getattr(args, k)}
     if not args.fold:
+        if args.threshold is not None:
+            raise SoftshareError("--fold-threshold and --no-fold contradict each other: drop one")
         task_options["fold"] = False
     if args.figure_format != "png":
         task_options["figure_format"] = args.figure_format

@@ -10,13 +10,11 @@ from ..eval import evaluator_for
 from ..fold import DEFAULT_THRESHOLD, DEFAULT_THRESHOLDS, count_parameters, fold_model, loop_blocks, set_iterations, sweep
 from ..fold.report import pick_metric, sweep_table, write_fold_report, write_sweep
 from ..storage import atomic_path, check_output, mark_output
-from ._common import _number, add_figure_format, add_overwrite, log_to_stdout, positive_int
+from ._common import add_figure_format, add_overwrite, log_to_stdout, positive_int, similarity
 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    threshold = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
     p = subparsers.add_parser(
         "fold", description="Group consecutive soft-shared blocks whose coefficient vectors are pairwise |cos| >= "
                     "threshold (for every shared layer of the block), rebuild each group as one block run in "
@@ -27,11 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", required=True,
                    help="output: the folded checkpoint and its report (with --sweep: the sweep table and curve)")
     add_overwrite(p, "--out")
-    p.add_argument("--threshold", type=threshold, default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=similarity, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold in (0, 1] (default {DEFAULT_THRESHOLD})")
     p.add_argument("--sweep", action="store_true",
                    help="instead of one fold, tabulate parameters (and accuracy with --data) over --thresholds")
-    p.add_argument("--thresholds", type=threshold, nargs="+", default=None, metavar="T",
+    p.add_argument("--thresholds", type=similarity, nargs="+", default=None, metavar="T",
                    help=f"thresholds for --sweep (default {' '.join(f'{t:g}' for t in DEFAULT_THRESHOLDS)})")
     p.add_argument("--data", metavar="NAME", help="evaluate before/after folding on this dataset")
     p.add_argument("--device", default="auto", help="device for evaluation: auto, cpu, cuda, cuda:N")

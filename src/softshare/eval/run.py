@@ -56,7 +56,7 @@ def evaluator_for(config: dict | None, device: str = "auto", dataset: str | None
     return exact_match
 
 
-CLI_FLAGS = {"fold": "--no-fold", "figure_format": "--format"}  # the task options not spelt as their flags
+CLI_FLAGS = {"fold": "--no-fold", "figure_format": "--format", "threshold": "--fold-threshold"}  # the task options not spelt as their flags
 
 
 def evaluate_checkpoint(path: str, dataset: str | None = None, data_root: str | None = None,
