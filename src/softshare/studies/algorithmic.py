@@ -59,8 +59,10 @@ class Variant:
     lipschitz: bool = False
 
     def overrides(self) -> dict:
+        """Every field a body default could set is given, so a variant trains as its name says."""
         extra = {"num_templates": self.num_templates} if self.num_templates else {}
-        return {"model": self.model, "recurrence_reg": self.recurrence_reg, "lipschitz": self.lipschitz, **extra}
+        return {"model": self.model, "recurrence_reg": self.recurrence_reg, "random_state": 0.0,
+                "lipschitz": self.lipschitz, **extra}
 
     @property
     def label(self) -> str:
