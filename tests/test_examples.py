@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -43,6 +44,18 @@ def test_every_example_is_tested():
 def test_custom_model(tmp_path):
     out = run("custom_model.py", "--steps", "3", cwd=tmp_path)
     assert "29,244 parameters; 6 separate convs would need 56,874" in out and "LSM of bank" in out
+
+
+def test_finetune_folded_loop(tmp_path):
+    from helpers import tiny
+    from softshare.train.loop import train
+    train(tiny(tmp_path, name="k2", model="shared", num_templates=2, epochs=1, model_args={"coef_init": "aligned"}))
+    out = run("finetune_folded_loop.py", str(tmp_path / "k2"), "--epochs", "1", "--sizes", "9", "--count", "4",
+              "--out", str(tmp_path / "ft"), cwd=tmp_path)
+    assert "folded at |cos| >= 0.95: loops [2]" in out  # aligned starts: the two blocks are one loop
+    scores = [ast.literal_eval(line.split(":", 1)[1].split("(")[0].strip()) for line in out.splitlines() if line.startswith(("before", "after"))]
+    assert len(scores) == 2 and all(set(s) == {9} and 0 <= s[9] <= 1 for s in scores)
+    assert "(4 steps;" in out and (tmp_path / "ft" / "checkpoints" / "last").is_dir()
 
 
 def test_share_resnet(tmp_path):
