@@ -71,8 +71,9 @@ def main() -> None:
     batches = [(x[i:i + config["batch_size"]], y[i:i + config["batch_size"]])
                for i in range(0, len(x), config["batch_size"])]
     out = softshare.fit(ThinkLonger(net, config["depth"]), batches, loss=F.cross_entropy,
-                        out_dir=Path(args.out).parent, name=Path(args.out).name, epochs=args.epochs, optimizer="adam", lr=args.lr,
-                        weight_decay=2e-4, schedule="constant", grad_clip=1.0, seed=config["seed"])
+                        out_dir=Path(args.out).parent, name=Path(args.out).name, epochs=args.epochs,
+                        optimizer="adam", lr=args.lr, weight_decay=2e-4, schedule="constant", grad_clip=1.0,
+                        seed=config["seed"])
     net.eval()
     print("after: ", stable_scores(net, config, args.sizes, args.count), f"({len(batches) * args.epochs} steps; {out})")
 

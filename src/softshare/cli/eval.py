@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    task_options = {k: getattr(args, k) for k in ("sizes", "iterations", "count", "out", "patience", "overwrite", "threshold")
+    task_options = {k: getattr(args, k)
+                    for k in ("sizes", "iterations", "count", "out", "patience", "overwrite", "threshold")
                     if getattr(args, k)}
     if not args.fold:
         if args.threshold is not None:
