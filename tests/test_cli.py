@@ -583,7 +583,9 @@ def test_train_help_shows_each_tasks_own_defaults():
     flags = {a.dest: a.help for a in train._actions}
     prefix = resolve_config(overrides={"task": "prefix-sums"})
     mazes = resolve_config(overrides={"task": "mazes"})
-    assert f"(default: mazes: {mazes.width}; prefix-sums: {prefix.width})" in flags["width"]
+    feed_forward = resolve_config(overrides={"task": "prefix-sums", "model": "ff"})  # the task's own width
+    assert f"(default: mazes: {mazes.width}; prefix-sums: {feed_forward.width}; prefix-sums recurrent: " \
+           f"{prefix.width};" in flags["width"]  # the default body (recurrent) has its own width
     assert mazes.depth == prefix.depth and f"(default: {prefix.depth})" in flags["depth"]  # one value: both tasks
     assert f"(default: 0.0; mazes: {mazes.grad_clip}; prefix-sums: {prefix.grad_clip})" in flags["grad_clip"]
     for name in ("blocks", "head_convs", "alpha"):  # algorithmic fields: their tasks' values only

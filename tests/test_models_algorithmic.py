@@ -335,3 +335,34 @@ def test_aligned_coefficients_start_nearly_recurrent():
     torch.manual_seed(0)
     paper = build("prefix_shared", width=4, depth=30, blocks=1, num_templates=2)
     assert abs_cosine(torch.stack([it.conv1.coefficients.detach() for it in paper.iterations])).min() < 0.5
+
+
+def test_grid_net_is_the_image_net_run_on_the_maze_grid():
+    """A grid net reads a maze at one pixel per 2x2 block: its logits are the same weights' logits
+    on the grid, drawn back as 2x2 blocks inside a 1-pixel border of ties (read as "not path")."""
+    from softshare.data.tasks.mazes import generate_mazes
+    from softshare.models.algorithmic import image_to_grid
+    x, _ = generate_mazes(3, 9, seed=4)
+    image = torch.from_numpy(x).float()
+    grid = image_to_grid(image)
+    assert grid.shape == (3, 3, 11, 11)  # s + 2 squares a side
+    # the blocks are exact: drawing the grid back as 2x2 blocks inside a black border gives the image
+    redrawn = torch.nn.functional.pad(grid.repeat_interleave(2, -1).repeat_interleave(2, -2), (1, 1, 1, 1))
+    assert torch.equal(redrawn, image)
+    plain = build("maze_recurrent").eval()
+    gridded = build("maze_recurrent", grid=True).eval()
+    assert count(gridded) == count(plain)  # no parameter of its own
+    gridded.load_state_dict(plain.state_dict())
+    on_grid = plain(grid, 5)
+    out = gridded(image, 5)
+    assert out.shape == (3, 2, 24, 24)
+    torch.testing.assert_close(out[:, :, 1:-1, 1:-1], on_grid.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    assert (out[:, :, 0] == 0).all() and (out[:, :, :, -1] == 0).all()
+    assert (out.argmax(1)[:, 0] == 0).all()  # the border reads as "not path"
+
+
+def test_grid_applies_to_maze_images_only():
+    with pytest.raises(SoftshareError, match="2-D maze nets only"):
+        build("prefix_recurrent", grid=True)
+    with pytest.raises(SoftshareError, match="even side"):
+        build("maze_recurrent", grid=True)(torch.rand(1, 3, 25, 25))

@@ -139,3 +139,14 @@ def test_recurrence_study_scores_folding_and_reuses_its_finished_runs(tmp_path, 
     before = weights.stat().st_mtime_ns
     assert run_study(tmp_path, tasks=("mazes",), lambdas=(0.0,), seeds=(0,), device="cpu")["rows"] == [row]
     assert weights.stat().st_mtime_ns == before  # reused, not retrained
+
+
+def test_study_compares_every_body_at_one_width(tmp_path):
+    """The recurrent and k = 1 nets have their own width on prefix sums (48); a study trains every
+    body at the preset's (32) so that it compares sharing, not width; an override still wins."""
+    from softshare.studies.algorithmic import plan_experiment
+    variants = ("ff", "shared_k1", "shared_k2", "recurrent")
+    work = plan_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), None, "cpu", 1, 10)
+    assert [config.width for config, _, _ in work] == [32] * 4
+    work = plan_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), {"width": 48}, "cpu", 1, 10)
+    assert [config.width for config, _, _ in work] == [48] * 4

@@ -275,3 +275,18 @@ def test_a_body_brings_its_own_recipe_unless_a_file_or_flag_says_otherwise(tmp_p
     assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2,
                                                         "recurrence_reg": 0.0}).recurrence_reg == 0.0
     assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1}).recurrence_reg == 0.0
+
+
+def test_body_defaults_refine_the_task_not_a_presets_own_choices():
+    """Width 48 is the recurrent and k = 1 nets' own on prefix sums (the CPU preset, the bare task);
+    the feed-forward and k >= 2 nets keep the task's 32; a preset that picks its own width (the GPU
+    one: 400) keeps it, while its fields left at the task default still take the body's (ff: alpha 0)."""
+    assert resolve_config("prefix_sums_cpu").width == 48
+    assert resolve_config(overrides={"task": "prefix-sums", "model": "shared", "num_templates": 1}).width == 48
+    assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2}).width == 32
+    assert resolve_config("prefix_sums_cpu", overrides={"model": "ff"}).width == 32
+    assert resolve_config("prefix_sums_cpu", overrides={"width": 32}).width == 32  # a flag wins
+    gpu = resolve_config("prefix_sums_gpu")
+    assert gpu.width == 400
+    gpu_ff = resolve_config("prefix_sums_gpu", overrides={"model": "ff"})
+    assert (gpu_ff.width, gpu_ff.alpha) == (400, 0.0)

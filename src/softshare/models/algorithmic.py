@@ -25,6 +25,12 @@ matrix, as ``torch.nn.utils.spectral_norm`` computes it), ELU replaces ReLU, and
 block interpolates ``h <- (1 - g) h + g f(h)`` with a learned gate g in (0, 1) instead of adding.
 An iteration is then (approximately) 1-Lipschitz in the state, so the thought settles instead of
 growing when the net runs many more iterations than it was trained with.
+
+``grid=True`` (mazes only) runs the net at the maze grid's resolution instead of the image's: a
+maze image draws every grid square as a 2x2 block inside a 1-pixel border, so the net averages the
+blocks (exact on such images), iterates on a (s + 2)^2 grid instead of a (2s + 6)^2 image (4.8x
+fewer pixels at 9x9) where one 3x3 conv reaches a whole grid square further (a path is half as
+many steps long), and draws its logits back as 2x2 blocks with a border that is never path.
 """
 
 from __future__ import annotations
@@ -168,6 +174,24 @@ class LoopIteration(_IterationSteps, LoopBlock):
         return self._step(state, inputs, scales, norms, self.gates[t]() if self.gates is not None else None)
 
 
+class GridToImage(nn.Module):
+    """Logits at grid resolution -> the maze image's: each square a 2x2 block, a 1-pixel border of
+    "not path" (equal logits, which argmax reads as class 0; the loss masks the border anyway)."""
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return F.pad(F.interpolate(logits, scale_factor=2, mode="nearest"), (1, 1, 1, 1))
+
+
+def image_to_grid(x: Tensor) -> Tensor:
+    """A maze image (N, C, 2s + 6, 2s + 6) -> its grid (N, C, s + 2, s + 2): the border cropped, the
+    2x2 blocks averaged."""
+    side = x.shape[-1]
+    if x.dim() != 4 or side % 2 or x.shape[-2] != side or side < 4:
+        raise SoftshareError(f"a grid maze net reads square maze images of even side (2 s + 6), "
+                             f"got shape {tuple(x.shape)}")
+    return F.avg_pool2d(x[..., 1:-1, 1:-1], 2)
+
+
 class AlgorithmicNet(nn.Module):
     """projection -> `depth` iterations of the body -> head; see the module docstring.
 
@@ -180,16 +204,19 @@ class AlgorithmicNet(nn.Module):
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
                  lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
                  head_convs: int = 3, recall_init: str = "pytorch", coef_init: str = "orthogonal",
-                 coef_noise: float = 0.1) -> None:
+                 coef_noise: float = 0.1, grid: bool = False) -> None:
         super().__init__()
         _check_args(body, width, depth, blocks, num_templates, head_convs)
+        if grid and dim != 2:
+            raise SoftshareError("grid=True reads maze images at their grid's resolution; it applies to the "
+                                 "2-D maze nets only")
         if recall_init not in RECALL_INITS:
             raise SoftshareError(f"recall_init must be {' or '.join(RECALL_INITS)}, got {recall_init!r}")
         if coef_init not in COEF_INITS or not (isinstance(coef_noise, (int, float)) and 0 <= coef_noise <= 10):
             raise SoftshareError(f"coef_init must be {' or '.join(COEF_INITS)} and coef_noise a number in [0, 10], "
                                  f"got {coef_init!r}, {coef_noise!r}")
         loops = _fold_loops(fold, body, depth)
-        self.dim, self.body, self.depth, self.lipschitz = dim, body, depth, lipschitz
+        self.dim, self.body, self.depth, self.lipschitz, self.grid = dim, body, depth, lipschitz, grid
         self.projection = _conv(dim, in_channels, width)
         self.banks: nn.ModuleDict | None = None
         args = (dim, width, in_channels, blocks, recall, lipschitz, recall_relu)
@@ -204,7 +231,9 @@ class AlgorithmicNet(nn.Module):
             iterations = [Iteration(*args) for _ in range(1 if body == "recurrent" else depth)]
         self.iterations = nn.ModuleList(iterations)  # what one step of the schedule runs (recurrent: one)
         wide = [_conv(dim, width, width), nn.ReLU()] if head_convs == 3 else []
-        self.head = nn.Sequential(*wide, _conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes))
+        # the grid's upscaling goes last, without parameters: a checkpoint's head.* names stay the same
+        self.head = nn.Sequential(*wide, _conv(dim, width, width // 2), nn.ReLU(), _conv(dim, width // 2, num_classes),
+                                  *([GridToImage()] if grid else []))
         if self.banks is not None:
             for bank in self.banks.values():
                 # PyTorch's default conv init, as the unshared convs here and DeepThinking's.
@@ -285,15 +314,20 @@ class AlgorithmicNet(nn.Module):
             steps += [(tail, tail.length - 1)] * (end - len(steps))
         return steps[:end]
 
+    def read(self, x: Tensor) -> Tensor:
+        """The input as the iterations see it (a grid net: the maze's grid)."""
+        return image_to_grid(x) if self.grid else x
+
     def embed(self, x: Tensor) -> Tensor:
         """The state before the first iteration."""
-        return F.relu(self.projection(x))
+        return F.relu(self.projection(self.read(x)))
 
     def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None) -> Iterator[Tensor]:
         """Yield the state after each of `count` iterations, continuing `state` after `start` ones."""
         self.check_iterations(start, count)
+        x = self.read(x)
         if state is None:
-            state = self.embed(x)
+            state = F.relu(self.projection(x))
         norms: dict[int, dict[str, Tensor] | None] = {}  # spectral norms once per module and pass
         for block, t in self._schedule(start + count)[start:]:
             if id(block) not in norms:
@@ -367,9 +401,9 @@ def _register(prefix: str, body: str) -> None:
               recall: bool = True, num_templates: int | None = 2 if body == "shared" else None,
               lipschitz: bool = False, fold: dict | None = None, recall_relu: bool = True,
               head_convs: int = 3, recall_init: str = "pytorch", coef_init: str = "orthogonal",
-              coef_noise: float = 0.1) -> AlgorithmicNet:
+              coef_noise: float = 0.1, grid: bool = False) -> AlgorithmicNet:
         return AlgorithmicNet(dim, body, in_channels, num_classes, width, depth, blocks, recall, num_templates,
-                              lipschitz, fold, recall_relu, head_convs, recall_init, coef_init, coef_noise)
+                              lipschitz, fold, recall_relu, head_convs, recall_init, coef_init, coef_noise, grid)
 
     name = f"{prefix}_{body}"
     # `iterations` was called `blocks` until softshare 0.1.0 (ambiguous with residual blocks per iteration)

@@ -34,7 +34,7 @@ from ..errors import SoftshareError
 from ..eval.algorithmic import EXTRAPOLATION_FACTOR, LEARNED, STOP_PATIENCE, score_task_checkpoint
 from ..fold import DEFAULT_THRESHOLD
 from ..storage import figure_path, save_figure, write_json, write_text
-from ..train.config import TrainConfig, resolve_config
+from ..train.config import PRESETS, TrainConfig, resolve_config
 from ..train.loop import train
 from ..train.algorithmic import steps_per_epoch
 from ..train.run_dir import read_metrics
@@ -127,8 +127,11 @@ def plan_experiment(out: Path, scale: str, tasks: tuple[str, ...], variants: tup
         preset = f"{task.replace('-', '_')}_{scale}"
         for name in variants:
             for seed in seeds:
-                fields = {**(overrides or {}), **VARIANTS[name].overrides(), "seed": seed, "device": device,
-                          "name": f"{task}-{name}-s{seed}", "out_dir": str(Path(out) / "runs")}
+                # every body at the preset's width (a body's own default width would make it a
+                # comparison of widths, not of sharing), unless the overrides say otherwise
+                fields = {"width": PRESETS[preset]["width"], **(overrides or {}), **VARIANTS[name].overrides(),
+                          "seed": seed, "device": device, "name": f"{task}-{name}-s{seed}",
+                          "out_dir": str(Path(out) / "runs")}
                 work.append((resolve_config(preset, overrides={**fields, "figure_format": figure_format}), name,
                              patience))
     return work

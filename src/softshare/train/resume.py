@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..checkpoint import META_FILE, MODEL_FILE, find_checkpoint, load_checkpoint, read_meta
 from ..errors import SoftshareError
 from .algorithmic import check_model
-from .config import BODY_DEFAULTS, PRESETS, TrainConfig, apply_overrides, body_of, validate
+from .config import PRESETS, TrainConfig, apply_overrides, body_defaults, validate
 
 # The settings a resume may change: how long and how fast to train, how often to look. Anything
 # else would make the checkpoint's state mean something different (model, data, optimizer...).
@@ -147,7 +147,7 @@ def _resumed_config(config: TrainConfig, checkpoint, changes: dict[str, Any], wo
 def _check_preset(saved: TrainConfig, preset: tuple[str, Mapping[str, Any]], changes: Mapping[str, Any],
                   config: TrainConfig, world_size: int) -> None:
     name, values = preset
-    values = {**values, **BODY_DEFAULTS.get((saved.task, body_of(saved)), {})}  # what resolving it gave the run
+    values = {**values, **body_defaults(saved, values)}  # what resolving it gave the run
     values = _scaled_lr_change(config, saved, {k: v for k, v in values.items() if k not in changes}, world_size)
     resolved = apply_overrides(TrainConfig(), {k: v for k, v in values.items() if k not in LOCATION_FIELDS},
                                f"preset {name}")
