@@ -71,3 +71,24 @@ def test_an_unknown_pretrained_name_is_one_line_naming_the_known_ones(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "no_such_net" in err and "prefix_sums_recurrent" in err
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_catalogued_training_command_reproduces_the_shipped_nets_recipe(name):
+    """`trained_by` is the line that trains the net again today: parsed by the real command line,
+    it resolves to the shipped run's saved recipe (a default that changed since is spelled out)."""
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from softshare.cli import build_parser
+    from softshare.cli.train import config_from_args
+    from softshare.train.resume import LOCATION_FIELDS, RUNTIME_FIELDS
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from publish_pretrained import training_command
+    saved = json.loads((HERE / name / "meta.json").read_text())["config"]
+    command = catalogue()[name]["trained_by"]
+    assert training_command(saved) == command
+    config = config_from_args(build_parser().parse_args(shlex.split(command)[1:]))[0].to_dict()
+    differ = {k for k in saved if k not in LOCATION_FIELDS and k not in RUNTIME_FIELDS and config[k] != saved[k]}
+    assert not differ, differ

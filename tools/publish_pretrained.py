@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -19,17 +20,32 @@ from softshare.checkpoint import find_checkpoint, read_meta
 from softshare.eval.algorithmic import score_task_checkpoint
 from softshare.pretrained import HERE, catalogue
 from softshare.storage import atomic_path, write_json
+from softshare.train.config import resolve_config
+from softshare.train.resume import LOCATION_FIELDS, RUNTIME_FIELDS
 
 
 def training_command(config: dict) -> str:
-    """The `softshare train` line that reproduces the run (preset, body, seed, what differs)."""
-    body = config["model"] if config["model"] in ("ff", "recurrent") else "shared"
-    words = [f"--model {body}"]
-    if body == "shared":
-        words.append(f"--num-templates {config['num_templates']}")
-    words.append(f"--seed {config['seed']}")
+    """The `softshare train` line that reproduces the run: preset, body, seed and every recipe field
+    where the run differs from what that line resolves to today (defaults change; the line must not)."""
+    body = config["model"].rsplit("_", 1)[-1]
     preset = {"prefix-sums": "prefix_sums_cpu", "mazes": "mazes_cpu"}[config["task"]]
+    given = {"model": body, "seed": config["seed"]}
+    if body == "shared":
+        given["num_templates"] = config["num_templates"]
+    resolved = resolve_config(preset, overrides=given).to_dict()
+    skip = set(LOCATION_FIELDS) | set(RUNTIME_FIELDS) | {"model", "task"}
+    extra = {key: value for key, value in config.items()
+             if key in resolved and key not in skip and key not in given and resolved[key] != value}
+    words = [f"--{key.replace('_', '-')} {_word(value)}" for key, value in {**given, **extra}.items()]
     return f"softshare train --preset {preset} " + " ".join(words)
+
+
+def _word(value) -> str:
+    if isinstance(value, dict):
+        return shlex.quote(json.dumps(value, separators=(",", ":")))
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def publish(run: Path, name: str, description: str, sizes: list[int], count: int) -> dict:
