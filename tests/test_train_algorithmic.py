@@ -290,3 +290,24 @@ def test_body_defaults_refine_the_task_not_a_presets_own_choices():
     assert gpu.width == 400
     gpu_ff = resolve_config("prefix_sums_gpu", overrides={"model": "ff"})
     assert (gpu_ff.width, gpu_ff.alpha) == (400, 0.0)
+
+
+def test_the_cpu_maze_recipe_trains_a_grid_net_that_eval_rebuilds(tmp_path):
+    """mazes_cpu trains at the maze grid's resolution (mazes_gpu at the image's, as DeepThinking);
+    the checkpoint remembers it, so `softshare.load` and eval rebuild the same net, whose
+    prediction is an image-sized mask at every maze size."""
+    import softshare
+    from softshare.eval.algorithmic import score_task_checkpoint
+    assert resolve_config("mazes_cpu").grid and not resolve_config("mazes_gpu").grid
+    assert not resolve_config("prefix_sums_cpu").grid
+    config = resolve_config("mazes_cpu", overrides={"width": 4, "depth": 3, "train_count": 20, "test_count": 4,
+                                                    "batch_size": 10, "epochs": 1, "val_size": 4, "select_size": 0,
+                                                    "out_dir": str(tmp_path), "name": "grid", "device": "cpu"})
+    train(config)
+    model = softshare.load(tmp_path / "grid" / "checkpoints" / "last")
+    assert model.grid
+    for size in (9, 13):
+        side = 2 * size + 6
+        assert model(torch.zeros(1, 3, side, side), 2).shape == (1, 2, side, side)
+    result = score_task_checkpoint(tmp_path / "grid", device="cpu", sizes=[9, 13], count=4, iterations=6).result
+    assert set(result["test"]) == {"9", "13"}

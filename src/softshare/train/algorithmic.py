@@ -146,6 +146,8 @@ class AlgorithmicTask(Task):
         kwargs = {"width": config.width, "depth": config.depth, "blocks": config.blocks,
                   "lipschitz": config.lipschitz, "recall_relu": config.recall_relu,
                   "head_convs": config.head_convs, "recall_init": config.recall_init}
+        if config.task == "mazes":
+            kwargs["grid"] = config.grid
         if self.model_name.endswith("_shared"):
             kwargs["num_templates"] = config.num_templates
         return create_model(self.model_name, num_classes=2, in_channels=IN_CHANNELS[config.task],

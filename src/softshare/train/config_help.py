@@ -77,6 +77,9 @@ FIELD_HELP: dict[str, str] = {
     "recall_init": "initial scale of the recall convs: pytorch (PyTorch's default) or he (fan-in, ReLU gain: the "
                    "gradient reaches every iteration of a feed-forward body; a tied body's state grows with it)",
     "lr_throttle": "iteration weights learn at lr / depth (DeepThinking's maze recipe)",
+    "grid": "the maze net iterates at the maze grid's resolution (one pixel per 2x2 block of the image): "
+            "4.7x faster steps at 9x9, and a path is half as many iterations long (--no-grid: the image's, "
+            "as DeepThinking)",
     "name": "run name, the run directory is out_dir/name; empty: made from task, dataset and model",
     "out_dir": "parent directory of run directories",
     "seed": "random seed (data order, augmentation, initialisation)",
@@ -112,6 +115,7 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
                                       "select_size", "select_count", "width", "depth",
                                       "num_templates", "alpha", "random_state", "blocks", "lipschitz",
                                       "recall_relu", "head_convs", "recall_init", "lr_throttle")},
+    "grid": ("mazes",),
 }
 
 
