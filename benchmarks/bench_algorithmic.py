@@ -14,6 +14,7 @@ other processes; every round gives one ratio per case, and the tables show media
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_algorithmic.py            # ~1-2 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_algorithmic.py --quick    # smoke run, seconds
     ... --bodies recurrent --set channels_last=false batch_size=200   # variants of the presets
+    ... --presets mazes_cpu --bodies recurrent --against grid=false     # the grid net against the image's
 """
 
 from __future__ import annotations
@@ -110,9 +111,15 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def run(presets, bodies, rounds: int, steps: dict[str, int], overrides: dict, matmul_n: int = 1024,
-        matmul_reps: int = 8, log=print) -> dict:
-    """Build every case, count its FLOPs (that pass is also its warm-up), then time interleaved rounds."""
+        matmul_reps: int = 8, log=print, against: dict | None = None) -> dict:
+    """Build every case, count its FLOPs (that pass is also its warm-up), then time interleaved rounds.
+
+    `against`: overrides of a second case per preset and body, timed in the same rounds; the
+    table then also gives each case's steps per CPU-second over its second's (median per round)."""
     cases = [build_case(p, b, steps[p], overrides) for p in presets for b in bodies]
+    pairs = len(cases) if against else 0
+    if against:
+        cases += [build_case(p, b, steps[p], {**overrides, **against}) for p in presets for b in bodies]
     for case in cases:
         with FlopCounterMode(display=False) as counter:
             case.step()
@@ -174,7 +181,13 @@ def run(presets, bodies, rounds: int, steps: dict[str, int], overrides: dict, ma
         for name in names:
             cells += [f"{row[f'{name}_gflop_s']:.1f}", f"**{100 * row[f'{name}_ratio']:.0f}%**"]
         log("| " + " | ".join(cells) + " |")
-    return {"rows": rows, "references": {k: statistics.median(v) / 1e9 for k, v in ref_rate.items()}}
+    speedups = []
+    for first, second in zip(cases[:pairs], cases[pairs:]):  # the same rounds: a ratio per round, then its median
+        ratio = statistics.median(b / a for a, b in zip(first.cpu, second.cpu))
+        speedups.append({"case": first.label, "against": second.label, "speedup": ratio})
+        log(f"{first.label}: {ratio:.2f}x the steps per CPU-second of {second.label}")
+    return {"rows": rows, "speedups": speedups,
+            "references": {k: statistics.median(v) / 1e9 for k, v in ref_rate.items()}}
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -198,14 +211,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="training-config overrides for every case (JSON values), e.g. channels_last=false")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--against", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="also time each case with these overrides, in the same rounds, and print the "
+                             "speed-up, e.g. --presets mazes_cpu --against grid=false")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = _parse_set(args.set)
     steps = {p: args.steps or STEPS[p] for p in PRESETS}
     if args.quick:
         overrides = {"depth": 5, **overrides}
-        return run(args.presets, args.bodies[:1], 2, {p: 1 for p in PRESETS}, overrides, matmul_n=256, matmul_reps=2)
-    return run(args.presets, args.bodies, args.rounds, steps, overrides)
+        return run(args.presets, args.bodies[:1], 2, {p: 1 for p in PRESETS}, overrides, matmul_n=256, matmul_reps=2,
+                   against=_parse_set(args.against))
+    return run(args.presets, args.bodies, args.rounds, steps, overrides, against=_parse_set(args.against))
 
 
 if __name__ == "__main__":

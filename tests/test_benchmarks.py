@@ -192,3 +192,15 @@ def test_bench_algorithmic_quick(capsys):
     assert "torch.mm GFLOP/s" in out and "torch=" in out and "load=" in out
     for row in result["rows"]:
         assert row["steps_s"] > 0 and row["gflop_step"] > 0 and row["torch.mm_ratio"] > 0
+
+
+def test_bench_algorithmic_times_a_case_against_its_variant():
+    """--against times a second case per body in the same rounds. The grid maze net does the image
+    net's convolutions on (s + 2)^2 grid pixels instead of (2s + 6)^2 image pixels: 576 / 121 the FLOPs."""
+    bench = _load_script("bench_algorithmic")
+    result = bench.main(["--quick", "--presets", "mazes_cpu", "--against", "grid=false"])
+    grid, image = result["rows"]
+    assert image["case"].endswith("grid=False") and "grid" not in grid["case"]
+    assert image["gflop_step"] / grid["gflop_step"] == pytest.approx(576 / 121, rel=1e-3)
+    (speedup,) = result["speedups"]
+    assert speedup["speedup"] > 0 and speedup["against"] == image["case"]
