@@ -137,9 +137,7 @@ def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:
                      seed=config.seed, out_dir=str(runs), name=kind, device=config.device,
                      figure_format=config.figure_format)
     if kind == "shared":
-        # the scales at the full lr, as in the run the README reports (k = 1's default on prefix
-        # sums is lr / 10 since; docs/algorithmic.md): the demo keeps its one recipe for three nets
-        overrides.update(num_templates=config.num_templates, recurrence_reg=config.recurrence_reg, coef_lr_scale=1.0)
+        overrides.update(num_templates=config.num_templates, recurrence_reg=config.recurrence_reg)
     return resolve_config("prefix_sums_cpu", overrides=overrides)
 
 

@@ -204,10 +204,9 @@ BODY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # at width 48 every tuning seed learned within 800 steps, and the recurrent net solves 512-bit
     # strings at >= 90% in 10 of 10 held-out seeds (2000-2009), 4-5 CPU-minutes each (k = 1: the docs)
     ("prefix-sums", "recurrent"): dict(width=48),
-    # k = 1 also learns its per-iteration scales c_t at lr / 10: at the full lr 4 of 10 held-out
-    # nets (2000-2009) learned 32 bits and drifted on long strings; on 5 probe seeds (4 of those
-    # failures and tuning seed 100) the slow scales took 512 bits at >= 90% from 0 of 5 to 3 of 5
-    ("prefix-sums", "shared_k1"): dict(width=48, coef_lr_scale=0.1),
+    # (k = 1 with its scales at lr / 10 was tried as a default and withdrawn: 6 of 10 held-out
+    # seeds either way, and two of its ten never left the plateau; docs/algorithmic.md)
+    ("prefix-sums", "shared_k1"): dict(width=48),
     # Two or more templates: without a pull towards recurrence nothing folds (0 of 15 nets of
     # k = 2 and 4; the coefficients hardly move from their start), with the recurrence regulariser
     # at 1 every tuning seed's net ends in a loop that runs longer (seeds 100-104, k = 2), and
