@@ -320,14 +320,17 @@ class AlgorithmicNet(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """The state before the first iteration."""
-        return F.relu(self.projection(self.read(x)))
+        return self._project(self.read(x))
+
+    def _project(self, inputs: Tensor) -> Tensor:
+        return F.relu(self.projection(inputs))
 
     def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None) -> Iterator[Tensor]:
         """Yield the state after each of `count` iterations, continuing `state` after `start` ones."""
         self.check_iterations(start, count)
         x = self.read(x)
         if state is None:
-            state = F.relu(self.projection(x))
+            state = self._project(x)
         norms: dict[int, dict[str, Tensor] | None] = {}  # spectral norms once per module and pass
         for block, t in self._schedule(start + count)[start:]:
             if id(block) not in norms:

@@ -222,8 +222,7 @@ def body_defaults(config: TrainConfig, preset: dict[str, Any]) -> dict[str, Any]
     """The body defaults that apply to `config` under `preset`'s values: all but the fields where the
     preset chose a value of its own (one that differs from the task's default)."""
     task_values = TASK_DEFAULTS.get(config.task, {})
-    chosen = {key.replace("-", "_") for key, value in preset.items()
-              if key.replace("-", "_") in task_values and task_values[key.replace("-", "_")] != value}
+    chosen = {key for key, value in preset.items() if key in task_values and task_values[key] != value}
     return {k: v for k, v in BODY_DEFAULTS.get((config.task, body_of(config)), {}).items() if k not in chosen}
 
 
