@@ -267,11 +267,14 @@ def test_a_body_brings_its_own_recipe_unless_a_file_or_flag_says_otherwise(tmp_p
     recurrent = resolve_config("prefix_sums_cpu")
     assert (recurrent.alpha, recurrent.recall_init, recurrent.schedule) == (1.0, "pytorch", "multistep")
     # several templates bring the recurrence regulariser and random starts; one template (already
-    # recurrent) does not
+    # recurrent) only the random starts; the recurrent net neither
     k2 = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2})
     assert (k2.recurrence_reg, k2.random_state, k2.alpha, k2.schedule) == (1.0, 0.5, 1.0, "multistep")
     k1 = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1})
-    assert (k1.recurrence_reg, k1.random_state) == (0.0, 0.0)
+    assert (k1.recurrence_reg, k1.random_state) == (0.0, 0.5)
+    assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1,
+                                                        "random_state": 0.0}).random_state == 0.0
+    assert recurrent.random_state == 0.0
     assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2,
                                                         "recurrence_reg": 0.0}).recurrence_reg == 0.0
     assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1}).recurrence_reg == 0.0
