@@ -150,3 +150,12 @@ def test_study_compares_every_body_at_one_width(tmp_path):
     assert [config.width for config, _, _ in work] == [32] * 4
     work = plan_experiment(tmp_path, "cpu", ("prefix-sums",), variants, (0,), {"width": 48}, "cpu", 1, 10)
     assert [config.width for config, _, _ in work] == [48] * 4
+
+
+def test_the_demo_trains_the_recipe_its_report_measured(tmp_path):
+    """The demo's nets keep the recipe of its README report (width 32, every thought starting from
+    the input) even where `softshare train`'s body defaults moved on (k = 1: width 48, random starts)."""
+    shared = demo._train_config(DemoConfig(), "shared", tmp_path)
+    recurrent = demo._train_config(DemoConfig(), "recurrent", tmp_path)
+    assert (shared.num_templates, shared.width, shared.random_state) == (1, 32, 0.0)
+    assert (recurrent.width, recurrent.random_state) == (32, 0.0)

@@ -207,7 +207,7 @@ BODY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # k = 1 learns a scale c_t per iteration, and at width 48 alone 4 of 10 held-out nets learned a
     # step that drifts when repeated (6 of 10 at >= 90% on 512 bits; slower scales: 6 of 10 again,
     # withdrawn). Starting half the strings from a random thought (path independence) asks the step
-    # to work from any state: the four drifting tuning seeds then solved 512 bits (docs/algorithmic.md)
+    # to work from any state: the four seeds that drifted then solved 512 bits (docs/algorithmic.md)
     ("prefix-sums", "shared_k1"): dict(width=48, random_state=0.5),
     # Two or more templates: without a pull towards recurrence nothing folds (0 of 15 nets of
     # k = 2 and 4; the coefficients hardly move from their start), with the recurrence regulariser
