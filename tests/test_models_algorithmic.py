@@ -320,8 +320,29 @@ def test_he_recall_init_carries_the_gradient_to_the_first_ff_iteration():
 
     assert first_to_last("pytorch") < 1e-6
     assert 0.1 < first_to_last("he") < 10
+    assert 0.1 < first_to_last("identity") < 10
     with pytest.raises(SoftshareError, match="recall_init"):
         build("prefix_ff", recall_init="xavier")
+
+
+def test_identity_recall_init_passes_the_state_and_keeps_the_default_on_the_input():
+    """recall_init='identity': the state's channels map 1:1 (kernel centre, state channel c ->
+    output c, nothing else), the input channel keeps PyTorch's default weights. A template bank
+    has no identity."""
+    nets = {}
+    for init in ("pytorch", "identity"):
+        torch.manual_seed(0)
+        nets[init] = build("prefix_ff", width=8, depth=3, blocks=1, recall_init=init)
+    for plain, with_identity in zip(nets["pytorch"].iterations, nets["identity"].iterations):
+        weight = with_identity.recall.weight.detach()
+        expected = torch.zeros(8, 8, 3)
+        expected[range(8), range(8), 1] = 1.0
+        torch.testing.assert_close(weight[:, :8], expected)
+        torch.testing.assert_close(weight[:, 8:], plain.recall.weight.detach()[:, 8:])
+        state = torch.randn(2, 8, 16)  # convolving the state alone gives the state back
+        torch.testing.assert_close(torch.nn.functional.conv1d(state, weight[:, :8], padding=1), state)
+    with pytest.raises(SoftshareError, match="identity"):
+        build("prefix_shared", num_templates=2, recall_init="identity")
 
 
 def test_aligned_coefficients_start_nearly_recurrent():

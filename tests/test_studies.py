@@ -154,8 +154,11 @@ def test_study_compares_every_body_at_one_width(tmp_path):
 
 def test_the_demo_trains_the_recipe_its_report_measured(tmp_path):
     """The demo's nets keep the recipe of its README report (width 32, every thought starting from
-    the input) even where `softshare train`'s body defaults moved on (k = 1: width 48, random starts)."""
+    the input, He-initialised ff recall convs) even where `softshare train`'s body defaults moved on
+    (k = 1: width 48, random starts; ff: recall convs that start as the identity)."""
     shared = demo._train_config(DemoConfig(), "shared", tmp_path)
     recurrent = demo._train_config(DemoConfig(), "recurrent", tmp_path)
+    ff = demo._train_config(DemoConfig(), "ff", tmp_path)
     assert (shared.num_templates, shared.width, shared.random_state) == (1, 32, 0.0)
     assert (recurrent.width, recurrent.random_state) == (32, 0.0)
+    assert (ff.width, ff.alpha, ff.recall_init, ff.schedule) == (32, 0.0, "he", "cosine")

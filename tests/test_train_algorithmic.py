@@ -255,10 +255,10 @@ def test_random_starting_states_train_and_resume_exactly(tmp_path):
 
 
 def test_a_body_brings_its_own_recipe_unless_a_file_or_flag_says_otherwise(tmp_path):
-    """`--preset prefix_sums_cpu --model ff` trains the ff body with its own defaults (alpha 0, He
+    """`--preset prefix_sums_cpu --model ff` trains the ff body with its own defaults (alpha 0, identity
     recall init, cosine); a flag still wins, and the other bodies keep the preset's."""
     ff = resolve_config("prefix_sums_cpu", overrides={"model": "ff"})
-    assert (ff.alpha, ff.recall_init, ff.schedule) == (0.0, "he", "cosine")
+    assert (ff.alpha, ff.recall_init, ff.schedule) == (0.0, "identity", "cosine")
     assert resolve_config("prefix_sums_cpu", overrides={"model": "ff", "alpha": 0.5}).alpha == 0.5
     config_file = tmp_path / "ff.yaml"
     config_file.write_text("preset: prefix_sums_cpu\nmodel: prefix_ff\nschedule: constant\n")

@@ -48,7 +48,7 @@ from ..layers import Conv1d, LoopBlock, SharedConv1d, SharedConv2d, TemplateBank
 from .registry import register_family
 
 BODIES = ("ff", "shared", "recurrent")
-RECALL_INITS = ("pytorch", "he")  # how the recall convs start (see AlgorithmicNet._he_init_recall)
+RECALL_INITS = ("pytorch", "he", "identity")  # how the recall convs start (AlgorithmicNet._init_recall)
 # How a shared net's coefficient rows start: the paper's orthogonal rows (iterations as far apart
 # as k allows), or one random unit direction for every iteration plus Gaussian noise of norm
 # about coef_noise (iterations start nearly recurrent: a lever of the recurrence study, not the paper's)
@@ -247,24 +247,37 @@ class AlgorithmicNet(nn.Module):
                                                      + coef_noise * torch.randn(num_templates) / num_templates ** 0.5)
                     for layer in bank.layers:
                         layer.coefficients.div_(layer.coefficients.norm().clamp_min(1e-12))
-        if recall_init == "he" and recall and loops is None:
-            self._he_init_recall()
+        if recall_init != "pytorch" and recall and loops is None:
+            self._init_recall(recall_init, width)
 
     @torch.no_grad()
-    def _he_init_recall(self) -> None:
-        """He initialisation (fan-in, ReLU gain) of the recall convs instead of PyTorch's default.
+    def _init_recall(self, how: str, width: int) -> None:
+        """Start the recall convs at another scale than PyTorch's default.
 
         The recall conv is the one conv of an iteration outside a residual branch; at PyTorch's
         default scale it shrinks the state about 2x per iteration (in gradient too), so the first
-        of 30 distinct ff iterations gets ~1e-17 of the last one's gradient and never learns. At
-        He's scale the gradient reaches every iteration at the same size. A shared net's templates
-        get it (a unit-norm coefficient row then gives each layer the same variance).
+        of 30 distinct ff iterations gets ~1e-17 of the last one's gradient and never learns.
+        "he" (fan-in, ReLU gain) keeps the gradient at one size over depth; a shared net's templates
+        get it (a unit-norm coefficient row then gives each layer the same variance). "identity"
+        sets the weights on the state's channels to the identity (the input's keep PyTorch's
+        default), so that every iteration starts as a residual step and the 30-iteration ff net as a
+        plain residual net; the identity *added* to the default weights grew the state ~30x over
+        depth and left one of ten probe seeds stuck at 85% (unshared bodies only: a template bank
+        has no per-layer identity).
         """
+        if how == "he":
+            if self.banks is not None:
+                self.banks["recall"].reset_parameters(functools.partial(nn.init.kaiming_normal_, nonlinearity="relu"))
+            else:
+                for iteration in self.iterations:
+                    nn.init.kaiming_normal_(iteration.recall.weight, nonlinearity="relu")
+            return
         if self.banks is not None:
-            self.banks["recall"].reset_parameters(functools.partial(nn.init.kaiming_normal_, nonlinearity="relu"))
-        else:
-            for iteration in self.iterations:
-                nn.init.kaiming_normal_(iteration.recall.weight, nonlinearity="relu")
+            raise SoftshareError('recall_init="identity" applies to the ff and recurrent bodies; a shared net\'s '
+                                 'layers mix templates, use "he" or "pytorch"')
+        for iteration in self.iterations:
+            weight = iteration.recall.weight
+            nn.init.dirac_(weight[:, :width])
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""

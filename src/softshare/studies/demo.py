@@ -141,6 +141,10 @@ def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:
         # body's random starts (a prefix-sums default since the held-out seeds 4000-4009) stay off
         overrides.update(num_templates=config.num_templates, recurrence_reg=config.recurrence_reg,
                          random_state=0.0)
+    if kind == "ff":
+        # He-initialised recall convs, as the measured report: the body's default became the identity
+        # start later (docs/algorithmic.md, "A feed-forward control that trains")
+        overrides.update(recall_init="he")
     return resolve_config("prefix_sums_cpu", overrides=overrides)
 
 

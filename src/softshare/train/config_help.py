@@ -74,8 +74,10 @@ FIELD_HELP: dict[str, str] = {
     "lipschitz": "DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)",
     "recall_relu": "the ReLU after the recall conv as DeepThinking (--no-recall-relu: a linear recall)",
     "head_convs": "convs in the output head: 3 as DeepThinking (w -> w -> w/2 -> 2), 2 without the w -> w one",
-    "recall_init": "initial scale of the recall convs: pytorch (PyTorch's default) or he (fan-in, ReLU gain: the "
-                   "gradient reaches every iteration of a feed-forward body; a tied body's state grows with it)",
+    "recall_init": "how the recall convs start: pytorch (PyTorch's default), he (fan-in, ReLU gain: the "
+                   "gradient reaches every iteration of a feed-forward body; a tied body's state grows with it) or "
+                   "identity (the state passed through unchanged, the input at PyTorch's default: each iteration "
+                   "starts as a residual step; the ff default)",
     "lr_throttle": "iteration weights learn at lr / depth (DeepThinking's maze recipe)",
     "grid": "the maze net iterates at the maze grid's resolution (one pixel per 2x2 block of the image): "
             "4.7x faster steps at 9x9, and a path is half as many iterations long (--no-grid: the image's, "
@@ -102,7 +104,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("multistep", "cosine", "constant"),
     "amp": ("auto", "bf16", "none"),
-    "recall_init": ("pytorch", "he"),
+    "recall_init": ("pytorch", "he", "identity"),
     "logger": ("jsonl", "csv", "tensorboard", "wandb"),
     "figure_format": FIGURE_FORMATS,
 }
