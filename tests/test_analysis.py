@@ -298,3 +298,30 @@ def test_history_keeps_the_coefficients_for_the_dynamics(model, tmp_path):
         assert bank["cos_to_start_mean"] == pytest.approx(1.0)
         assert bank["norm_mean"] == pytest.approx(3 * history[0]["banks"][name]["norm_mean"])
     assert plot_dynamics(tmp_path).is_file()
+
+
+def test_penalty_reach_pulls_together_layers_that_many_blocks_apart():
+    """reach r: mean of 1 - cos^2 over same-role pairs 1..r blocks apart, computed here by hand on a
+    5-iteration prefix-sums net whose layers turn 20 degrees per block (neighbours agree, ends do not)."""
+    import math
+    torch.manual_seed(0)
+    model = create_model("prefix_shared", num_classes=2, in_channels=1, width=4, depth=5, blocks=1,
+                         num_templates=2)
+    with torch.no_grad():
+        for role, bank in model.banks.items():
+            for i, layer in enumerate(bank.layers):
+                angle = math.radians(20 * i)
+                layer.coefficients.copy_(torch.tensor([math.cos(angle), math.sin(angle)]) * (i + 1))
+    roles = len(model.banks)
+
+    def by_hand(reach: int) -> float:
+        terms = [1 - math.cos(math.radians(20 * gap)) ** 2 for gap in range(1, reach + 1) for _ in range(5 - gap)]
+        return sum(terms) / len(terms)  # every role alike: the mean over roles is the same
+
+    assert roles == 3
+    for reach in (1, 2, 4):
+        assert recurrence_penalty(model, reach).item() == pytest.approx(by_hand(reach), rel=1e-5)
+    assert recurrence_penalty(model, 9).item() == pytest.approx(by_hand(4), rel=1e-5)  # no pair is further apart
+    assert recurrence_penalty(model, 2).item() > 2 * recurrence_penalty(model, 1).item()  # far pairs weigh in
+    with pytest.raises(SoftshareError, match="reach"):
+        recurrence_penalty(model, 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import SoftshareError
 from ..layers import SharedLayer, TemplateBank, named_banks
 
 
@@ -125,21 +126,27 @@ def foldable_pairs(layers: list[str]) -> list[tuple[int, int]]:
             if (container, block + 1, role) in index]
 
 
-def recurrence_penalty(model: nn.Module) -> torch.Tensor:
+def recurrence_penalty(model: nn.Module, reach: int = 1) -> torch.Tensor:
     """Differentiable pull towards recurrence: mean of 1 - cos^2 over foldable pairs.
 
-    The pairs are layers of the same role in consecutive blocks of a run (`block_runs`: exactly
-    what `fold` needs to collapse blocks into a loop), not all pairs: a block's conv1 and conv2
-    stay free to differ. cos^2 rather than |cos| keeps the gradient smooth, and like the LSM it
-    ignores sign and scale (a fold keeps a per-iteration scale).
+    The pairs are layers of the same role in blocks 1 to `reach` apart within a run (`block_runs`:
+    what `fold` collapses into a loop), not all pairs: a block's conv1 and conv2 stay free to
+    differ. With reach 1 (consecutive blocks) a net can satisfy it by turning its direction a
+    little at every block, which a fold (every pair within a loop similar) cuts into short loops;
+    a longer reach asks for directions that stay put over `reach` blocks. cos^2 rather than |cos|
+    keeps the gradient smooth, and like the LSM it ignores sign and scale (a fold keeps a
+    per-iteration scale).
     """
+    if isinstance(reach, bool) or not isinstance(reach, int) or reach < 1:
+        raise SoftshareError(f"reach must be a positive integer (blocks apart), got {reach!r}")
     terms = []
     for site in block_runs(model):
         for role in site.roles:
             if len(site.blocks) > 1:
                 vectors = torch.stack([getattr(block, role).coefficients for block in site.blocks])
                 unit = torch.nn.functional.normalize(vectors, dim=1)
-                terms.append(1 - (unit[:-1] * unit[1:]).sum(1).pow(2))
+                for gap in range(1, min(reach, len(site.blocks) - 1) + 1):
+                    terms.append(1 - (unit[:-gap] * unit[gap:]).sum(1).pow(2))
     if not terms:
         return torch.zeros((), device=next(model.parameters()).device)
     return torch.cat(terms).mean()

@@ -46,6 +46,8 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the gradient norm to this; 0 = off",
     "recurrence_reg": "weight of the pull towards collinear coefficients (logged apart from the task loss)",
     "recurrence_reg_anneal": "> 0: the recurrence penalty's weight falls linearly to 0 at this epoch; 0: constant",
+    "recurrence_reach": "the recurrence penalty pulls together layers of a role up to this many blocks apart (1: "
+                        "neighbours only, which a net can satisfy by turning slowly; longer: directions that stay put)",
     "coef_lr_scale": "sharing coefficients learn at lr x this (templates at lr)",
     "coef_weight_decay": "weight decay on sharing coefficients (the paper uses none)",
     "ema_decay": "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
