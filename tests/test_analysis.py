@@ -325,3 +325,18 @@ def test_penalty_reach_pulls_together_layers_that_many_blocks_apart():
     assert recurrence_penalty(model, 2).item() > 2 * recurrence_penalty(model, 1).item()  # far pairs weigh in
     with pytest.raises(SoftshareError, match="reach"):
         recurrence_penalty(model, 0)
+
+
+def test_signed_penalty_tells_a_layer_from_its_negative():
+    """The default 1 - cos^2 counts W and -W as one layer (as the LSM does); signed takes 1 - cos:
+    0 for the same direction, 2 for the opposite one, 1 - cos(60 deg) = 0.5 in between."""
+    torch.manual_seed(0)
+    model = create_model("prefix_shared", num_classes=2, in_channels=1, width=4, depth=3, blocks=1,
+                         num_templates=2)
+    with torch.no_grad():
+        for bank in model.banks.values():
+            for layer, vector in zip(bank.layers, ([1.0, 0.0], [-2.0, 0.0], [-1.0, -(3 ** 0.5)])):
+                layer.coefficients.copy_(torch.tensor(vector))
+    # consecutive pairs: (v, -2v): cos -1; (-2v, 60 deg from -v): cos 0.5
+    assert recurrence_penalty(model).item() == pytest.approx((0 + 0.75) / 2, abs=1e-6)
+    assert recurrence_penalty(model, signed=True).item() == pytest.approx((2 + 0.5) / 2, abs=1e-6)

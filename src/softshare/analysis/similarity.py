@@ -126,7 +126,7 @@ def foldable_pairs(layers: list[str]) -> list[tuple[int, int]]:
             if (container, block + 1, role) in index]
 
 
-def recurrence_penalty(model: nn.Module, reach: int = 1) -> torch.Tensor:
+def recurrence_penalty(model: nn.Module, reach: int = 1, signed: bool = False) -> torch.Tensor:
     """Differentiable pull towards recurrence: mean of 1 - cos^2 over foldable pairs.
 
     The pairs are layers of the same role in blocks 1 to `reach` apart within a run (`block_runs`:
@@ -135,7 +135,9 @@ def recurrence_penalty(model: nn.Module, reach: int = 1) -> torch.Tensor:
     little at every block, which a fold (every pair within a loop similar) cuts into short loops;
     a longer reach asks for directions that stay put over `reach` blocks. cos^2 rather than |cos|
     keeps the gradient smooth, and like the LSM it ignores sign and scale (a fold keeps a
-    per-iteration scale).
+    per-iteration scale). `signed` takes 1 - cos instead: layers W and -W are as far apart as
+    possible, so a run that folds is one step repeated, not a step whose sign flips from
+    iteration to iteration (a folded loop repeats its last step beyond the trained iterations).
     """
     if isinstance(reach, bool) or not isinstance(reach, int) or reach < 1:
         raise SoftshareError(f"reach must be a positive integer (blocks apart), got {reach!r}")
@@ -146,7 +148,8 @@ def recurrence_penalty(model: nn.Module, reach: int = 1) -> torch.Tensor:
                 vectors = torch.stack([getattr(block, role).coefficients for block in site.blocks])
                 unit = torch.nn.functional.normalize(vectors, dim=1)
                 for gap in range(1, min(reach, len(site.blocks) - 1) + 1):
-                    terms.append(1 - (unit[:-gap] * unit[gap:]).sum(1).pow(2))
+                    cos = (unit[:-gap] * unit[gap:]).sum(1)
+                    terms.append(1 - cos if signed else 1 - cos.pow(2))
     if not terms:
         return torch.zeros((), device=next(model.parameters()).device)
     return torch.cat(terms).mean()

@@ -252,7 +252,7 @@ class AlgorithmicNet(nn.Module):
 
     @torch.no_grad()
     def _init_recall(self, how: str, width: int) -> None:
-        """Start the recall convs at another scale than PyTorch's default.
+        """Start the recall convs otherwise than at PyTorch's default.
 
         The recall conv is the one conv of an iteration outside a residual branch; at PyTorch's
         default scale it shrinks the state about 2x per iteration (in gradient too), so the first
@@ -276,8 +276,7 @@ class AlgorithmicNet(nn.Module):
             raise SoftshareError('recall_init="identity" applies to the ff and recurrent bodies; a shared net\'s '
                                  'layers mix templates, use "he" or "pytorch"')
         for iteration in self.iterations:
-            weight = iteration.recall.weight
-            nn.init.dirac_(weight[:, :width])
+            nn.init.dirac_(iteration.recall.weight[:, :width])  # the state's channels; the input's stay
 
     def iteration_parameters(self) -> list[nn.Parameter]:
         """Parameters of the iterations (DeepThinking's "recur" parameters, which its lr throttle slows)."""

@@ -53,6 +53,7 @@ class TrainConfig:
     recurrence_reg: float = 0.0  # weight of the pull towards collinear coefficients
     recurrence_reg_anneal: float = 0.0  # > 0: the weight falls linearly to 0 at this epoch
     recurrence_reach: int = 1  # the penalty pulls together layers up to this many blocks apart
+    recurrence_signed: bool = False  # the penalty counts W and -W as opposite (1 - cos), not as one layer
     coef_lr_scale: float = 1.0  # sharing coefficients learn at lr x this
     coef_weight_decay: float = 0.0  # weight decay on sharing coefficients (the paper: none)
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off

@@ -102,7 +102,8 @@ def step_loss(config: TrainConfig, task: Task, model: nn.Module, train_model: nn
     reg_weight = config.recurrence_reg if reg_weight is None else reg_weight
     with torch.autocast(task.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         loss, correct = task.loss(train_model, batch)
-        penalty = recurrence_penalty(model, config.recurrence_reach) if config.recurrence_reg else None
+        penalty = (recurrence_penalty(model, config.recurrence_reach, config.recurrence_signed)
+                   if config.recurrence_reg else None)
     loss_value = loss.item()  # the task loss alone: comparable with the validation loss
     penalty_value = penalty.item() if penalty is not None else 0.0
     if penalty is not None and reg_weight:
