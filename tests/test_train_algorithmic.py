@@ -266,10 +266,12 @@ def test_a_body_brings_its_own_recipe_unless_a_file_or_flag_says_otherwise(tmp_p
     assert (from_file.schedule, from_file.alpha) == ("constant", 0.0)
     recurrent = resolve_config("prefix_sums_cpu")
     assert (recurrent.alpha, recurrent.recall_init, recurrent.schedule) == (1.0, "pytorch", "multistep")
-    # several templates bring the recurrence regulariser and random starts; one template (already
-    # recurrent) only the random starts; the recurrent net neither
+    # several templates bring the recurrence regulariser (signed, reach 5) and random starts; one
+    # template (already recurrent) only the random starts; the recurrent net neither
     k2 = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2})
-    assert (k2.recurrence_reg, k2.random_state, k2.alpha, k2.schedule) == (1.0, 0.5, 1.0, "multistep")
+    assert (k2.recurrence_reg, k2.recurrence_reach, k2.recurrence_signed) == (1.0, 5, True)
+    assert (k2.random_state, k2.alpha, k2.schedule) == (0.5, 1.0, "multistep")
+    assert (recurrent.recurrence_reach, recurrent.recurrence_signed) == (1, False)
     k1 = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1})
     assert (k1.recurrence_reg, k1.random_state) == (0.0, 0.5)
     assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 1,
