@@ -84,18 +84,21 @@ def test_the_regulariser_adds_the_gradient_of_its_weighted_penalty():
         accumulate_grad_batches = 2
         precision_plugin = None
 
-    def grads(with_callback: bool) -> list[torch.Tensor]:
+    def grads(with_callback: bool, **shape) -> list[torch.Tensor]:
         model.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y) / 2
         if with_callback:
             loss.backward()
             model.log = lambda *args, **kwargs: None
-            SoftshareCallback(recurrence_reg=0.3).on_after_backward(Stub(), model)
+            SoftshareCallback(recurrence_reg=0.3, **{f"recurrence_{k}": v for k, v in shape.items()}).on_after_backward(
+                Stub(), model)
         else:
-            (loss + 0.3 / 2 * recurrence_penalty(model)).backward()
+            (loss + 0.3 / 2 * recurrence_penalty(model, **shape)).backward()
         return [p.grad.clone() for p in model.parameters()]
 
     for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(grads(True, reach=2, signed=True), grads(False, reach=2, signed=True)):  # as `softshare train`
         torch.testing.assert_close(a, b)
 
 

@@ -46,15 +46,17 @@ log = logging.getLogger("softshare.train")
 class SoftshareCallback(pl.Callback):
     """See the module docstring. `run_dir` (default: the trainer's ``default_root_dir``) holds
     ``lsm/``; `lsm_every` 0 turns the history off; `tie` is a |cos| threshold (e.g. 0.99);
-    `figure_format` png, or vector pdf or svg for a paper."""
+    `figure_format` png, or vector pdf or svg for a paper; `recurrence_reach` and
+    `recurrence_signed` shape the penalty as `softshare train`'s fields of those names."""
 
     def __init__(self, recurrence_reg: float = 0.0, lsm_every: int = 1, run_dir: str | os.PathLike | None = None,
                  tie: float | None = None, unshare: bool = False, exclude_coefficients_from_decay: bool = True,
-                 figure_format: str = "png") -> None:
+                 figure_format: str = "png", recurrence_reach: int = 1, recurrence_signed: bool = False) -> None:
         super().__init__()
         if recurrence_reg < 0 or lsm_every < 0:
             raise SoftshareError(f"recurrence_reg and lsm_every must be >= 0, got {recurrence_reg} and {lsm_every}")
         self.recurrence_reg, self.lsm_every, self.run_dir = recurrence_reg, lsm_every, run_dir
+        self.recurrence_reach, self.recurrence_signed = recurrence_reach, recurrence_signed
         self.tie, self.unshare = tie, unshare
         self.exclude_coefficients_from_decay = exclude_coefficients_from_decay
         self.tie_result = None  # what tie() did, after fit
@@ -81,7 +83,7 @@ class SoftshareCallback(pl.Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.recurrence_reg:
             return
-        penalty = recurrence_penalty(pl_module)
+        penalty = recurrence_penalty(pl_module, self.recurrence_reach, self.recurrence_signed)
         scale = self.recurrence_reg / trainer.accumulate_grad_batches  # Lightning divides the loss likewise
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: the loss was scaled
         if scaler is not None:
