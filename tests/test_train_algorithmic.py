@@ -204,6 +204,20 @@ def test_recurrence_weight_anneals_linearly_to_zero():
     assert recurrence_weight(constant, 25) == 2.0
 
 
+def test_recurrence_weight_starts_late_and_warms_up_linearly():
+    from softshare.train.loop import recurrence_weight
+    config = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0, "recurrence_reg_warmup": 4})
+    assert [recurrence_weight(config, e) for e in (0, 1, 2.5, 4, 30)] == [0.0, 0.5, 1.25, 2.0, 2.0]
+    both = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0, "recurrence_reg_warmup": 4,
+                                                        "recurrence_reg_anneal": 8})
+    assert [recurrence_weight(both, e) for e in (2, 4, 6, 8)] == [0.75, 1.0, 0.5, 0.0]  # rise x fall
+    late = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0, "recurrence_reg_start": 10})
+    assert [recurrence_weight(late, e) for e in (0, 9.9, 10, 30)] == [0.0, 0.0, 2.0, 2.0]
+    ramp = resolve_config("prefix_sums_cpu", overrides={"recurrence_reg": 2.0, "recurrence_reg_start": 10,
+                                                        "recurrence_reg_warmup": 4})
+    assert [recurrence_weight(ramp, e) for e in (5, 11, 14, 20)] == [0.0, 0.5, 2.0, 2.0]
+
+
 def test_coefficients_learn_at_their_own_rate():
     """coef_lr_scale multiplies the scheduled lr of the coefficient group only (and composes
     with the throttle); coef_weight_decay decays only them."""

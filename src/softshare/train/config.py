@@ -52,6 +52,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     recurrence_reg: float = 0.0  # weight of the pull towards collinear coefficients
     recurrence_reg_anneal: float = 0.0  # > 0: the weight falls linearly to 0 at this epoch
+    recurrence_reg_start: float = 0.0  # the penalty's weight is 0 before this epoch
+    recurrence_reg_warmup: float = 0.0  # > 0: from there the weight rises linearly from 0 over this many epochs
     recurrence_reach: int = 1  # the penalty pulls together layers up to this many blocks apart
     recurrence_signed: bool = False  # the penalty counts W and -W as opposite (1 - cos), not as one layer
     coef_lr_scale: float = 1.0  # sharing coefficients learn at lr x this
@@ -401,6 +403,7 @@ RANGES: dict[str, tuple] = {
     "warmup_epochs": _range(0, 1_000_000), "lr_reference_batch": _range(0, 1 << 24),
     "label_smoothing": _range(0, 1), "grad_clip": _range(0, None),
     "recurrence_reg": _range(0, None), "recurrence_reg_anneal": _range(0, 1_000_000),
+    "recurrence_reg_start": _range(0, 1_000_000), "recurrence_reg_warmup": _range(0, 1_000_000),
     "recurrence_reach": _range(1, 1_000_000),
     "coef_lr_scale": _range(0, None, lo_open=True), "coef_weight_decay": _range(0, None), "ema_decay": _range(0, 1, hi_open=True),
     "crop_padding": _range(0, 64), "cutout": _range(0, 1024), "image_size": _range(8, 4096),

@@ -46,6 +46,10 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "clip the gradient norm to this; 0 = off",
     "recurrence_reg": "weight of the pull towards collinear coefficients (logged apart from the task loss)",
     "recurrence_reg_anneal": "> 0: the recurrence penalty's weight falls linearly to 0 at this epoch; 0: constant",
+    "recurrence_reg_start": "the recurrence penalty is off before this epoch (the net learns its task as distinct "
+                            "layers before the pull ties them together); 0: on from the start",
+    "recurrence_reg_warmup": "> 0: from recurrence_reg_start the penalty's weight rises linearly from 0 over this many "
+                             "epochs; 0: full at once",
     "recurrence_signed": "the recurrence penalty takes 1 - cos, so a layer and its negative are opposites (default: "
                          "1 - cos^2, sign ignored as the LSM ignores it)",
     "recurrence_reach": "the recurrence penalty pulls together layers of a role up to this many blocks apart (1: "

@@ -84,12 +84,20 @@ class EpochOutcome:
 
 
 def recurrence_weight(config: TrainConfig, epoch: float) -> float:
-    """The recurrence penalty's weight at (fractional) `epoch`: `recurrence_reg`, or with
-    `recurrence_reg_anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that
+    """The recurrence penalty's weight at (fractional) `epoch`: `recurrence_reg` from epoch
+    `recurrence_reg_start` on (0 before: the net learns its task as distinct layers before the pull
+    ties them together), rising linearly from 0 over the next `recurrence_reg_warmup` epochs, and
+    with `recurrence_reg_anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that
     the net is then free to leave)."""
-    if not config.recurrence_reg_anneal:
-        return config.recurrence_reg
-    return config.recurrence_reg * max(0.0, 1.0 - epoch / config.recurrence_reg_anneal)
+    since = epoch - config.recurrence_reg_start
+    if since < 0:
+        return 0.0
+    weight = config.recurrence_reg
+    if config.recurrence_reg_warmup:
+        weight *= min(1.0, since / config.recurrence_reg_warmup)
+    if config.recurrence_reg_anneal:
+        weight *= max(0.0, 1.0 - epoch / config.recurrence_reg_anneal)
+    return weight
 
 
 def step_loss(config: TrainConfig, task: Task, model: nn.Module, train_model: nn.Module, batch,
