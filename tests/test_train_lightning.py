@@ -102,6 +102,36 @@ def test_the_regulariser_adds_the_gradient_of_its_weighted_penalty():
         torch.testing.assert_close(a, b)
 
 
+def test_the_regulariser_weight_follows_softshare_trains_schedule():
+    """start / warmup / anneal: the same weight at the same (fractional) epoch as `softshare train`."""
+    from softshare.train.config import resolve_config
+    from softshare.train.epoch import recurrence_weight
+    model = Classifier()
+    schedule = dict(recurrence_reg_start=1, recurrence_reg_warmup=2, recurrence_reg_anneal=6)
+    callback = SoftshareCallback(recurrence_reg=0.3, **schedule)
+    config = resolve_config("prefix_sums_cpu", overrides=dict(recurrence_reg=0.3, **schedule))
+    seen = []
+    model.log = lambda *args, **kwargs: None
+
+    class Stub:  # what the hooks read of the trainer: 4 batches an epoch
+        accumulate_grad_batches, precision_plugin, num_training_batches = 1, None, 4
+
+    x, y = brighter_half(16)
+    for epoch, index in ((0, 3), (1, 2), (2, 0), (3, 2), (5, 2), (6, 0)):
+        Stub.current_epoch = epoch
+        callback.on_train_batch_start(Stub(), model, None, index)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        plain = [p.grad.clone() for p in model.parameters()]
+        callback.on_after_backward(Stub(), model)
+        moved = sum((p.grad - g).norm() for p, g in zip(model.parameters(), plain))
+        seen.append((float(moved) > 0, recurrence_weight(config, epoch + index / 4)))
+    assert [w for _, w in seen] == pytest.approx([0.0, 0.3 * 0.25 * 0.75, 0.3 * 0.5 * 4 / 6, 0.3 * 2.5 / 6, 0.3 * 0.5 / 6, 0.0])  # by hand
+    assert [m for m, _ in seen] == [w > 0 for _, w in seen]  # the penalty acts exactly where its weight is > 0
+    with pytest.raises(SoftshareError, match="must be >= 0"):
+        SoftshareCallback(recurrence_reg=1, recurrence_reg_warmup=-1)
+
+
 def test_a_scheduler_over_decayed_coefficients_is_refused_with_the_helper_named(tmp_path):
     with pytest.raises(SoftshareError, match="softshare.param_groups"):
         trainer(tmp_path, SoftshareCallback(), epochs=1).fit(Classifier(scheduler=True), loader())

@@ -84,19 +84,24 @@ class EpochOutcome:
 
 
 def recurrence_weight(config: TrainConfig, epoch: float) -> float:
-    """The recurrence penalty's weight at (fractional) `epoch`: `recurrence_reg` from epoch
-    `recurrence_reg_start` on (0 before: the net learns its task as distinct layers before the pull
-    ties them together), rising linearly from 0 over the next `recurrence_reg_warmup` epochs, and
-    with `recurrence_reg_anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that
-    the net is then free to leave)."""
-    since = epoch - config.recurrence_reg_start
+    """The recurrence penalty's weight at (fractional) `epoch` under `config` (`scheduled_weight`)."""
+    return scheduled_weight(config.recurrence_reg, epoch, config.recurrence_reg_start,
+                            config.recurrence_reg_warmup, config.recurrence_reg_anneal)
+
+
+def scheduled_weight(weight: float, epoch: float, start: float = 0.0, warmup: float = 0.0,
+                     anneal: float = 0.0) -> float:
+    """`weight` from epoch `start` on (0 before: the net learns its task as distinct layers before
+    the pull ties them together), rising linearly from 0 over the next `warmup` epochs, and with
+    `anneal` > 0 falling linearly to 0 at that epoch (a pull into recurrence that the net is then
+    free to leave). One schedule for `softshare train` and the Lightning callback."""
+    since = epoch - start
     if since < 0:
         return 0.0
-    weight = config.recurrence_reg
-    if config.recurrence_reg_warmup:
-        weight *= min(1.0, since / config.recurrence_reg_warmup)
-    if config.recurrence_reg_anneal:
-        weight *= max(0.0, 1.0 - epoch / config.recurrence_reg_anneal)
+    if warmup:
+        weight *= min(1.0, since / warmup)
+    if anneal:
+        weight *= max(0.0, 1.0 - epoch / anneal)
     return weight
 
 

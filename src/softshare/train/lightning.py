@@ -33,6 +33,7 @@ from ..errors import SoftshareError
 from ..fold import tie as tie_model
 from ..layers import SharedLayer, named_banks
 from ..storage import check_figure_format
+from .epoch import scheduled_weight
 
 try:
     import lightning.pytorch as pl
@@ -46,17 +47,24 @@ log = logging.getLogger("softshare.train")
 class SoftshareCallback(pl.Callback):
     """See the module docstring. `run_dir` (default: the trainer's ``default_root_dir``) holds
     ``lsm/``; `lsm_every` 0 turns the history off; `tie` is a |cos| threshold (e.g. 0.99);
-    `figure_format` png, or vector pdf or svg for a paper; `recurrence_reach` and
-    `recurrence_signed` shape the penalty as `softshare train`'s fields of those names."""
+    `figure_format` png, or vector pdf or svg for a paper; `recurrence_reach`, `recurrence_signed`
+    and the weight's schedule (`recurrence_reg_start`, `_warmup`, `_anneal`, in epochs) act as
+    `softshare train`'s fields of those names."""
 
     def __init__(self, recurrence_reg: float = 0.0, lsm_every: int = 1, run_dir: str | os.PathLike | None = None,
                  tie: float | None = None, unshare: bool = False, exclude_coefficients_from_decay: bool = True,
-                 figure_format: str = "png", recurrence_reach: int = 1, recurrence_signed: bool = False) -> None:
+                 figure_format: str = "png", recurrence_reach: int = 1, recurrence_signed: bool = False,
+                 recurrence_reg_start: float = 0.0, recurrence_reg_warmup: float = 0.0,
+                 recurrence_reg_anneal: float = 0.0) -> None:
         super().__init__()
-        if recurrence_reg < 0 or lsm_every < 0:
-            raise SoftshareError(f"recurrence_reg and lsm_every must be >= 0, got {recurrence_reg} and {lsm_every}")
+        schedule = (recurrence_reg_start, recurrence_reg_warmup, recurrence_reg_anneal)
+        if recurrence_reg < 0 or lsm_every < 0 or min(schedule) < 0:
+            raise SoftshareError(f"recurrence_reg, lsm_every and the recurrence_reg_start / _warmup / _anneal epochs "
+                                 f"must be >= 0, got {recurrence_reg}, {lsm_every} and {schedule}")
         self.recurrence_reg, self.lsm_every, self.run_dir = recurrence_reg, lsm_every, run_dir
         self.recurrence_reach, self.recurrence_signed = recurrence_reach, recurrence_signed
+        self.schedule = schedule
+        self.epoch = 0.0  # the (fractional) epoch of the step in progress, for the weight's schedule
         self.tie, self.unshare = tie, unshare
         self.exclude_coefficients_from_decay = exclude_coefficients_from_decay
         self.tie_result = None  # what tie() did, after fit
@@ -80,11 +88,15 @@ class SoftshareCallback(pl.Callback):
             record_lsm(pl_module, self._run_dir(trainer), 0, self.figure_format)  # the starting point
 
     # -- each step: the regulariser's gradient ------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self.epoch = trainer.current_epoch + batch_idx / max(trainer.num_training_batches, 1)
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.recurrence_reg:
+        weight = scheduled_weight(self.recurrence_reg, self.epoch, *self.schedule)
+        if not weight:
             return
         penalty = recurrence_penalty(pl_module, self.recurrence_reach, self.recurrence_signed)
-        scale = self.recurrence_reg / trainer.accumulate_grad_batches  # Lightning divides the loss likewise
+        scale = weight / trainer.accumulate_grad_batches  # Lightning divides the loss likewise
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # fp16: the loss was scaled
         if scaler is not None:
             scale = scale * scaler.get_scale()
