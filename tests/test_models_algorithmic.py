@@ -50,6 +50,21 @@ def test_recurrent_runs_more_iterations_than_trained():
     torch.testing.assert_close(every[:, 6], model(MAZE, 7))
 
 
+@pytest.mark.parametrize("name", ["prefix_ff", "prefix_shared"])
+def test_repeat_last_runs_the_last_iteration_again_past_depth(name):
+    """`repeat_last` (run_on's training): iterations past depth repeat the last one, step by step as
+    written out; within depth it changes nothing."""
+    model = build(name).eval()
+    torch.testing.assert_close(model(BITS, 3, repeat_last=True), model(BITS))
+    state = list(model.iterate(BITS, 3))[-1]
+    last = model.iterations[-1]
+    for _ in range(2):
+        state = last.step(state, BITS, None, last.spectral_norms())
+    torch.testing.assert_close(model(BITS, 5, repeat_last=True), model.head(state))
+    _, middle = model(BITS, 2, return_state=True)  # continued from a state, as the progressive loss does
+    torch.testing.assert_close(model(BITS, 3, start=2, state=middle, repeat_last=True), model.head(state))
+
+
 def test_ff_and_shared_refuse_more_iterations_than_depth():
     for name in ("maze_ff", "maze_shared"):
         model = build(name)

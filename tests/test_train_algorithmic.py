@@ -165,6 +165,32 @@ def test_progressive_loss_continues_from_the_full_pass(preset):
     assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
+def test_run_on_lets_the_progressive_passes_end_past_depth_and_needs_them():
+    """run_on R: each batch's pass ends at n + k <= T + R (some past T, the loss then runs the last
+    iteration again there); without run_on none passes T; without the progressive loss it is refused."""
+    from softshare.train.algorithmic import AlgorithmicTask
+    from softshare.train.distributed import DistInfo
+
+    def ends(**overrides) -> list[int]:
+        config = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "depth": 4, "width": 4,
+                                                              "train_count": 400, "test_count": 2, "batch_size": 4,
+                                                              **overrides})
+        task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
+        return [b.start + b.count for b in task.train_batches(0, 0)]
+
+    plain, longer = ends(), ends(run_on=3)
+    assert max(plain) == 4 and min(plain) >= 1
+    assert max(longer) == 7 and sum(end > 4 for end in longer) > len(longer) / 4
+    config = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "depth": 4, "width": 4, "run_on": 3,
+                                                          "train_count": 12, "test_count": 2, "batch_size": 4})
+    task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
+    batch = next(task.train_batches(0, 0))._replace(start=3, count=3)  # ends at 6, past depth 4
+    loss, _ = task.loss(task.build_model(), batch)
+    assert torch.isfinite(loss)
+    with pytest.raises(SoftshareError, match="alpha is 0"):
+        resolve_config("prefix_sums_cpu", overrides={"model": "ff", "run_on": 3})
+
+
 def test_best_checkpoint_is_the_one_that_thinks_longest_ties_to_the_later_epoch(tmp_path):
     """With select_size the per-epoch validation scores held-out longer strings at the stable rule
     (every epoch's score in metrics.jsonl); 'best' is the highest (val_extrap_acc, val_acc), and

@@ -296,20 +296,20 @@ class AlgorithmicNet(nn.Module):
             return None
         return len(self._schedule(None))
 
-    def check_iterations(self, start: int, count: int) -> None:
+    def check_iterations(self, start: int, count: int, repeat_last: bool = False) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or start < 0:
             raise SoftshareError(f"iterations must be a positive integer (and start >= 0), got {count!r} "
                                  f"from {start!r}")
         most = self.max_iterations
-        if most is not None and start + count > most:
+        if most is not None and start + count > most and not repeat_last:
             raise SoftshareError(f"this {self.body} net runs at most {most} iterations, got {start + count}; "
                                  "only the recurrent net, or a shared net folded into a loop, runs more")
 
-    def _schedule(self, end: int | None) -> list[tuple[nn.Module, int | None]]:
+    def _schedule(self, end: int | None, repeat_last: bool = False) -> list[tuple[nn.Module, int | None]]:
         """(iteration module, loop step or None) for iterations 0..end-1 (None: the whole schedule).
 
         Loops run their trained length, or `iterations` after ``set_iterations``; past the end,
-        a final loop repeats its last step.
+        a final loop repeats its last step, and with `repeat_last` any net its last iteration.
         """
         if self.body == "recurrent":
             return [(self.iterations[0], None)] * (end or 1)
@@ -324,6 +324,8 @@ class AlgorithmicNet(nn.Module):
             return steps
         if tail is not None and end > len(steps):
             steps += [(tail, tail.length - 1)] * (end - len(steps))
+        elif repeat_last and end > len(steps):
+            steps += [steps[-1]] * (end - len(steps))
         return steps[:end]
 
     def read(self, x: Tensor) -> Tensor:
@@ -337,22 +339,28 @@ class AlgorithmicNet(nn.Module):
     def _project(self, inputs: Tensor) -> Tensor:
         return F.relu(self.projection(inputs))
 
-    def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None) -> Iterator[Tensor]:
-        """Yield the state after each of `count` iterations, continuing `state` after `start` ones."""
-        self.check_iterations(start, count)
+    def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None,
+                repeat_last: bool = False) -> Iterator[Tensor]:
+        """Yield the state after each of `count` iterations, continuing `state` after `start` ones;
+        `repeat_last`: an ff or unfolded shared net repeats its last iteration past its depth."""
+        self.check_iterations(start, count, repeat_last)
         x = self.read(x)
         if state is None:
             state = self._project(x)
         norms: dict[int, dict[str, Tensor] | None] = {}  # spectral norms once per module and pass
-        for block, t in self._schedule(start + count)[start:]:
+        for block, t in self._schedule(start + count, repeat_last)[start:]:
             if id(block) not in norms:
                 norms[id(block)] = block.spectral_norms()
             state = block.step(state, x, t, norms[id(block)])
             yield state
 
     def forward(self, x: Tensor, iterations: int | None = None, *, start: int = 0, state: Tensor | None = None,
-                return_all: bool = False, return_state: bool = False, state_after: int | None = None):
+                return_all: bool = False, return_state: bool = False, state_after: int | None = None,
+                repeat_last: bool = False):
         """Logits (N, classes, *spatial), or with `return_all` (N, iterations, classes, *spatial).
+
+        `repeat_last`: past its depth an ff or unfolded shared net repeats its last iteration (the
+        training of `run_on`: the step a folded net repeats when it thinks longer).
 
         `start`/`state` continue a run (the progressive loss); `return_state` also returns the
         final state, as ``(logits, state)``; `state_after=t` (1 <= t <= iterations) also returns the
@@ -364,7 +372,7 @@ class AlgorithmicNet(nn.Module):
             raise SoftshareError(f"state_after must be an integer from 1 to the {count} iterations run, "
                                  f"got {state_after!r}")
         outputs, kept = [], None
-        for done, state in enumerate(self.iterate(x, count, start, state), start=1):
+        for done, state in enumerate(self.iterate(x, count, start, state, repeat_last), start=1):
             if return_all:
                 outputs.append(self.head(state))
             if done == state_after:

@@ -160,9 +160,10 @@ class AlgorithmicTask(Task):
         config, steps = self.config, self.batches_per_epoch()
         rng = np.random.default_rng([config.seed, epoch])
         order = torch.from_numpy(rng.permutation(config.train_count)).to(self.device)
-        # progressive loss: n ~ U{0..T-1} iterations without gradient, then k ~ U{1..T-n} with it
+        # progressive loss: n ~ U{0..T-1} iterations without gradient, then k ~ U{1..T+R-n} with it
+        # (R = run_on: passes that end past depth, the last iteration repeated)
         starts = rng.integers(0, config.depth, size=steps)
-        counts = 1 + (rng.random(steps) * (config.depth - starts)).astype(np.int64)
+        counts = 1 + (rng.random(steps) * (config.depth + config.run_on - starts)).astype(np.int64)
         offset = self.dist.rank * config.batch_size
         for b in range(start_batch, steps):
             index = order[b * self.per_step + offset:b * self.per_step + offset + config.batch_size]
@@ -194,7 +195,8 @@ class AlgorithmicTask(Task):
             return full, right.sum()
         if state is None and start:
             state = start(model)
-        logits = model(batch.x, batch.count, start=batch.start, state=state)
+        past_depth = {"repeat_last": True} if batch.start + batch.count > self.config.depth else {}
+        logits = model(batch.x, batch.count, start=batch.start, state=state, **past_depth)
         progressive = task_loss(task, logits, batch.y, batch.x)
         return (1 - alpha) * full + alpha * progressive, right.sum()
 

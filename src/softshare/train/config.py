@@ -78,6 +78,7 @@ class TrainConfig:
     num_templates: int = 2
     alpha: float = 0.0  # progressive-loss mix; 0 = plain full-depth loss
     random_state: float = 0.0  # fraction of training instances whose thought starts from a random state
+    run_on: int = 0  # the progressive loss may run this many iterations past depth (ff/shared: the last repeated)
     blocks: int = 2  # residual blocks per iteration (DeepThinking: 2)
     lipschitz: bool = False  # DT-L: spectrally normalised, 1-Lipschitz iterations (against overthinking)
     recall_relu: bool = True  # DeepThinking's ReLU after the recall conv; False: a linear recall
@@ -411,7 +412,7 @@ RANGES: dict[str, tuple] = {
     "train_size": _range(1, 10_000), "test_sizes": _range(1, 10_000), "train_count": _range(1, _COUNT),
     "test_count": _range(1, _COUNT),
     "select_size": _range(0, 10_000), "select_count": _range(1, 1_000_000), "width": _range(1, 4096), "depth": _range(1, 10_000),
-    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
+    "num_templates": _range(1, 1024), "alpha": _range(0, 1), "random_state": _range(0, 1), "run_on": _range(0, 100_000), "blocks": _range(1, 1000), "head_convs": _range(2, 3),
     "seed": _range(0, 2 ** 63 - 1),
     "eval_every": _range(1, 1_000_000), "lsm_every": _range(0, 1_000_000), "checkpoint_every": _range(1, 1_000_000),
     "log_every": _range(0, 1_000_000_000),
@@ -434,6 +435,9 @@ def validate(config: TrainConfig) -> None:
                 raise SoftshareError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {item!r}")
     if config.name and (config.name in (".", "..") or "/" in config.name or "\\" in config.name):
         raise SoftshareError(f"name must be a plain directory name (no '/'), got {config.name!r}")
+    if config.run_on and not config.alpha:
+        raise SoftshareError(f"run_on ({config.run_on}) lengthens the progressive loss's passes, and alpha is 0 "
+                             f"(no progressive loss): give --alpha > 0 or --run-on 0")
     if config.task == "classification" and re.fullmatch(r"ff|shared|recurrent|(maze|prefix)_\w+", config.model):
         raise SoftshareError(f"model {config.model!r} solves the algorithmic tasks; train it with --task mazes "
                              f"or --task prefix-sums")

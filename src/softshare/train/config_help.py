@@ -76,6 +76,9 @@ FIELD_HELP: dict[str, str] = {
              "recurrent: one iteration run that many times)",
     "num_templates": "templates in the bank of the shared algorithmic net",
     "alpha": "progressive-loss mix (0 = plain full-depth loss)",
+    "run_on": "the progressive loss's passes may end up to this many iterations past depth, an ff or shared net "
+              "repeating its last iteration there, so that the last step learns to be repeated (as a folded net "
+              "repeats it when it thinks longer); 0: never past depth",
     "random_state": "fraction of training instances whose thought starts from a random state instead of the "
                     "projection of the input (path independence); 0 = off",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
@@ -123,7 +126,7 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
     "label_smoothing": (*IMAGE, CUSTOM),  # custom: of the default cross-entropy loss
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
                                       "select_size", "select_count", "width", "depth",
-                                      "num_templates", "alpha", "random_state", "blocks", "lipschitz",
+                                      "num_templates", "alpha", "random_state", "run_on", "blocks", "lipschitz",
                                       "recall_relu", "head_convs", "recall_init", "lr_throttle")},
     "grid": ("mazes",),
 }
