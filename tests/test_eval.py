@@ -211,6 +211,27 @@ def test_thinking_net_folds_a_shared_net_into_a_loop_that_runs_longer():
     assert thinking_net(recurrent) == (recurrent, None)
 
 
+def test_a_net_trained_with_run_on_repeats_its_last_iteration_when_evaluated():
+    """run_on trained the last iteration past depth, so evaluation runs it there (a marked copy: the
+    caller's net is unchanged); without run_on, or with a final loop already, nothing changes."""
+    from softshare.eval.algorithmic import repeating_last
+    torch.manual_seed(0)
+    shared = create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1, num_templates=2)
+    x = torch.rand(3, 1, 8).round() - 0.5
+    assert repeating_last(shared, {"run_on": 0}) is shared
+    net = repeating_last(shared, {"run_on": 5})
+    assert net.max_iterations is None and shared.max_iterations == 3 and not shared.repeats_last
+    torch.testing.assert_close(net(x, 7), shared(x, 7, repeat_last=True))  # as training ran it
+    with pytest.raises(SoftshareError, match="at most 3"):
+        shared(x, 7)
+    looped, _ = evaluation.thinking_net(create_model("prefix_shared", in_channels=1, width=4, depth=3, blocks=1,
+                                                     num_templates=1))
+    assert repeating_last(looped, {"run_on": 5}) is looped  # its final loop already runs on
+    config = {**PREFIX_RUN, "depth": 3, "run_on": 5}
+    result = evaluate_task(shared, config, sizes=[8], count=4, patience=2).result
+    assert result["fold"]["repeats_last"] and result["fold"]["runs_longer"]  # (untrained: scored at 3 iterations)
+
+
 # -- figures ------------------------------------------------------------------------------------------
 def _mazes(count: int, size: int):
     from softshare.data.tasks import generate_mazes

@@ -10,6 +10,8 @@ a soft-shared net folded so that it can think longer than trained.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -154,6 +156,17 @@ def thinking_net(model: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> tupl
     return folded.model, folded
 
 
+def repeating_last(net: nn.Module, config: Mapping) -> nn.Module:
+    """`net` as a run trained with `run_on` is evaluated: without a final loop, past its depth it
+    repeats its last iteration, the step that training ran past depth (a shallow copy is marked,
+    so the caller's model keeps its own behaviour). Any other net is returned as it is."""
+    if not config.get("run_on") or not hasattr(net, "repeats_last") or net.max_iterations is None:
+        return net
+    marked = copy.copy(net)
+    marked.repeats_last = True
+    return marked
+
+
 @dataclass
 class TaskEvaluation:
     """An algorithmic net scored on its task (`evaluate_task`): `model` as loaded, `evaluated`
@@ -210,6 +223,7 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
         return thought["stop"]["stable"]["exact_match"]
 
     evaluated, folded = thinking_net(model, threshold) if fold else (model, None)
+    evaluated = repeating_last(evaluated, config)
     result: dict = {"parameters": count_parameters(model), "trained_iterations": trained, "patience": patience,
                     "fold": None}
     after = None
@@ -217,10 +231,12 @@ def evaluate_task(model: nn.Module, config: Mapping, *, sizes: Sequence[int] | N
         before, after = exact_match_at_training_size(model), exact_match_at_training_size(evaluated)
         result["fold"] = {"threshold": threshold, "loops": folded.loops[0], "params_after": folded.params_after,
                           "acc_before": before, "acc_after": after,
-                          "runs_longer": evaluated.max_iterations is None}
+                          "runs_longer": evaluated.max_iterations is None,
+                          "repeats_last": bool(getattr(evaluated, "repeats_last", False))}
         log.info("folded at |cos| >= %g into loops %s (%d -> %d parameters): exact match at size %d %.1f%% -> "
                  "%.1f%%%s", threshold, folded.loops[0], folded.params_before, folded.params_after,
                  config["train_size"], 100 * before, 100 * after,
+                 "; its last iteration, trained past depth (run_on), repeats" if result["fold"]["repeats_last"] else
                  "; its last loop runs any number of iterations" if evaluated.max_iterations is None else "")
     evaluated = in_trained_layout(evaluated, config)
     if iterations is None:

@@ -197,8 +197,11 @@ class AlgorithmicNet(nn.Module):
 
     ``forward(x, iterations)`` runs `iterations` iterations (default `depth`, the trained count).
     ff and (unfolded) shared bodies run at most `depth`; the recurrent body any number; a folded
-    shared net whose last block is a loop repeats that loop's last step beyond `depth`.
+    shared net whose last block is a loop repeats that loop's last step beyond `depth`, and a net
+    with `repeats_last` set (one trained with `run_on`, as evaluated) its last iteration.
     """
+
+    repeats_last = False  # past its depth, repeat the last iteration (a net trained so: run_on)
 
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
@@ -292,7 +295,7 @@ class AlgorithmicNet(nn.Module):
     @property
     def max_iterations(self) -> int | None:
         """The most iterations this net can run (None: unbounded)."""
-        if self.body == "recurrent" or self._loop_tail() is not None:
+        if self.body == "recurrent" or self._loop_tail() is not None or self.repeats_last:
             return None
         return len(self._schedule(None))
 
@@ -324,7 +327,7 @@ class AlgorithmicNet(nn.Module):
             return steps
         if tail is not None and end > len(steps):
             steps += [(tail, tail.length - 1)] * (end - len(steps))
-        elif repeat_last and end > len(steps):
+        elif (repeat_last or self.repeats_last) and end > len(steps):
             steps += [steps[-1]] * (end - len(steps))
         return steps[:end]
 

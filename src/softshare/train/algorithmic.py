@@ -21,7 +21,8 @@ from ..data.tasks import (IN_CHANNELS, evaluation_examples, examples, image_side
                           validation_count)
 from ..errors import SoftshareError
 from ..layers.bank import TemplateBank
-from ..eval.algorithmic import default_iterations, in_trained_layout, solve_mask, solved, think, thinking_net
+from ..eval.algorithmic import (default_iterations, in_trained_layout, repeating_last, solve_mask, solved, think,
+                               thinking_net)
 from ..storage import write_json
 from ..wrappers import unwrap_model
 from ..models import create_model
@@ -246,7 +247,7 @@ class AlgorithmicTask(Task):
         the mean iteration the rule stops at (``val_extrap_stop``)."""
         config = self.config
         net, _ = thinking_net(model)
-        net = in_trained_layout(net, config.to_dict())
+        net = in_trained_layout(repeating_last(net, config.to_dict()), config.to_dict())
         iterations = default_iterations(net, config.depth)
         thought = think(net, config.task, self.select_x, self.select_y, iterations, max(config.batch_size, 100),
                         self.device, amp_dtype, until_settled=True)
