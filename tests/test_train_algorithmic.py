@@ -178,7 +178,7 @@ def test_run_on_lets_the_progressive_passes_end_past_depth_and_needs_them():
         task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
         return [b.start + b.count for b in task.train_batches(0, 0)]
 
-    plain, longer = ends(), ends(run_on=3)
+    plain, longer = ends(run_on=0), ends(run_on=3)
     assert max(plain) == 4 and min(plain) >= 1
     assert max(longer) == 7 and sum(end > 4 for end in longer) > len(longer) / 4
     config = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "depth": 4, "width": 4, "run_on": 3,
