@@ -162,3 +162,14 @@ def test_the_demo_trains_the_recipe_its_report_measured(tmp_path):
     assert (shared.num_templates, shared.width, shared.random_state) == (1, 32, 0.0)
     assert (recurrent.width, recurrent.random_state) == (32, 0.0)
     assert (ff.width, ff.alpha, ff.recall_init, ff.schedule) == (32, 0.0, "he", "cosine")
+
+
+def test_study_variants_train_as_their_names_say_whatever_the_body_defaults():
+    """The k >= 2 body default trains the last iteration past depth (run_on); the study's shared
+    variants measure sharing (and the regulariser) without it, and no random starts."""
+    from softshare.studies.algorithmic import VARIANTS
+    from softshare.train.config import resolve_config
+    for name, reg in (("shared_k2", 0.0), ("shared_k2_reg", 1.0), ("shared_k4_reg", 1.0)):
+        config = resolve_config("prefix_sums_cpu", overrides=VARIANTS[name].overrides())
+        assert (config.run_on, config.random_state, config.recurrence_reg) == (0, 0.0, reg)
+    assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2}).run_on == 15

@@ -59,9 +59,12 @@ class Variant:
     lipschitz: bool = False
 
     def overrides(self) -> dict:
-        """Every field a body default could set is given, so a variant trains as its name says."""
+        """The fields that make a variant what its name says: the regulariser's weight, no random
+        starts and no iterations trained past depth (`run_on`: a last step trained to repeat would
+        make every shared variant think longer by construction). The other body defaults apply (the
+        penalty's reach and sign, ff's recall start and schedule); the width is the study's."""
         extra = {"num_templates": self.num_templates} if self.num_templates else {}
-        return {"model": self.model, "recurrence_reg": self.recurrence_reg, "random_state": 0.0,
+        return {"model": self.model, "recurrence_reg": self.recurrence_reg, "random_state": 0.0, "run_on": 0,
                 "lipschitz": self.lipschitz, **extra}
 
     @property
