@@ -51,18 +51,21 @@ def test_recurrent_runs_more_iterations_than_trained():
 
 
 @pytest.mark.parametrize("name", ["prefix_ff", "prefix_shared"])
-def test_repeat_last_runs_the_last_iteration_again_past_depth(name):
-    """`repeat_last` (run_on's training): iterations past depth repeat the last one, step by step as
-    written out; within depth it changes nothing."""
-    model = build(name).eval()
-    torch.testing.assert_close(model(BITS, 3, repeat_last=True), model(BITS))
-    state = list(model.iterate(BITS, 3))[-1]
-    last = model.iterations[-1]
+def test_repeats_last_runs_the_last_iteration_again_past_depth(name):
+    """`repeats_last` (run_on, in training and as evaluated): iterations past depth repeat the last
+    one, step by step as written out; within depth it changes nothing."""
+    plain = build(name).eval()
+    model = copy.deepcopy(plain)
+    model.repeats_last = True
+    assert plain.max_iterations == 3 and model.max_iterations is None
+    torch.testing.assert_close(model(BITS, 3), plain(BITS))
+    state = list(plain.iterate(BITS, 3))[-1]
+    last = plain.iterations[-1]
     for _ in range(2):
         state = last.step(state, BITS, None, last.spectral_norms())
-    torch.testing.assert_close(model(BITS, 5, repeat_last=True), model.head(state))
+    torch.testing.assert_close(model(BITS, 5), plain.head(state))
     _, middle = model(BITS, 2, return_state=True)  # continued from a state, as the progressive loss does
-    torch.testing.assert_close(model(BITS, 3, start=2, state=middle, repeat_last=True), model.head(state))
+    torch.testing.assert_close(model(BITS, 3, start=2, state=middle), plain.head(state))
 
 
 def test_ff_and_shared_refuse_more_iterations_than_depth():

@@ -185,8 +185,12 @@ def test_run_on_lets_the_progressive_passes_end_past_depth_and_needs_them():
                                                           "train_count": 12, "test_count": 2, "batch_size": 4})
     task = AlgorithmicTask(config, torch.device("cpu"), DistInfo())
     batch = next(task.train_batches(0, 0))._replace(start=3, count=3)  # ends at 6, past depth 4
-    loss, _ = task.loss(task.build_model(), batch)
+    model = task.build_model()
+    assert model.repeats_last and model.max_iterations is None  # so its passes may end past depth
+    loss, _ = task.loss(model, batch)
     assert torch.isfinite(loss)
+    assert not AlgorithmicTask(resolve_config("prefix_sums_cpu", overrides={"model": "shared", "run_on": 0}),
+                               torch.device("cpu"), DistInfo()).build_model().repeats_last
     with pytest.raises(SoftshareError, match="alpha is 0"):
         resolve_config("prefix_sums_cpu", overrides={"model": "ff", "run_on": 3})
 

@@ -201,7 +201,7 @@ class AlgorithmicNet(nn.Module):
     with `repeats_last` set (one trained with `run_on`, as evaluated) its last iteration.
     """
 
-    repeats_last = False  # past its depth, repeat the last iteration (a net trained so: run_on)
+    repeats_last = False  # past its depth, repeat the last iteration (set for run_on: in training and as evaluated)
 
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
@@ -299,20 +299,20 @@ class AlgorithmicNet(nn.Module):
             return None
         return len(self._schedule(None))
 
-    def check_iterations(self, start: int, count: int, repeat_last: bool = False) -> None:
+    def check_iterations(self, start: int, count: int) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1 or start < 0:
             raise SoftshareError(f"iterations must be a positive integer (and start >= 0), got {count!r} "
                                  f"from {start!r}")
         most = self.max_iterations
-        if most is not None and start + count > most and not repeat_last:
+        if most is not None and start + count > most:
             raise SoftshareError(f"this {self.body} net runs at most {most} iterations, got {start + count}; "
                                  "only the recurrent net, or a shared net folded into a loop, runs more")
 
-    def _schedule(self, end: int | None, repeat_last: bool = False) -> list[tuple[nn.Module, int | None]]:
+    def _schedule(self, end: int | None) -> list[tuple[nn.Module, int | None]]:
         """(iteration module, loop step or None) for iterations 0..end-1 (None: the whole schedule).
 
         Loops run their trained length, or `iterations` after ``set_iterations``; past the end,
-        a final loop repeats its last step, and with `repeat_last` any net its last iteration.
+        a final loop repeats its last step, and a net with `repeats_last` its last iteration.
         """
         if self.body == "recurrent":
             return [(self.iterations[0], None)] * (end or 1)
@@ -327,7 +327,7 @@ class AlgorithmicNet(nn.Module):
             return steps
         if tail is not None and end > len(steps):
             steps += [(tail, tail.length - 1)] * (end - len(steps))
-        elif (repeat_last or self.repeats_last) and end > len(steps):
+        elif self.repeats_last and end > len(steps):
             steps += [steps[-1]] * (end - len(steps))
         return steps[:end]
 
@@ -342,28 +342,22 @@ class AlgorithmicNet(nn.Module):
     def _project(self, inputs: Tensor) -> Tensor:
         return F.relu(self.projection(inputs))
 
-    def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None,
-                repeat_last: bool = False) -> Iterator[Tensor]:
-        """Yield the state after each of `count` iterations, continuing `state` after `start` ones;
-        `repeat_last`: an ff or unfolded shared net repeats its last iteration past its depth."""
-        self.check_iterations(start, count, repeat_last)
+    def iterate(self, x: Tensor, count: int, start: int = 0, state: Tensor | None = None) -> Iterator[Tensor]:
+        """Yield the state after each of `count` iterations, continuing `state` after `start` ones."""
+        self.check_iterations(start, count)
         x = self.read(x)
         if state is None:
             state = self._project(x)
         norms: dict[int, dict[str, Tensor] | None] = {}  # spectral norms once per module and pass
-        for block, t in self._schedule(start + count, repeat_last)[start:]:
+        for block, t in self._schedule(start + count)[start:]:
             if id(block) not in norms:
                 norms[id(block)] = block.spectral_norms()
             state = block.step(state, x, t, norms[id(block)])
             yield state
 
     def forward(self, x: Tensor, iterations: int | None = None, *, start: int = 0, state: Tensor | None = None,
-                return_all: bool = False, return_state: bool = False, state_after: int | None = None,
-                repeat_last: bool = False):
+                return_all: bool = False, return_state: bool = False, state_after: int | None = None):
         """Logits (N, classes, *spatial), or with `return_all` (N, iterations, classes, *spatial).
-
-        `repeat_last`: past its depth an ff or unfolded shared net repeats its last iteration (the
-        training of `run_on`: the step a folded net repeats when it thinks longer).
 
         `start`/`state` continue a run (the progressive loss); `return_state` also returns the
         final state, as ``(logits, state)``; `state_after=t` (1 <= t <= iterations) also returns the
@@ -375,7 +369,7 @@ class AlgorithmicNet(nn.Module):
             raise SoftshareError(f"state_after must be an integer from 1 to the {count} iterations run, "
                                  f"got {state_after!r}")
         outputs, kept = [], None
-        for done, state in enumerate(self.iterate(x, count, start, state, repeat_last), start=1):
+        for done, state in enumerate(self.iterate(x, count, start, state), start=1):
             if return_all:
                 outputs.append(self.head(state))
             if done == state_after:

@@ -151,8 +151,11 @@ class AlgorithmicTask(Task):
             kwargs["grid"] = config.grid
         if self.model_name.endswith("_shared"):
             kwargs["num_templates"] = config.num_templates
-        return create_model(self.model_name, num_classes=2, in_channels=IN_CHANNELS[config.task],
-                            **{**kwargs, **config.model_args})
+        model = create_model(self.model_name, num_classes=2, in_channels=IN_CHANNELS[config.task],
+                             **{**kwargs, **config.model_args})
+        if config.run_on and hasattr(model, "repeats_last"):  # passes past depth repeat the last iteration
+            model.repeats_last = True
+        return model
 
     def batches_per_epoch(self) -> int:
         return steps_per_epoch(self.config, self.dist.world_size)
@@ -196,8 +199,7 @@ class AlgorithmicTask(Task):
             return full, right.sum()
         if state is None and start:
             state = start(model)
-        past_depth = {"repeat_last": True} if batch.start + batch.count > self.config.depth else {}
-        logits = model(batch.x, batch.count, start=batch.start, state=state, **past_depth)
+        logits = model(batch.x, batch.count, start=batch.start, state=state)
         progressive = task_loss(task, logits, batch.y, batch.x)
         return (1 - alpha) * full + alpha * progressive, right.sum()
 
