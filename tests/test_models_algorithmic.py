@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from softshare import SoftshareError, TemplateBank, create_model, to_channels_last
 from softshare.fold import fold_model, set_iterations
@@ -66,6 +67,45 @@ def test_repeats_last_runs_the_last_iteration_again_past_depth(name):
     torch.testing.assert_close(model(BITS, 5), plain.head(state))
     _, middle = model(BITS, 2, return_state=True)  # continued from a state, as the progressive loss does
     torch.testing.assert_close(model(BITS, 3, start=2, state=middle), plain.head(state))
+
+
+def test_repeat_mix_fixed_detaches_only_the_repeats_coefficients():
+    """`repeat_mix_fixed` (run_on_fixed_mix): past depth the last iteration runs with its weights mixed
+    from detached coefficients. Same outputs; the templates get the same gradient; the last layer's
+    coefficients get only the gradient of their use within depth, computed here with the repeats'
+    weights as constants."""
+    plain = build("prefix_shared").train()
+    fixed = copy.deepcopy(plain)
+    plain.repeats_last = fixed.repeats_last = True
+    fixed.repeat_mix_fixed = True
+    torch.testing.assert_close(fixed(BITS, 6), plain(BITS, 6))
+    plain(BITS, 6).square().sum().backward()
+    fixed(BITS, 6).square().sum().backward()
+    last_plain, last_fixed = plain.iterations[-1], fixed.iterations[-1]
+    for role in last_plain.roles:
+        torch.testing.assert_close(fixed.banks[role].templates.grad, plain.banks[role].templates.grad)
+        assert not torch.allclose(getattr(last_fixed, role).coefficients.grad,
+                                  getattr(last_plain, role).coefficients.grad)
+    # independently: the repeats as plain convs with constant weights; only depth's use is differentiated
+    manual = copy.deepcopy(plain)
+    manual.zero_grad()
+    manual.repeats_last = False
+    state = list(manual.iterate(BITS, 3))[-1]
+    last = manual.iterations[-1]
+    weights = {role: getattr(last, role).weight.detach() for role in last.roles}
+    for _ in range(3):
+        h = F.conv1d(torch.cat([state, BITS], 1), weights["recall"], padding=1)
+        h = F.relu(h) if last.recall_relu else h
+        for b in range(last.num_blocks):
+            out = F.conv1d(F.relu(F.conv1d(h, weights[f"conv{2 * b + 1}"], padding=1)), weights[f"conv{2 * b + 2}"],
+                           padding=1)
+            h = F.relu(h + out)
+        state = h
+    manual.head(state).square().sum().backward()
+    for role in last.roles:
+        torch.testing.assert_close(getattr(last_fixed, role).coefficients.grad, getattr(last, role).coefficients.grad)
+    fixed.eval()
+    torch.testing.assert_close(fixed(BITS, 6), plain.eval()(BITS, 6))  # evaluated alike
 
 
 def test_ff_and_shared_refuse_more_iterations_than_depth():

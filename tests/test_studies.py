@@ -172,4 +172,5 @@ def test_study_variants_train_as_their_names_say_whatever_the_body_defaults():
     for name, reg in (("shared_k2", 0.0), ("shared_k2_reg", 1.0), ("shared_k4_reg", 1.0)):
         config = resolve_config("prefix_sums_cpu", overrides=VARIANTS[name].overrides())
         assert (config.run_on, config.random_state, config.recurrence_reg) == (0, 0.0, reg)
-    assert resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2}).run_on == 15
+    default = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2})
+    assert (default.run_on, default.run_on_fixed_mix) == (30, True)

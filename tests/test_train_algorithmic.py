@@ -193,6 +193,16 @@ def test_run_on_lets_the_progressive_passes_end_past_depth_and_needs_them():
                                torch.device("cpu"), DistInfo()).build_model().repeats_last
     with pytest.raises(SoftshareError, match="alpha is 0"):
         resolve_config("prefix_sums_cpu", overrides={"model": "ff", "run_on": 3})
+    assert model.repeat_mix_fixed  # run_on_fixed_mix (the k >= 2 default): the repeats' coefficients detached
+    learned = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "depth": 4, "width": 4, "run_on": 3,
+                                                           "run_on_fixed_mix": False})
+    assert not AlgorithmicTask(learned, torch.device("cpu"), DistInfo()).build_model().repeat_mix_fixed
+    unused = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "run_on": 0, "run_on_fixed_mix": True})
+    assert not AlgorithmicTask(unused, torch.device("cpu"), DistInfo()).build_model().repeats_last  # nothing to fix
+    ff = resolve_config("prefix_sums_cpu", overrides={"model": "ff", "alpha": 0.5, "run_on": 3,
+                                                      "run_on_fixed_mix": True})
+    with pytest.raises(SoftshareError, match="has none"):
+        AlgorithmicTask(ff, torch.device("cpu"), DistInfo())
 
 
 def test_best_checkpoint_is_the_one_that_thinks_longest_ties_to_the_later_epoch(tmp_path):

@@ -106,7 +106,11 @@ class _SharedConvNd(SharedLayer):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.bank.weight_for(self)
+        return self.convolve(x, self.bank.weight_for(self))
+
+    def convolve(self, x: Tensor, weight: Tensor) -> Tensor:
+        """This layer's convolution (stride, padding, ...) with `weight` in place of its mix: for a
+        caller that mixes otherwise, e.g. with the coefficients detached."""
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad_twice, mode=self.padding_mode)
             return self._conv(x, weight, padding=0)

@@ -104,7 +104,7 @@ class _IterationSteps:
 
     def _conv_out(self, role: str, h: Tensor, scales: dict[str, Tensor] | None,
                norms: dict[str, Tensor] | None) -> Tensor:
-        out = getattr(self, role)(h)
+        out = self._apply_conv(role, h)
         scale = None if scales is None else scales[role]
         if scale is not None:  # W_t = c_t W, and a conv is linear in its weight
             out = out * scale
@@ -113,11 +113,17 @@ class _IterationSteps:
             out = out / (sigma if scale is None else sigma * scale.abs()).clamp_min(1e-12)
         return out
 
+    def _apply_conv(self, role: str, h: Tensor) -> Tensor:
+        return getattr(self, role)(h)
+
     def spectral_norms(self) -> dict[str, Tensor] | None:
         """Per-role spectral norms, to compute once per forward pass (DT-L only)."""
         if not self.lipschitz:
             return None
-        return {role: spectral_norm_of(getattr(self, role).weight) for role in self.roles}
+        return {role: spectral_norm_of(self._weight(role)) for role in self.roles}
+
+    def _weight(self, role: str) -> Tensor:
+        return getattr(self, role).weight
 
     def _step(self, state: Tensor, inputs: Tensor, scales: dict[str, Tensor] | None,
               norms: dict[str, Tensor] | None, gates: Tensor | None) -> Tensor:
@@ -153,6 +159,32 @@ class Iteration(_IterationSteps, nn.Module):
     def step(self, state: Tensor, inputs: Tensor, t: int | None = None,
              norms: dict[str, Tensor] | None = None) -> Tensor:
         return self._step(state, inputs, None, norms, self.gates() if self.gates is not None else None)
+
+
+class FixedMixIteration(_IterationSteps):
+    """A soft-shared `Iteration` run with its coefficients detached: the templates learn from its
+    steps, its own mix does not (`run_on_fixed_mix`). Made afresh for each pass: it mixes each
+    role's weight once, on first use, and reuses it for every step of that pass."""
+
+    def __init__(self, iteration: Iteration) -> None:
+        self.iteration, self.roles = iteration, iteration.roles
+        self.num_blocks, self.lipschitz = iteration.num_blocks, iteration.lipschitz
+        self.recall_relu = iteration.recall_relu
+        self._mixed: dict[str, Tensor] = {}
+
+    def _weight(self, role: str) -> Tensor:
+        if role not in self._mixed:
+            layer = getattr(self.iteration, role)
+            self._mixed[role] = layer.bank.mix(layer.coefficients.detach())
+        return self._mixed[role]
+
+    def _apply_conv(self, role: str, h: Tensor) -> Tensor:
+        return getattr(self.iteration, role).convolve(h, self._weight(role))
+
+    def step(self, state: Tensor, inputs: Tensor, t: int | None = None,
+             norms: dict[str, Tensor] | None = None) -> Tensor:
+        gates = self.iteration.gates
+        return self._step(state, inputs, None, norms, gates() if gates is not None else None)
 
 
 class LoopIteration(_IterationSteps, LoopBlock):
@@ -198,10 +230,12 @@ class AlgorithmicNet(nn.Module):
     ``forward(x, iterations)`` runs `iterations` iterations (default `depth`, the trained count).
     ff and (unfolded) shared bodies run at most `depth`; the recurrent body any number; a folded
     shared net whose last block is a loop repeats that loop's last step beyond `depth`, and a net
-    with `repeats_last` set (one trained with `run_on`, as evaluated) its last iteration.
+    with `repeats_last` set (one trained with `run_on`, as evaluated) its last iteration, with
+    `repeat_mix_fixed` (`run_on_fixed_mix`) the shared one's coefficients detached in those repeats.
     """
 
     repeats_last = False  # past its depth, repeat the last iteration (set for run_on: in training and as evaluated)
+    repeat_mix_fixed = False  # ... a soft-shared one with its coefficients detached there (run_on_fixed_mix)
 
     def __init__(self, dim: int, body: str, in_channels: int, num_classes: int = 2, width: int = 32,
                  depth: int = 30, blocks: int = 2, recall: bool = True, num_templates: int | None = None,
@@ -328,7 +362,10 @@ class AlgorithmicNet(nn.Module):
         if tail is not None and end > len(steps):
             steps += [(tail, tail.length - 1)] * (end - len(steps))
         elif self.repeats_last and end > len(steps):
-            steps += [steps[-1]] * (end - len(steps))
+            last = steps[-1]
+            if self.repeat_mix_fixed and isinstance(last[0], Iteration) and self.banks is not None:
+                last = (FixedMixIteration(last[0]), None)
+            steps += [last] * (end - len(steps))
         return steps[:end]
 
     def read(self, x: Tensor) -> Tensor:

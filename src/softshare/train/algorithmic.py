@@ -109,6 +109,9 @@ class AlgorithmicTask(Task):
     def __init__(self, config, device, dist) -> None:
         super().__init__(config, device, dist)
         self.model_name = resolve_model_name(config.task, config.model)  # fail before making data
+        if config.run_on_fixed_mix and not self.model_name.endswith("_shared"):
+            raise SoftshareError(f"run_on_fixed_mix detaches a shared net's coefficients, and {config.model!r} has "
+                                 "none: use --model shared or --no-run-on-fixed-mix")
         self.unit = "mazes" if config.task == "mazes" else "strings"
         self.find_unused_parameters = config.alpha > 0  # the progressive loss runs only some iterations
         val_count = validation_count(config.to_dict())
@@ -155,6 +158,7 @@ class AlgorithmicTask(Task):
                              **{**kwargs, **config.model_args})
         if config.run_on and hasattr(model, "repeats_last"):  # passes past depth repeat the last iteration
             model.repeats_last = True
+            model.repeat_mix_fixed = config.run_on_fixed_mix
         return model
 
     def batches_per_epoch(self) -> int:

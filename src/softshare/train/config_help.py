@@ -79,6 +79,10 @@ FIELD_HELP: dict[str, str] = {
     "run_on": "the progressive loss's passes may end up to this many iterations past depth, an ff or shared net "
               "repeating its last iteration there, so that the last step learns to be repeated (as a folded net "
               "repeats it when it thinks longer); 0: never past depth",
+    "run_on_fixed_mix": "a shared net's repeats of its last iteration past depth (run_on) use that iteration's mix "
+                        "with its coefficients detached: the templates learn from them, the last layer's own mix is "
+                        "not pulled away from its neighbours', so that the last layer can fold into their loop "
+                        "(nothing to do with run_on 0)",
     "random_state": "fraction of training instances whose thought starts from a random state instead of the "
                     "projection of the input (path independence); 0 = off",
     "blocks": "residual blocks per iteration of the algorithmic nets (DeepThinking: 2)",
@@ -126,7 +130,8 @@ FIELD_TASKS: dict[str, tuple[str, ...]] = {
     "label_smoothing": (*IMAGE, CUSTOM),  # custom: of the default cross-entropy loss
     **{name: ALGORITHMIC for name in ("train_size", "test_sizes", "train_count", "test_count",
                                       "select_size", "select_count", "width", "depth",
-                                      "num_templates", "alpha", "random_state", "run_on", "blocks", "lipschitz",
+                                      "num_templates", "alpha", "random_state", "run_on", "run_on_fixed_mix",
+                                      "blocks", "lipschitz",
                                       "recall_relu", "head_convs", "recall_init", "lr_throttle")},
     "grid": ("mazes",),
 }
