@@ -15,6 +15,7 @@ from softshare.studies.demo import DemoConfig, run_demo
 from softshare.errors import SoftshareError
 from softshare.storage import output_complete, output_kind
 from softshare.studies.recurrence import folded_layers, markdown, run_study
+from softshare.train.config import resolve_config
 
 
 @pytest.mark.slow  # three training processes, then the evaluation: the demo end to end
@@ -24,8 +25,14 @@ def test_toy_demo_writes_the_report(tmp_path):
     out = report.parent
     results = json.loads((out / "results.json").read_text())
     ev = results["evaluations"]
-    assert set(ev) == {"recurrent", "shared", "ff"} and set(ev["ff"]["test"]) == {"32", "40"}
+    assert set(ev) == {"recurrent", "shared", "shared_kn", "ff"} and set(ev["ff"]["test"]) == {"32", "40"}
     assert ev["recurrent"]["parameters"] < min(ev["shared"]["parameters"], ev["ff"]["parameters"])
+    # TOY: num_templates 2 for the first shared net; the second takes the default 2 (banks the same size)
+    assert ev["shared_kn"]["parameters"] == ev["shared"]["parameters"]
+    kn = json.loads((out / "runs" / "shared_kn" / "config.json").read_text())
+    assert (kn["num_templates"], kn["run_on_fixed_mix"], kn["lsm_every"]) == (2, True, 3)
+    assert (out / "runs" / "shared_kn" / "lsm" / "history.png").stat().st_size > 1000
+    assert "![LSM over training](runs/shared_kn/lsm/history.png)" in text
     assert ev["ff"]["eval_iterations"] == 2  # the feed-forward net cannot run past its depth
     for evaluation in ev.values():
         assert all(0.0 <= row["stable"] <= 1.0 for row in evaluation["test"].values())
@@ -34,6 +41,7 @@ def test_toy_demo_writes_the_report(tmp_path):
     for name in ("thinking.png", "training.png"):
         assert (out / name).stat().st_size > 1000
     assert any((out / "runs" / "shared" / "lsm-evaluated").glob("*.png"))
+    assert any((out / "runs" / "shared_kn" / "lsm-evaluated").glob("*.png"))
     assert output_kind(out) == "demo" and output_complete(out)  # a rerun may replace it, nothing else
 
 
@@ -159,7 +167,15 @@ def test_the_demo_trains_the_recipe_its_report_measured(tmp_path):
     shared = demo._train_config(DemoConfig(), "shared", tmp_path)
     recurrent = demo._train_config(DemoConfig(), "recurrent", tmp_path)
     ff = demo._train_config(DemoConfig(), "ff", tmp_path)
+    kn = demo._train_config(DemoConfig(), "shared_kn", tmp_path)
     assert (shared.num_templates, shared.width, shared.random_state) == (1, 32, 0.0)
+    # the second shared net: the k >= 2 recipe of `softshare train`, as its held-out seeds measured it
+    default = resolve_config("prefix_sums_cpu", overrides={"model": "shared", "num_templates": 2})
+    assert (kn.model, kn.num_templates, kn.width, kn.lsm_every) == ("shared", 2, 32, 3)
+    assert {k: v for k, v in kn.to_dict().items() if k not in ("lsm_every", "out_dir", "name", "test_sizes",
+                                                                "test_count", "device", "seed")} == \
+        {k: v for k, v in default.to_dict().items() if k not in ("lsm_every", "out_dir", "name", "test_sizes",
+                                                                 "test_count", "device", "seed")}
     assert (recurrent.width, recurrent.random_state) == (32, 0.0)
     assert (ff.width, ff.alpha, ff.recall_init, ff.schedule) == (32, 0.0, "he", "cosine")
 

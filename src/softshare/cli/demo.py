@@ -11,10 +11,10 @@ from ._common import add_figure_format, add_overwrite, log_to_stdout, nonnegativ
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = DemoConfig()
-    p = subparsers.add_parser("demo", description="Train a recurrent, a soft-shared and a feed-forward net on 32-bit "
-                                                  "prefix sums side by side, draw the shared net's LSM, fold it into a "
-                                                  "loop and score all on strings up to 512 bits at the label-free "
-                                                  "stopping rule; writes OUT/report.md. Defaults: 1,960 CPU-seconds "
+    p = subparsers.add_parser("demo", description="Train a recurrent net, soft-shared nets with one and two templates "
+                                                  "and a feed-forward net on 32-bit prefix sums side by side, draw the "
+                                                  "shared nets' LSMs, fold them into loops and score all on strings up "
+                                                  "to 512 bits at the label-free stopping rule; writes OUT/report.md. Defaults: 1,960 CPU-seconds "
                                                   "(33 min on 2 busy cores, seed 0; README).")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); only an earlier demo's "
                                                  f"output there is replaced")
@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=positive_int, default=d.width)
     p.add_argument("--depth", type=positive_int, default=d.depth, help="trained iterations")
     p.add_argument("--num-templates", type=positive_int, default=d.num_templates, help="templates per bank (shared net)")
+    p.add_argument("--kn-templates", type=positive_int, default=d.kn_templates,
+                   help="templates per bank of the second shared net, trained with the k >= 2 recipe (its loops are "
+                        "found in training)")
+    p.add_argument("--kn-lsm-every", type=positive_int, default=d.kn_lsm_every,
+                   help="record that net's Layer Similarity Matrix every N epochs (the figure of loops appearing)")
     p.add_argument("--epochs", type=positive_int, default=d.epochs)
     p.add_argument("--recurrence-reg", type=nonnegative_float, default=d.recurrence_reg)
     p.add_argument("--patience", type=positive_int, default=d.patience,
