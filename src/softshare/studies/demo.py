@@ -51,8 +51,8 @@ def net_labels(config: dict) -> dict[str, str]:
 
 @dataclass
 class DemoConfig:
-    """Defaults: the prefix_sums_cpu recipe (measured: 152 s of training and scoring on the idle 2-core
-    machine, README); flags scale it."""
+    """Defaults: the prefix_sums_cpu recipe (measured: 865 s of training and scoring for the four nets on
+    the 2-core machine with two other runs beside it, README); flags scale it."""
 
     out: str = "runs/demo"
     train_count: int = 8000
