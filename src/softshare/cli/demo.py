@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", description="Train a recurrent net, soft-shared nets with one and two templates "
                                                   "and a feed-forward net on 32-bit prefix sums side by side, draw the "
                                                   "shared nets' LSMs, fold them into loops and score all on strings up "
-                                                  "to 512 bits at the label-free stopping rule; writes OUT/report.md. Defaults: 865 s on the "
-                                                  "2-core machine with two other runs beside it (seed 0; README).")
+                                                  "to 512 bits at the label-free stopping rule; writes OUT/report.md. "
+                                                  "Defaults: 865 s on the 2-core machine with two other runs beside "
+                                                  "it (seed 0; README).")
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out}); only an earlier demo's "
                                                  f"output there is replaced")
     add_overwrite(p, "--out")

@@ -6,8 +6,8 @@ one with two, whose loops are found in training, and the feed-forward control), 
 parameters and training curves, the shared nets' Layer Similarity Matrices (the k = 2 net's over
 training) and what folds into a loop, then score all on strings up to 512 bits at the label-free
 stopping rule, letting the nets that can (recurrent, shared folded into a loop) think up to 20x
-longer than trained -> `runs/demo/report.md`. The seed is fixed and reported; docs/algorithmic.md says how
-the study's seeds came out.
+longer than trained -> `runs/demo/report.md`. The seed is fixed and reported; docs/algorithmic.md
+says how the study's seeds came out.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> Path:
              f"{EXTRAPOLATION_FACTOR * config.depth} iterations)")
         evaluations, curves, lsm = {}, {}, {}
         for kind in NETS:
-            # each net from its best checkpoint by validation exact match; the shared net folded
+            # each net from its best checkpoint by validation exact match; the shared nets folded
             evaluation = score_task_checkpoint(work / "runs" / kind, device=config.device, patience=config.patience,
                                                log=log)
             if kind.startswith("shared"):
@@ -143,9 +143,9 @@ def _written_by_softshare(out: Path) -> bool:
 
 
 def _train_config(config: DemoConfig, kind: str, runs: Path) -> TrainConfig:
-    overrides = dict(model="shared" if kind == "shared_kn" else kind, width=config.width, depth=config.depth, epochs=config.epochs,
-                     train_count=config.train_count, test_count=config.test_count, test_sizes=config.test_sizes,
-                     seed=config.seed, out_dir=str(runs), name=kind, device=config.device,
+    overrides = dict(model="shared" if kind == "shared_kn" else kind, width=config.width, depth=config.depth,
+                     epochs=config.epochs, train_count=config.train_count, test_count=config.test_count,
+                     test_sizes=config.test_sizes, seed=config.seed, out_dir=str(runs), name=kind, device=config.device,
                      figure_format=config.figure_format)
     if kind == "shared_kn":
         # the k >= 2 body defaults of prefix_sums_cpu (the recipe of its held-out seeds), the LSM recorded
